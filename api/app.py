@@ -1,0 +1,50 @@
+"""The FastAPI application: create_app() and its lifespan (Redis, reply hub, catalog)."""
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from redis.asyncio import Redis
+
+from api.dispatch import Dispatcher
+from api.errors import install_error_handlers
+from api.middleware import EdgeMiddleware
+from api.relay import ReplyHub
+from api.routes import chat, health
+from settings import Settings, get_settings
+from settings.catalog import load_catalog
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; `settings` overrides get_settings() for this app (tests)."""
+
+    def current_settings() -> Settings:
+        return settings or app.dependency_overrides.get(get_settings, get_settings)()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        conf = current_settings()
+        app.state.catalog = load_catalog(conf.catalog)
+        redis = Redis.from_url(conf.effective_redis_url, health_check_interval=10,
+                               socket_keepalive=True, retry_on_timeout=True)
+        hub = ReplyHub(redis, process_id=uuid.uuid4().hex[:12])
+        await hub.start()
+        app.state.redis = redis
+        app.state.hub = hub
+        app.state.dispatcher = Dispatcher(redis, hub, conf)
+        try:
+            yield
+        finally:
+            await hub.stop()
+            await redis.aclose()
+
+    app = FastAPI(title="Freeference", version="0.1.0", lifespan=lifespan,
+                  summary="OpenAI-compatible gateway that routes by intent and fails over.")
+    if settings is not None:
+        app.dependency_overrides[get_settings] = lambda: settings
+    install_error_handlers(app)
+    app.add_middleware(EdgeMiddleware, max_body_bytes=current_settings().max_body_bytes)
+    app.include_router(health.router)
+    app.include_router(chat.router)
+    return app

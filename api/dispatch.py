@@ -1,0 +1,121 @@
+"""Enqueue a chat job and follow it: pickup deadline, worker liveness, cancellation."""
+
+import asyncio
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
+import orjson
+from arq.constants import job_key_prefix
+from arq.jobs import serialize_job
+from redis.asyncio import Redis
+
+from api.errors import OpenAIError
+from api.relay import Deadline, Event, ReplyHub
+from settings import Settings
+from workers.protocol import (
+    ARQ_JOB_FUNCTION,
+    WAKE_CHANNEL,
+    AcceptedEvent,
+    ChatJob,
+    cancel_message,
+    cancelled_job_key,
+    control_channel,
+    worker_heartbeat_key,
+)
+
+
+class WorkerLost(Exception):
+    """The worker running a job stopped heart-beating before the job finished."""
+
+
+def no_workers() -> OpenAIError:
+    return OpenAIError(
+        503,
+        "No worker picked up the request in time; the gateway's worker pool is down or saturated.",
+        code="no_workers",
+        headers={"Retry-After": "2"},
+    )
+
+
+@dataclass
+class JobHandle:
+    job: ChatJob
+    queue: asyncio.Queue[Event]
+    worker_id: str | None = None
+    finished: bool = False
+
+
+class Dispatcher:
+    """Puts jobs on the arq queue and yields their reply events."""
+
+    def __init__(self, redis: Redis, hub: ReplyHub, settings: Settings) -> None:
+        self._redis = redis
+        self._hub = hub
+        self._settings = settings
+
+    async def submit(self, job: ChatJob) -> JobHandle:
+        """Register for replies, then enqueue (arq's own job format) and wake the workers."""
+        handle = JobHandle(job=job, queue=self._hub.register(job.job_id))
+        now_ms = int(time.time() * 1000)
+        payload = serialize_job(ARQ_JOB_FUNCTION, (job.model_dump(mode="json"),), {}, 1, now_ms,
+                                serializer=orjson.dumps)
+        ttl_ms = max(job.deadline_unix_ms - now_ms, 1000) + 60_000
+        # One round trip instead of arq's WATCH/MULTI: job ids are fresh uuids, so the
+        # "already exists" check in ArqRedis.enqueue_job cannot fire.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.psetex(job_key_prefix + job.job_id, ttl_ms, payload)
+            pipe.zadd(self._settings.queue_name, {job.job_id: now_ms})
+            pipe.publish(WAKE_CHANNEL, b"1")
+            await pipe.execute()
+        return handle
+
+    async def events(self, handle: JobHandle) -> AsyncGenerator[Event, None]:
+        """Reply events until the job ends; raises 503 / WorkerLost / 504 as the job's fate says."""
+        settings = self._settings
+        deadline = Deadline(handle.job.deadline_unix_ms)
+        pickup_by = time.monotonic() + settings.pickup_timeout_s
+        while True:
+            # Before pickup: wait out the pickup deadline; after: check liveness on every silence.
+            silence_s = pickup_by - time.monotonic() if handle.worker_id is None else settings.worker_liveness_check_s
+            wait_s = min(silence_s, deadline.remaining_s() + 2.0)
+            try:
+                event_type, payload = await asyncio.wait_for(handle.queue.get(), timeout=max(wait_s, 0))
+            except TimeoutError:
+                if deadline.remaining_s() + 2.0 <= 0:
+                    raise OpenAIError(504, "The request exceeded its deadline.", code="timeout") from None
+                if handle.worker_id is None:
+                    if time.monotonic() >= pickup_by and await self._withdraw(handle):
+                        raise no_workers() from None
+                    pickup_by = max(pickup_by, time.monotonic() + settings.worker_liveness_check_s)
+                elif not await self._redis.exists(worker_heartbeat_key(handle.worker_id)):
+                    raise WorkerLost(handle.worker_id) from None
+                continue
+            if event_type == "accepted":
+                handle.worker_id = AcceptedEvent.model_validate_json(payload).worker_id
+                continue
+            if event_type in ("done", "error"):
+                handle.finished = True
+            yield event_type, payload
+            if handle.finished:
+                return
+
+    async def _withdraw(self, handle: JobHandle) -> bool:
+        """Take a job that nobody started off the queue; False if a worker got it meanwhile."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(self._settings.queue_name, handle.job.job_id)
+            pipe.delete(job_key_prefix + handle.job.job_id)
+            removed, _ = await pipe.execute()
+        return bool(removed)
+
+    async def release(self, handle: JobHandle) -> None:
+        """Forget the job; if it is still running (client left), tell its worker to stop."""
+        self._hub.unregister(handle.job.job_id)
+        if handle.finished:
+            return
+        if handle.worker_id is not None:
+            await self._redis.publish(control_channel(handle.worker_id), cancel_message(handle.job.job_id))
+            return
+        if not await self._withdraw(handle):
+            # Picked up but the accepted event has not arrived: leave a flag the worker checks.
+            await self._redis.set(cancelled_job_key(handle.job.job_id), b"1", ex=60)

@@ -1,0 +1,108 @@
+"""OpenAI-format errors: one exception type, and handlers that turn everything into that body."""
+
+import logging
+from collections.abc import Mapping
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from workers.protocol import ErrorBody
+
+log = logging.getLogger("freeference.api")
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+}
+
+
+class OpenAIError(Exception):
+    """An error the caller should see, with its HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type_: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = ErrorBody(
+            message=message,
+            type=type_ or _TYPE_BY_STATUS.get(status, "api_error"),
+            param=param,
+            code=code,
+        )
+        self.headers = dict(headers or {})
+
+
+def invalid_request(message: str, param: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, code="invalid_request_error", param=param)
+
+
+def error_response(status: int, body: ErrorBody, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": body.model_dump()}, status_code=status, headers=dict(headers or {}))
+
+
+def _location(loc: tuple[int | str, ...]) -> str | None:
+    parts = [str(p) for p in loc if p != "body"]
+    if not parts:
+        return None
+    out = parts[0]
+    for part in parts[1:]:
+        out += f"[{part}]" if part.isdigit() else f".{part}"
+    return out
+
+
+async def _openai_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, OpenAIError)
+    return error_response(exc.status, exc.body, exc.headers)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    param = _location(tuple(first.get("loc", ())))
+    message = f"Invalid value for '{param}': {first['msg']}" if param else str(first["msg"])
+    return error_response(400, ErrorBody(message=message, type="invalid_request_error", param=param,
+                                         code="invalid_request_error"))
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    return error_response(
+        exc.status_code,
+        ErrorBody(message=message, type=_TYPE_BY_STATUS.get(exc.status_code, "api_error"), code=code),
+        exc.headers,
+    )
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The traceback goes to the log (without the request body); the caller gets a generic body.
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return error_response(
+        500, ErrorBody(message="Internal server error", type="api_error", code="internal_error")
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error the app can raise leaves as an OpenAI error body."""
+    app.add_exception_handler(OpenAIError, _openai_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

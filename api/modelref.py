@@ -1,0 +1,35 @@
+"""Admission checks on the model a caller names (the worker does the actual routing)."""
+
+from api.errors import OpenAIError
+from settings.catalog import CatalogFile
+from workers.protocol import Tier
+
+AUTO_MODELS = frozenset({"", "auto"})
+
+
+def normalize_model(name: str | None) -> str | None:
+    """None for auto-routing, else the name as given."""
+    return None if name is None or name.strip().lower() in AUTO_MODELS else name
+
+
+def check_model_reference(catalog: CatalogFile, name: str, tier: Tier, param: str = "model") -> None:
+    """404 for unknown names; 403 when a free key pins an exact upstream model."""
+    if name in catalog.capabilities:
+        return
+    if any(m.id == name for m in catalog.models):
+        if tier != "pro":
+            raise OpenAIError(
+                403,
+                f"Pinning the exact model '{name}' needs a pro key; use 'auto' or a capability id "
+                f"({', '.join(sorted(catalog.capabilities))}).",
+                code="tier_not_allowed",
+                param=param,
+            )
+        return
+    raise OpenAIError(
+        404,
+        f"The model '{name}' does not exist. Use 'auto', a capability id "
+        f"({', '.join(sorted(catalog.capabilities))}) or an id from GET /v1/models.",
+        code="model_not_found",
+        param=param,
+    )

@@ -1,0 +1,106 @@
+"""The API side of the reply path: one pub/sub subscription per process, demultiplexed by job id."""
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from workers.protocol import reply_channel, split_event
+
+log = logging.getLogger("freeference.relay")
+
+Event = tuple[str, bytes]  # (event_type, payload)
+
+
+class ReplyHub:
+    """Receives every reply event for this API process and hands it to the waiting request."""
+
+    def __init__(self, redis: Redis, process_id: str) -> None:
+        self._redis = redis
+        self.channel = reply_channel(process_id)
+        self._queues: dict[str, asyncio.Queue[Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+        self.connected = False
+
+    async def start(self) -> None:
+        """Subscribe (and wait for the confirmation) before any job can be enqueued."""
+        self._task = asyncio.create_task(self._run(), name="reply-hub")
+        await asyncio.wait_for(self._subscribed.wait(), timeout=10)
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def register(self, job_id: str) -> asyncio.Queue[Event]:
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._queues[job_id] = queue
+        return queue
+
+    def unregister(self, job_id: str) -> None:
+        self._queues.pop(job_id, None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._queues)
+
+    async def _subscribe(self) -> PubSub:
+        pubsub = self._redis.pubsub()
+        await pubsub.subscribe(self.channel)
+        # The confirmation proves the server registered us: from here no message is lost.
+        while True:
+            message = await pubsub.get_message(timeout=5)
+            if message and message["type"] == "subscribe":
+                return pubsub
+
+    async def _run(self) -> None:
+        backoff_s = 0.05
+        while True:
+            pubsub: PubSub | None = None
+            try:
+                pubsub = await self._subscribe()
+                self.connected = True
+                self._subscribed.set()
+                backoff_s = 0.05
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if message is not None and message["type"] == "message":
+                        self._dispatch(message["data"])
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                # Redis restarted or the network blinked: resubscribe. Events published in the
+                # gap are lost; their waiters notice through the worker-liveness check.
+                self.connected = False
+                log.warning("reply channel lost (%s); resubscribing in %.2fs", type(exc).__name__, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _dispatch(self, data: bytes) -> None:
+        try:
+            job_id, event_type, payload = split_event(data)
+        except ValueError:
+            log.warning("dropping malformed reply message (%d bytes)", len(data))
+            return
+        queue = self._queues.get(job_id)
+        if queue is not None:  # otherwise the caller already left
+            queue.put_nowait((event_type, payload))
+
+
+class Deadline:
+    """A monotonic deadline derived from a wall-clock one (the job carries unix ms)."""
+
+    def __init__(self, unix_ms: int) -> None:
+        self._at = time.monotonic() + (unix_ms / 1000 - time.time())
+
+    def remaining_s(self) -> float:
+        return self._at - time.monotonic()

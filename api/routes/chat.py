@@ -1,0 +1,192 @@
+"""POST /v1/chat/completions: validate, enqueue, and relay the worker's events."""
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import anyio
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from api.deps import CatalogDep, CurrentKey, DispatcherDep, SettingsDep
+from api.dispatch import Dispatcher, JobHandle, WorkerLost
+from api.errors import OpenAIError, invalid_request
+from api.modelref import check_model_reference, normalize_model
+from api.relay import Event
+from api.schemas import GATEWAY_FIELDS, ChatCompletionRequest, parse_chat_request
+from workers.protocol import ChatJob, DoneEvent, ErrorEvent, RouteInfo, StartEvent
+
+router = APIRouter()
+
+# A worker that dies before the first token costs the caller one silent retry, not an error.
+MAX_WORKER_LOSS_RETRIES = 1
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _route_headers(request_id: str, route: RouteInfo | None) -> dict[str, str]:
+    headers = {"x-request-id": request_id}
+    if route is not None:
+        headers["x-freeference-model"] = route.model
+        headers["x-freeference-provider"] = route.provider
+        headers["x-freeference-attempts"] = str(route.attempts)
+        if route.intent:
+            headers["x-freeference-intent"] = route.intent
+    return headers
+
+
+def _error_from_event(payload: bytes) -> OpenAIError:
+    event = ErrorEvent.model_validate_json(payload)
+    headers = {}
+    if event.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(event.retry_after_s)))
+    error = OpenAIError(event.status, event.error.message, code=event.error.code, param=event.error.param,
+                        type_=event.error.type, headers=headers)
+    return error
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body was already read, so the next ASGI message is the disconnect.
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _next_event(events: AsyncGenerator[Event, None], disconnected: asyncio.Task[None]) -> Event | None:
+    """The next event, or None when the client went away first."""
+    nxt: asyncio.Future[Event] = asyncio.ensure_future(anext(events))
+    waiting: set[asyncio.Future[Any]] = {nxt, disconnected}
+    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+    if nxt in done:
+        return nxt.result()
+    nxt.cancel()
+    return None
+
+
+def _build_job(request: Request, key_id: str, tier: Any, body: ChatCompletionRequest, raw: dict[str, Any],
+               timeout_s: float) -> ChatJob:
+    forwarded = {k: v for k, v in raw.items() if k not in GATEWAY_FIELDS}
+    return ChatJob(
+        job_id=uuid.uuid4().hex,
+        request_id=request.state.request_id,
+        reply_channel=request.app.state.hub.channel,
+        body=forwarded,
+        stream=bool(body.stream),
+        requested_model=normalize_model(body.model),
+        fallback_models=list(body.models or []),
+        intent_hint=body.route.intent if body.route else None,
+        key_id=key_id,
+        tier=tier,
+        deadline_unix_ms=int((time.time() + timeout_s) * 1000),
+    )
+
+
+@router.post(
+    "/v1/chat/completions",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": ChatCompletionRequest.model_json_schema()}}}},
+)
+async def chat_completions(
+    request: Request, key: CurrentKey, settings: SettingsDep, dispatcher: DispatcherDep, catalog: CatalogDep
+) -> Response:
+    """Create a chat completion (OpenAI schema; `model` optional, `stream` for SSE)."""
+    body, raw = parse_chat_request(await request.body())
+    if len(body.messages) > settings.max_messages:
+        raise invalid_request(f"Too many messages: at most {settings.max_messages}.", param="messages")
+    requested = normalize_model(body.model)
+    if requested is not None:
+        check_model_reference(catalog, requested, key.tier)
+    for i, fallback in enumerate(body.models or []):
+        if normalize_model(fallback) is not None:
+            check_model_reference(catalog, fallback, key.tier, param=f"models[{i}]")
+
+    job = _build_job(request, key.id, key.tier, body, raw, settings.request_timeout_s)
+    disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        for attempt in range(MAX_WORKER_LOSS_RETRIES + 1):
+            handle = await dispatcher.submit(job)
+            try:
+                return await _respond(handle, dispatcher, disconnected)
+            except WorkerLost:
+                await dispatcher.release(handle)
+                if attempt == MAX_WORKER_LOSS_RETRIES:
+                    raise OpenAIError(502, "The worker handling this request stopped; please retry.",
+                                      code="worker_lost", headers={"Retry-After": "1"}) from None
+                job = job.model_copy(update={"job_id": uuid.uuid4().hex})
+        raise AssertionError("unreachable")
+    finally:
+        disconnected.cancel()
+
+
+async def _respond(handle: JobHandle, dispatcher: Dispatcher, disconnected: asyncio.Task[None]) -> Response:
+    """Hold the status until the first chunk, the completion or an error arrives."""
+    events = dispatcher.events(handle)
+    route: RouteInfo | None = None
+    handed_over = False
+    try:
+        while True:
+            try:
+                event = await _next_event(events, disconnected)
+            except StopAsyncIteration:
+                raise OpenAIError(502, "The job ended without a result.", code="upstream_failed") from None
+            if event is None:  # caller left; release() below cancels the job
+                return Response(status_code=499)
+            event_type, payload = event
+            if event_type == "start":
+                route = StartEvent.model_validate_json(payload).route
+            elif event_type == "error":
+                raise _error_from_event(payload)
+            elif event_type == "done":
+                done = DoneEvent.model_validate_json(payload)
+                headers = _route_headers(handle.job.request_id, done.route)
+                if handle.job.stream:  # a stream with no chunk at all is still a stream
+                    return StreamingResponse(_single(b"data: [DONE]\n\n"), media_type="text/event-stream",
+                                             headers={**_SSE_HEADERS, **headers})
+                content = orjson.dumps(done.completion) if done.completion is not None else b"{}"
+                return Response(content, media_type="application/json", headers=headers)
+            elif event_type == "chunk":
+                disconnected.cancel()  # StreamingResponse listens for the disconnect itself
+                handed_over = True
+                return StreamingResponse(
+                    _sse(payload, events, handle, dispatcher), media_type="text/event-stream",
+                    headers={**_SSE_HEADERS, **_route_headers(handle.job.request_id, route)},
+                )
+    finally:
+        if not handed_over:
+            await events.aclose()
+            await dispatcher.release(handle)
+
+
+async def _single(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+async def _sse(first_chunk: bytes, events: AsyncGenerator[Event, None], handle: JobHandle,
+               dispatcher: Dispatcher) -> AsyncIterator[bytes]:
+    try:
+        yield b"data: " + first_chunk + b"\n\n"
+        async for event_type, payload in events:
+            if event_type == "chunk":
+                yield b"data: " + payload + b"\n\n"
+            elif event_type == "done":
+                yield b"data: [DONE]\n\n"
+                return
+            elif event_type == "error":
+                # After the first byte the status is sent: report in-band and end without
+                # [DONE], so no client mistakes a truncated answer for a whole one.
+                error = ErrorEvent.model_validate_json(payload)
+                yield b"data: " + orjson.dumps({"error": error.error.model_dump()}) + b"\n\n"
+                return
+    except WorkerLost:
+        body = {"error": {"message": "The worker handling this stream stopped.", "type": "upstream_error",
+                          "param": None, "code": "worker_lost"}}
+        yield b"data: " + orjson.dumps(body) + b"\n\n"
+    except OpenAIError as exc:
+        yield b"data: " + orjson.dumps({"error": exc.body.model_dump()}) + b"\n\n"
+    finally:
+        with anyio.CancelScope(shield=True):
+            await dispatcher.release(handle)

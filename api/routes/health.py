@@ -1,0 +1,31 @@
+"""Liveness and readiness."""
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+
+from api.deps import RedisDep
+from workers.protocol import WORKER_HEARTBEAT_PREFIX
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request, redis: RedisDep) -> JSONResponse:
+    """Ready when Redis answers, the reply channel is subscribed and a worker heart-beats."""
+    try:
+        await redis.ping()
+        workers = [k async for k in redis.scan_iter(match=WORKER_HEARTBEAT_PREFIX + "*", count=100)]
+    except (RedisError, OSError):
+        return JSONResponse({"status": "unavailable", "redis": False, "workers": 0}, status_code=503)
+    hub_ok = request.app.state.hub.connected
+    ready = bool(workers) and hub_ok
+    body = {"status": "ready" if ready else "unavailable", "redis": True, "workers": len(workers),
+            "reply_channel": hub_ok}
+    return JSONResponse(body, status_code=200 if ready else 503)

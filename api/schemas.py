@@ -1,0 +1,139 @@
+"""Request validation for /v1/chat/completions.
+
+The model below only validates: the body forwarded upstream is the caller's own JSON (minus
+gateway-only fields), so no field is reformatted on the way through.
+"""
+
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from api.errors import OpenAIError, invalid_request
+
+# Gateway-only fields: consumed here, never sent upstream.
+GATEWAY_FIELDS = frozenset({"models", "route"})
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class ContentPart(_Open):
+    type: str = Field(min_length=1)
+
+
+class Message(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _non_empty_parts(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("content parts must not be empty")
+        return value
+
+
+class RouteHint(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    intent: Literal["code", "reasoning", "general"] | None = None
+
+
+class StreamOptions(_Open):
+    include_usage: bool | None = None
+
+
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI chat completion request, plus `models` (ordered fallbacks) and `route` hints."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    messages: list[Message] = Field(min_length=1)
+    model: str | None = None
+    models: list[Annotated[str, Field(min_length=1)]] | None = Field(default=None, max_length=16)
+    route: RouteHint | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Probability | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    seed: int | None = None
+    user: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    verbosity: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    # Widely supported extensions of OpenAI-compatible servers (vLLM, OpenRouter, Groq …).
+    top_k: int | None = None
+    min_p: Probability | None = None
+    repetition_penalty: float | None = None
+    reasoning: dict[str, Any] | None = None
+
+
+def _param_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_chat_request(raw: bytes) -> tuple[ChatCompletionRequest, dict[str, Any]]:
+    """Decode and validate a request body; returns the model and the raw JSON object."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_request("Request body is not valid UTF-8.") from None
+    if not text.strip():
+        raise invalid_request("Request body is empty; expected a JSON object.")
+    try:
+        data = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise invalid_request(f"We could not parse the JSON body of your request: {exc.msg}.") from None
+    if not isinstance(data, dict):
+        raise invalid_request("Request body must be a JSON object.")
+    try:
+        request = ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_to_openai(exc) from None
+    return request, data
+
+
+def _validation_to_openai(exc: ValidationError) -> OpenAIError:
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    if err["type"] == "extra_forbidden":
+        return invalid_request(f"Unrecognized request argument supplied: {loc[-1]}", param=str(loc[-1]))
+    # Union errors carry the variant name in the location; keep the field path only.
+    clean = tuple(p for p in loc if isinstance(p, int) or (not str(p)[:1].isupper() and "[" not in str(p)))
+    param = _param_path(clean) or None
+    if param == "messages" and err["type"] == "too_short":
+        return invalid_request("'messages' must contain at least one message.", param="messages")
+    return invalid_request(f"Invalid value for '{param}': {err['msg']}.", param=param)

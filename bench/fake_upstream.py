@@ -1,0 +1,296 @@
+"""A fast, fault-injecting fake of an OpenAI-compatible provider (real HTTP on loopback).
+
+Used by the tests, the benchmarks and `freeference serve --demo` (where it is the clearly
+labelled "simulated" provider). Behaviour per upstream model name is scripted over HTTP:
+
+    POST /_control/script   {"model": M, "faults": [spec, ...]}   one spec per coming request
+    POST /_control/default  {"model": M, "fault": spec | null}     every request after the script
+    POST /_control/models   {"models": [..] | null}                what GET /v1/models lists
+    POST /_control/reset                                           forget scripts and the log
+    GET  /_control/requests                                        every request seen, in order
+
+A fault spec is a dict with any of: status (+ retry_after, retry_after_ms, error_code, message),
+reset (drop the connection), silence (never answer), delay_s (before headers),
+first_token_delay_s, cut_after (chunks, then drop), stall_after (chunks, then silence),
+malformed_after (a garbage line after N chunks), no_done (finish without [DONE]),
+context_length, content_policy, token_interval_s, ratelimit_headers (dict).
+"""
+
+import argparse
+import asyncio
+import time
+from collections import defaultdict, deque
+from typing import Any
+
+import orjson
+import uvicorn
+
+Send = Any
+Receive = Any
+Scope = dict[str, Any]
+
+
+def reply_tokens(model: str, count: int, prefix: str = "") -> list[str]:
+    """The deterministic content the fake produces, token by token."""
+    head = [f"[{model}]", " simulated", " reply:"]
+    tokens = (head + [f" {i}" for i in range(1, max(count, 1) + 1)])[: max(count, 1)]
+    if prefix:  # continuing an assistant prefix: produce the rest after what exists
+        tokens = [f" cont{i}" for i in range(1, max(count, 1) + 1)]
+    return tokens
+
+
+class FaultInjected(Exception):
+    """Raised inside the ASGI app to make the server drop the connection."""
+
+
+class FakeUpstream:
+    def __init__(self, latency_s: float = 0.0, token_interval_s: float = 0.0, default_tokens: int = 16) -> None:
+        self.latency_s = latency_s
+        self.token_interval_s = token_interval_s
+        self.default_tokens = default_tokens
+        self.scripts: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
+        self.defaults: dict[str, dict[str, Any]] = {}
+        self.models: list[str] | None = None
+        self.log: list[dict[str, Any]] = []
+        self.started = time.time()
+
+    def reset(self) -> None:
+        self.scripts.clear()
+        self.defaults.clear()
+        self.models = None
+        self.log.clear()
+
+    def next_fault(self, model: str) -> dict[str, Any]:
+        script = self.scripts.get(model)
+        if script:
+            return script.popleft()
+        return self.defaults.get(model) or self.defaults.get("*") or {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        path, method = scope["path"], scope["method"]
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if path.endswith("/chat/completions") and method == "POST":
+            await self.chat(scope, body, send, receive)
+        elif path.endswith("/models") and method == "GET" and not path.startswith("/_control"):
+            await self.list_models(send)
+        elif path.startswith("/_control/"):
+            await self.control(path, method, body, send)
+        else:
+            await _json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+
+    async def list_models(self, send: Send) -> None:
+        seen = self.models if self.models is not None else sorted({e["model"] for e in self.log})
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in seen]
+        await _json(send, 200, {"object": "list", "data": data})
+
+    async def control(self, path: str, method: str, body: bytes, send: Send) -> None:
+        data = orjson.loads(body) if body else {}
+        if path == "/_control/script":
+            self.scripts[data["model"]].extend(data["faults"])
+        elif path == "/_control/default":
+            if data.get("fault"):
+                self.defaults[data["model"]] = data["fault"]
+            else:
+                self.defaults.pop(data["model"], None)
+        elif path == "/_control/models":
+            self.models = data.get("models")
+        elif path == "/_control/reset":
+            self.reset()
+        elif path == "/_control/requests":
+            await _json(send, 200, {"requests": self.log})
+            return
+        await _json(send, 200, {"ok": True})
+
+    async def chat(self, scope: Scope, raw: bytes, send: Send, receive: Receive) -> None:
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            await _json(send, 400, {"error": {"message": "bad json", "type": "invalid_request_error"}})
+            return
+        model = str(body.get("model", ""))
+        fault = self.next_fault(model)
+        self.log.append({"t": time.time(), "model": model, "stream": bool(body.get("stream")), "body": body,
+                         "authorization": headers.get("authorization"), "fault": fault})
+        delay = fault.get("delay_s", self.latency_s)
+        if delay:
+            await asyncio.sleep(delay)
+        if fault.get("silence"):
+            await asyncio.sleep(3600)
+        if fault.get("reset"):
+            raise FaultInjected("connection reset (injected)")
+        if "status" in fault or fault.get("context_length") or fault.get("content_policy"):
+            await self._error(send, fault)
+            return
+        extra_headers = fault.get("ratelimit_headers") or {}
+        if body.get("stream"):
+            entry = self.log[-1]
+            entry["chunks_sent"] = 0
+            entry["outcome"] = "streaming"
+            await self._stream(send, receive, body, model, fault, extra_headers, entry)
+        else:
+            await _json(send, 200, self._completion(body, model), extra_headers)
+
+    async def _error(self, send: Send, fault: dict[str, Any]) -> None:
+        headers: dict[str, str] = {}
+        if fault.get("context_length"):
+            status, code = 400, "context_length_exceeded"
+            message = "This model's maximum context length is 8192 tokens. Please reduce the length."
+        elif fault.get("content_policy"):
+            status, code = 400, "content_policy_violation"
+            message = "Your request was rejected as a result of our safety system."
+        else:
+            status = int(fault["status"])
+            code = fault.get("error_code", "fake_error")
+            message = fault.get("message", f"injected HTTP {status}")
+        if "retry_after" in fault:
+            headers["retry-after"] = str(fault["retry_after"])
+        if "retry_after_ms" in fault:
+            headers["retry-after-ms"] = str(fault["retry_after_ms"])
+        await _json(send, status, {"error": {"message": message, "type": "fake_error", "code": code}}, headers)
+
+    def _tokens(self, body: dict[str, Any], model: str) -> list[str]:
+        count = int(body.get("max_tokens") or body.get("max_completion_tokens") or self.default_tokens)
+        messages = body.get("messages") or []
+        prefix = ""
+        if messages and messages[-1].get("role") == "assistant" and isinstance(messages[-1].get("content"), str):
+            prefix = messages[-1]["content"]
+        return reply_tokens(model, min(count, 4096), prefix)
+
+    @staticmethod
+    def _tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
+        tools = body.get("tools") or []
+        messages = body.get("messages") or []
+        if not tools or body.get("tool_choice") == "none" or (messages and messages[-1].get("role") == "tool"):
+            return None
+        function = tools[0].get("function", {})
+        params = function.get("parameters", {}) or {}
+        args = {name: "x" for name in params.get("required", [])}
+        return {"id": "call_fake_1", "type": "function",
+                "function": {"name": function.get("name", "tool"), "arguments": orjson.dumps(args).decode()}}
+
+    @staticmethod
+    def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
+        prompt_tokens = max(1, len(orjson.dumps(body.get("messages", []))) // 4)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
+
+    def _completion(self, body: dict[str, Any], model: str) -> dict[str, Any]:
+        tool_call = self._tool_call(body)
+        tokens = [] if tool_call else self._tokens(body, model)
+        message: dict[str, Any] = {"role": "assistant", "content": None if tool_call else "".join(tokens)}
+        if tool_call:
+            message["tool_calls"] = [tool_call]
+        choices = [{"index": i, "message": message, "logprobs": None,
+                    "finish_reason": "tool_calls" if tool_call else "stop"} for i in range(int(body.get("n") or 1))]
+        return {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
+                "choices": choices, "usage": self._usage(body, len(tokens) or 5), "system_fingerprint": "fake"}
+
+    async def _stream(self, send: Send, receive: Receive, body: dict[str, Any], model: str, fault: dict[str, Any],
+                      extra_headers: dict[str, str], entry: dict[str, Any]) -> None:
+        # The body is read, so the next ASGI message is the client's disconnect (if it leaves).
+        disconnected = asyncio.ensure_future(receive())
+        try:
+            await self._stream_frames(send, disconnected, body, model, fault, extra_headers, entry)
+        finally:
+            disconnected.cancel()
+
+    async def _stream_frames(self, send: Send, disconnected: "asyncio.Future[Any]", body: dict[str, Any], model: str,
+                             fault: dict[str, Any], extra_headers: dict[str, str], entry: dict[str, Any]) -> None:
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        headers += [(k.encode(), str(v).encode()) for k, v in extra_headers.items()]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        created = int(time.time())
+        interval = fault.get("token_interval_s", self.token_interval_s)
+        first_delay = fault.get("first_token_delay_s", 0)
+        if first_delay:
+            await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
+            await asyncio.sleep(first_delay)
+
+        def frame(delta: dict[str, Any], finish: str | None = None, usage: Any = None, choices: bool = True) -> bytes:
+            chunk: dict[str, Any] = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created,
+                                     "model": model,
+                                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices
+                                     else []}
+            if usage is not None:
+                chunk["usage"] = usage
+            return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+        tool_call = self._tool_call(body)
+        frames: list[bytes] = [frame({"role": "assistant", "content": ""})]
+        if tool_call:
+            args = tool_call["function"]["arguments"]
+            head = {"index": 0, "id": tool_call["id"], "type": "function",
+                    "function": {"name": tool_call["function"]["name"], "arguments": ""}}
+            frames.append(frame({"tool_calls": [head]}))
+            half = len(args) // 2
+            for piece in (args[:half], args[half:]):
+                frames.append(frame({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
+            frames.append(frame({}, "tool_calls"))
+            count = 5
+        else:
+            tokens = self._tokens(body, model)
+            frames += [frame({"content": tok}) for tok in tokens]
+            frames.append(frame({}, "stop"))
+            count = len(tokens)
+        options = body.get("stream_options") or {}
+        if options.get("include_usage"):
+            frames.append(frame({}, usage=self._usage(body, count), choices=False))
+        for i, data in enumerate(frames):
+            if disconnected.done():
+                entry["outcome"] = "client_disconnected"
+                return
+            if "cut_after" in fault and i >= fault["cut_after"]:
+                entry["outcome"] = "cut"
+                raise FaultInjected("stream cut (injected)")
+            if "stall_after" in fault and i >= fault["stall_after"]:
+                entry["outcome"] = "stalled"
+                await asyncio.wait([disconnected], timeout=3600)
+                return
+            if "malformed_after" in fault and i == fault["malformed_after"]:
+                await send({"type": "http.response.body", "body": b"data: {not json\n\n", "more_body": True})
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+            entry["chunks_sent"] = i + 1
+            if interval:
+                await asyncio.wait([disconnected], timeout=interval)
+        entry["outcome"] = "completed"
+        tail = b"" if fault.get("no_done") else b"data: [DONE]\n\n"
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+async def _json(send: Send, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
+    payload = orjson.dumps(data)
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.encode(), str(v).encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible upstream (simulated provider)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--token-interval-ms", type=float, default=0.0)
+    parser.add_argument("--tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+    app = FakeUpstream(args.latency_ms / 1000, args.token_interval_ms / 1000, args.tokens)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="critical", access_log=False,
+                http="httptools", loop="uvloop", lifespan="on", timeout_keep_alive=60)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The `freeference` command: serve, api, worker, keys, classify."""
+
+import argparse
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+from cli import keys_cmd
+from cli.embedded_redis import answers, free_port, host_port, start_server
+from cli.processes import Child, Supervisor, child_env, python_module
+
+log = logging.getLogger("freeference.serve")
+
+
+def _run_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, log_level="warning",
+                access_log=False, http="httptools", loop="uvloop", timeout_graceful_shutdown=30)
+    return 0
+
+
+def _run_worker(_: argparse.Namespace) -> int:
+    import uvloop
+
+    from workers.main import run_worker
+
+    uvloop.install()
+    run_worker()
+    return 0
+
+
+def _demo_key(redis_url: str) -> str:
+    from redis.asyncio import Redis
+
+    from api.keys import create_key
+
+    async def go() -> str:
+        async with Redis.from_url(redis_url) as redis:
+            key, _ = await create_key(redis, name="demo", tier="pro")
+            return key
+
+    return asyncio.run(go())
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from settings import get_settings
+    from settings.config import DEFAULT_REDIS_URL, DEMO_CATALOG
+
+    settings = get_settings()
+    supervisor = Supervisor()
+    env: dict[str, str] = {}
+    redis_url = settings.redis_url
+    if redis_url is None:
+        host, port = host_port(DEFAULT_REDIS_URL)
+        if answers(host, port):
+            log.info("using the embedded server already running at %s:%d", host, port)
+        else:
+            data_dir = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "freeference"
+            server = start_server(port, data_dir=data_dir, host=host)
+            supervisor.children.append(Child("embedded-redis", [], {}, restart=False, process=server))
+            log.info("started embedded Valkey at %s:%d (data in %s)", host, port, data_dir)
+        redis_url = DEFAULT_REDIS_URL
+    env["FREEFERENCE_REDIS_URL"] = redis_url
+    if args.demo:
+        upstream_port = free_port()
+        supervisor.add(Child("simulated-provider",
+                             python_module("bench.fake_upstream", "--port", str(upstream_port),
+                                           "--token-interval-ms", "30"), child_env()))
+        env["FREEFERENCE_DEMO_UPSTREAM_URL"] = f"http://127.0.0.1:{upstream_port}/v1"
+        env["FREEFERENCE_CATALOG"] = str(DEMO_CATALOG)
+    for i in range(args.workers):
+        supervisor.add(Child(f"worker-{i}", python_module("cli.main", "worker"), child_env(**env)))
+    supervisor.add(Child("api", python_module("cli.main", "api", "--host", args.host, "--port", str(args.port)),
+                         child_env(**env)))
+    print(f"Freeference listening on http://{args.host}:{args.port}/v1 with {args.workers} worker(s)", flush=True)
+    if args.demo:
+        print("DEMO MODE: every model is served by the SIMULATED provider (canned answers, not an LLM).")
+        print(f"Demo API key (pro tier):\n{_demo_key(redis_url)}", flush=True)
+    return supervisor.run_forever()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freeference", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="API + N workers (+ embedded Redis when none is configured)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=2)
+    serve.add_argument("--demo", action="store_true", help="serve from the labelled simulated provider")
+    serve.set_defaults(func=_serve)
+
+    api = sub.add_parser("api", help="one API process (scale out by running more)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.set_defaults(func=_run_api)
+
+    worker = sub.add_parser("worker", help="one worker process (scale out by running more)")
+    worker.set_defaults(func=_run_worker)
+
+    keys_cmd.register(sub)
+    # Optional command modules: each exposes register(subparsers).
+    for module_name in ("cli.classify", "cli.batch_cmd"):
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from settings import get_settings
+
+    level = os.environ.get("FREEFERENCE_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    args = build_parser().parse_args(argv)
+    if args.command not in ("classify",):
+        get_settings()  # refuse unsafe settings before starting anything
+    sys.exit(args.func(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Typed upstream failures, raised by provider adapters and decided on by the failover policy."""
+
+
+class UpstreamError(Exception):
+    """Base: one attempt on one deployment failed. `reason` is a short metric label."""
+
+    reason = "error"
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class RateLimited(UpstreamError):
+    reason = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float | None) -> None:
+        super().__init__(message, status=429)
+        self.retry_after_s = retry_after_s
+
+
+class UpstreamServerError(UpstreamError):
+    """5xx, connection reset or refused: the route may work again in a moment."""
+
+    reason = "server_error"
+
+
+class UpstreamConnectError(UpstreamServerError):
+    reason = "connect_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    """connect / first-token / idle / total timeout: a silent route, not worth a retry."""
+
+    reason = "timeout"
+
+    def __init__(self, message: str, *, phase: str) -> None:
+        super().__init__(message)
+        self.phase = phase
+
+
+class StreamBroken(UpstreamError):
+    """The stream was cut or sent garbage before it finished."""
+
+    reason = "stream_broken"
+
+
+class ContextTooLong(UpstreamError):
+    reason = "context_length"
+
+
+class ContentRejected(UpstreamError):
+    """A safety / content-policy refusal: returned to the caller, never routed around."""
+
+    reason = "content_policy"
+
+
+class RequestRejected(UpstreamError):
+    """Any other 4xx caused by the request itself (bad parameter, unsupported field)."""
+
+    reason = "bad_request"
+
+
+class UpstreamAuthFailed(UpstreamError):
+    """401/403: our provider key is bad; that key leaves rotation."""
+
+    reason = "auth"
+
+
+class ModelUnavailable(UpstreamError):
+    """404 or 'model not found': the deployment is gone upstream."""
+
+    reason = "model_unavailable"

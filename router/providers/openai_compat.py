@@ -1,0 +1,226 @@
+"""One adapter for every OpenAI-compatible provider, configured by catalog data."""
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+from router.catalog import Deployment
+from router.errors import (
+    ContentRejected,
+    ContextTooLong,
+    ModelUnavailable,
+    RateLimited,
+    RequestRejected,
+    StreamBroken,
+    UpstreamAuthFailed,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamServerError,
+    UpstreamTimeout,
+)
+from router.providers.sanitize import sanitize
+
+_CONTEXT_MARKERS = ("context_length", "context length", "maximum context", "too many tokens",
+                    "prompt is too long", "reduce the length")
+_POLICY_MARKERS = ("content_policy", "content policy", "content_filter", "safety", "moderation",
+                   "flagged", "responsible ai")
+
+
+@dataclass
+class Completion:
+    body: dict[str, Any]
+    headers: Mapping[str, str]
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait, from Retry-After (seconds or HTTP date) or retry-after-ms."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(float(ms) / 1000, 0.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        from email.utils import parsedate_to_datetime
+
+        try:
+            return max(parsedate_to_datetime(value).timestamp() - time.time(), 0.0)
+        except (TypeError, ValueError):
+            return None
+
+
+def _error_text(body: bytes) -> tuple[str, str]:
+    """(message, code) from an OpenAI-style error body, or the raw text."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return sanitize(body.decode("utf-8", "replace")) or "no error body", ""
+    error = data.get("error", data) if isinstance(data, dict) else data
+    if isinstance(error, dict):
+        message = str(error.get("message") or error.get("detail") or error)
+        code = str(error.get("code") or error.get("type") or "")
+        return sanitize(message), code
+    return sanitize(str(error)), ""
+
+
+def error_for_status(status: int, body: bytes, headers: Mapping[str, str]) -> UpstreamError:
+    """Map a non-2xx upstream response to its typed failure."""
+    message, code = _error_text(body)
+    lowered = f"{code} {message}".lower()
+    if status == 429:
+        return RateLimited(message, retry_after_s=parse_retry_after(headers))
+    if status in (401, 403):
+        return UpstreamAuthFailed(message, status=status)
+    if status == 404:
+        return ModelUnavailable(message, status=status)
+    if status in (400, 413, 422):
+        if any(m in lowered for m in _CONTEXT_MARKERS):
+            return ContextTooLong(message, status=400)
+        if any(m in lowered for m in _POLICY_MARKERS):
+            return ContentRejected(message, status=400)
+        if "model" in lowered and ("not found" in lowered or "does not exist" in lowered):
+            return ModelUnavailable(message, status=status)
+        return RequestRejected(message, status=status)
+    if status >= 500:
+        return UpstreamServerError(message, status=status)
+    return RequestRejected(message, status=status)
+
+
+class OpenAICompatProvider:
+    """POST {base_url}/chat/completions with the provider's key and extra headers."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self._client = client
+
+    @staticmethod
+    def _headers(deployment: Deployment, api_key: str | None) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", **deployment.provider.config.headers}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        return headers
+
+    @staticmethod
+    def _url(deployment: Deployment) -> str:
+        return f"{deployment.provider.base_url}/chat/completions"
+
+    @staticmethod
+    def _timeout(deployment: Deployment, budget_s: float) -> httpx.Timeout:
+        t = deployment.provider.config.timeout
+        return httpx.Timeout(connect=min(t.connect_s, budget_s), read=min(t.total_s, budget_s),
+                             write=min(t.connect_s, budget_s), pool=min(t.connect_s, budget_s))
+
+    async def complete(self, deployment: Deployment, body: dict[str, Any], api_key: str | None,
+                       budget_s: float) -> Completion:
+        """A non-streaming call, bounded by the provider's total timeout and the budget."""
+        timeout = self._timeout(deployment, budget_s)
+        try:
+            async with asyncio.timeout(min(deployment.provider.config.timeout.total_s, budget_s)):
+                response = await self._client.post(self._url(deployment), content=orjson.dumps(body),
+                                                    headers=self._headers(deployment, api_key), timeout=timeout)
+        except TimeoutError:
+            raise UpstreamTimeout("upstream did not answer in time", phase="total") from None
+        except httpx.ConnectTimeout:
+            raise UpstreamTimeout("connect timeout", phase="connect") from None
+        except httpx.TimeoutException:
+            raise UpstreamTimeout("upstream did not answer in time", phase="total") from None
+        except httpx.ConnectError:
+            raise UpstreamConnectError("connection refused or unreachable") from None
+        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError):
+            raise UpstreamServerError("connection reset by upstream") from None
+        if response.status_code >= 300:
+            raise error_for_status(response.status_code, response.content, response.headers)
+        try:
+            data = orjson.loads(response.content)
+        except orjson.JSONDecodeError:
+            raise StreamBroken("upstream sent a malformed completion") from None
+        if not isinstance(data, dict) or "error" in data or not data.get("choices"):
+            raise StreamBroken("upstream sent a completion without choices")
+        return Completion(data, response.headers)
+
+    async def stream(self, deployment: Deployment, body: dict[str, Any], api_key: str | None,
+                     budget_s: float) -> AsyncIterator["StreamItem"]:
+        """Yield parsed chunks; raises typed errors for faults, timeouts and cuts."""
+        t = deployment.provider.config.timeout
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        end_by = started + min(t.total_s, budget_s)
+        request = self._client.build_request("POST", self._url(deployment), content=orjson.dumps(body),
+                                             headers=self._headers(deployment, api_key),
+                                             timeout=self._timeout(deployment, budget_s))
+        try:
+            async with asyncio.timeout_at(min(started + t.connect_s + t.first_token_s, end_by)):
+                response = await self._client.send(request, stream=True)
+        except TimeoutError:
+            raise UpstreamTimeout("no response headers in time", phase="first_token") from None
+        except httpx.ConnectTimeout:
+            raise UpstreamTimeout("connect timeout", phase="connect") from None
+        except httpx.ConnectError:
+            raise UpstreamConnectError("connection refused or unreachable") from None
+        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError, httpx.TimeoutException):
+            raise UpstreamServerError("connection reset by upstream") from None
+        try:
+            if response.status_code >= 300:
+                raise error_for_status(response.status_code, await response.aread(), response.headers)
+            yield StreamItem(headers=response.headers)
+            async for item in _parse_sse(response, loop, started, t.first_token_s, t.idle_s, end_by):
+                yield item
+        finally:
+            await response.aclose()
+
+
+@dataclass
+class StreamItem:
+    """Either the response headers (first item), a parsed chunk, or the end marker."""
+
+    headers: Mapping[str, str] | None = None
+    chunk: dict[str, Any] | None = None
+    done: bool = False
+    malformed: bool = False
+
+
+async def _parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, started: float,
+                     first_token_s: float, idle_s: float, end_by: float) -> AsyncIterator[StreamItem]:
+    lines = response.aiter_lines().__aiter__()
+    data_by = started + first_token_s  # keep-alive comments do not count as a first token
+    seen_data = False
+    while True:
+        try:
+            async with asyncio.timeout_at(min(data_by, end_by)):
+                line = await anext(lines)
+        except StopAsyncIteration:
+            return  # the caller decides whether the stream was complete
+        except TimeoutError:
+            phase = "total" if loop.time() >= end_by else ("idle" if seen_data else "first_token")
+            raise UpstreamTimeout(f"upstream stream stalled ({phase})", phase=phase) from None
+        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.TimeoutException):
+            raise StreamBroken("upstream connection was cut mid-stream") from None
+        if not line.startswith("data:"):
+            continue  # blank separators, ": keep-alive" comments, event: lines
+        data = line[5:].strip()
+        if data == "[DONE]":
+            yield StreamItem(done=True)
+            return
+        seen_data = True
+        data_by = loop.time() + idle_s
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            yield StreamItem(malformed=True)
+            continue
+        if not isinstance(chunk, dict):
+            yield StreamItem(malformed=True)
+            continue
+        if "error" in chunk:
+            message, _code = _error_text(orjson.dumps(chunk))
+            raise StreamBroken(f"upstream reported an error mid-stream: {message}")
+        yield StreamItem(chunk=chunk)

@@ -1,0 +1,69 @@
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The address `freeference serve` gives its embedded server when FREEFERENCE_REDIS_URL is unset,
+# so every other command (keys, api, worker) finds it without configuration.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6399/0"
+DEMO_CATALOG = Path(__file__).with_name("demo_catalog.yaml")
+DEFAULT_CATALOG = Path(__file__).with_name("default_catalog.yaml")
+
+
+class Settings(BaseSettings):
+    """Everything a process needs to know; one instance per process via get_settings()."""
+
+    model_config = SettingsConfigDict(env_prefix="FREEFERENCE_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production"] = "development"
+    # None means "nothing configured": `serve` then starts an embedded server, `api`/`worker`
+    # fall back to the conventional local Redis.
+    redis_url: str | None = None
+    catalog: Path = DEFAULT_CATALOG
+    master_key: SecretStr | None = None
+    log_level: str = "INFO"
+
+    # HTTP edge
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_messages: int = Field(default=2048, gt=0)
+    default_capability: str = "text-basic"
+
+    # Queue and deadlines
+    queue_name: str = "ff:queue"
+    pickup_timeout_s: float = Field(default=5.0, gt=0)
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    # How long the API waits in silence before it checks that the worker holding the job
+    # is still alive (its heartbeat key), so a killed worker never leaves a caller hanging.
+    worker_liveness_check_s: float = Field(default=1.0, gt=0)
+
+    # Worker
+    worker_max_jobs: int = Field(default=256, gt=0)
+    # Workers are woken by a pub/sub message on every enqueue; this slow poll only catches
+    # deferred jobs and wake-ups lost while a worker was reconnecting.
+    worker_fallback_poll_s: float = Field(default=0.5, gt=0)
+    worker_heartbeat_s: float = Field(default=1.0, gt=0)
+    worker_heartbeat_ttl_s: float = Field(default=3.0, gt=0)
+    # SIGTERM lets in-flight streams finish for this long before the worker exits.
+    worker_drain_s: float = Field(default=30.0, ge=0)
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> "Settings":
+        if self.environment == "production":
+            key = self.master_key.get_secret_value() if self.master_key else ""
+            if len(key) < 16:
+                raise ValueError("FREEFERENCE_MASTER_KEY must be set (16+ characters) in production")
+        if self.worker_heartbeat_ttl_s <= self.worker_heartbeat_s:
+            raise ValueError("worker_heartbeat_ttl_s must be longer than worker_heartbeat_s")
+        return self
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or DEFAULT_REDIS_URL
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,202 @@
+"""Real processes for integration tests: Redis, the fake upstream, API replicas, workers."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+from redis import Redis
+
+from api.keys import KeyLimits, create_key
+from cli.embedded_redis import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def wait_http(url: str, timeout_s: float = 20.0, status: int = 200) -> None:
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(url, timeout=1.0)
+            if response.status_code == status:
+                return
+            last = response.status_code
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer {status} in {timeout_s}s (last: {last!r})")
+
+
+def spawn(args: Sequence[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    log = open(log_path, "ab")  # noqa: SIM115 - owned by the process for its lifetime
+    return subprocess.Popen(list(args), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+@dataclass
+class FakeUpstream:
+    """Handle on a running bench.fake_upstream process."""
+
+    url: str  # base URL including /v1
+    process: subprocess.Popen[bytes]
+
+    @property
+    def root(self) -> str:
+        return self.url.removesuffix("/v1")
+
+    def _post(self, path: str, body: dict[str, Any]) -> None:
+        httpx.post(self.root + path, json=body, timeout=5).raise_for_status()
+
+    def script(self, model: str, *faults: dict[str, Any]) -> None:
+        """The next requests for `model` get these behaviours, in order."""
+        self._post("/_control/script", {"model": model, "faults": list(faults)})
+
+    def set_default(self, model: str, fault: dict[str, Any] | None) -> None:
+        self._post("/_control/default", {"model": model, "fault": fault})
+
+    def set_models(self, models: list[str] | None) -> None:
+        self._post("/_control/models", {"models": models})
+
+    def reset(self) -> None:
+        self._post("/_control/reset", {})
+
+    def requests(self, model: str | None = None) -> list[dict[str, Any]]:
+        seen: list[dict[str, Any]] = httpx.get(self.root + "/_control/requests", timeout=5).json()["requests"]
+        return [r for r in seen if model is None or r["model"] == model]
+
+
+@dataclass
+class Gateway:
+    """API replicas + workers sharing one Redis, started as real processes."""
+
+    redis_url: str
+    env: dict[str, str]
+    log_dir: Path
+    api_ports: list[int] = field(default_factory=list)
+    apis: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_ports[0]}"
+
+    def url(self, replica: int = 0) -> str:
+        return f"http://127.0.0.1:{self.api_ports[replica]}"
+
+    def start_api(self) -> int:
+        port = free_port()
+        args = [sys.executable, "-m", "cli.main", "api", "--port", str(port)]
+        self.apis.append(spawn(args, self.env, self.log_dir / f"api-{port}.log"))
+        self.api_ports.append(port)
+        wait_http(f"http://127.0.0.1:{port}/healthz")
+        return port
+
+    def start_worker(self) -> subprocess.Popen[bytes]:
+        n = len(self.workers)
+        process = spawn([sys.executable, "-m", "cli.main", "worker"], self.env, self.log_dir / f"worker-{n}.log")
+        self.workers.append(process)
+        return process
+
+    def wait_ready(self, workers: int | None = None, timeout_s: float = 20.0) -> None:
+        expected = len([w for w in self.workers if w.poll() is None]) if workers is None else workers
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                body = httpx.get(self.base_url + "/readyz", timeout=1).json()
+                if body.get("workers", 0) >= expected and body.get("status") == "ready":
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"gateway not ready with {expected} workers")
+
+    def create_key(self, tier: str = "free", name: str = "test", **limits: int) -> str:
+        async def go() -> str:
+            from redis.asyncio import Redis as AsyncRedis
+
+            async with AsyncRedis.from_url(self.redis_url) as redis:
+                key, _ = await create_key(redis, name=name, tier=tier, limits=KeyLimits(**limits))
+                return key
+
+        return asyncio.run(go())
+
+    def client(self, key: str, replica: int = 0, **kwargs: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url(replica) + "/v1", api_key=key, max_retries=0, **kwargs)
+
+    def stop(self) -> None:
+        for process in [*self.apis, *self.workers]:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in [*self.apis, *self.workers]:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(self.log_dir.glob("*.log")))
+
+
+def catalog_yaml(upstream_url: str, models: list[dict[str, Any]] | None = None,
+                 providers: list[dict[str, Any]] | None = None) -> str:
+    """A test catalog: two providers on the fake upstream, models ranked per intent."""
+    import yaml
+
+    providers = providers or [
+        {"id": "fake-a", "base_url": upstream_url, "api_keys_env": ["FAKE_A_KEY"],
+         "timeout": {"connect_s": 1, "first_token_s": 2, "idle_s": 2, "total_s": 20}},
+        {"id": "fake-b", "base_url": upstream_url, "requires_key": False,
+         "timeout": {"connect_s": 1, "first_token_s": 2, "idle_s": 2, "total_s": 20}},
+    ]
+    models = models or [
+        {"id": "general-best", "provider": "fake-a", "upstream_name": "general-best", "context_window": 8192,
+         "capabilities": ["chat", "tools"], "scores": {"general": 0.9, "code": 0.5, "reasoning": 0.5},
+         "supports_prefill": True},
+        {"id": "general-backup", "provider": "fake-b", "upstream_name": "general-backup", "context_window": 32768,
+         "capabilities": ["chat"], "scores": {"general": 0.8, "code": 0.4, "reasoning": 0.4},
+         "supports_prefill": True},
+        {"id": "coder", "provider": "fake-a", "upstream_name": "coder", "context_window": 16384,
+         "capabilities": ["chat", "code"], "scores": {"code": 0.9, "general": 0.6, "reasoning": 0.6}},
+        {"id": "reasoner", "provider": "fake-b", "upstream_name": "reasoner", "context_window": 16384,
+         "capabilities": ["chat", "reasoning"], "scores": {"reasoning": 0.9, "general": 0.6, "code": 0.6}},
+    ]
+    data = {
+        "providers": providers,
+        "models": models,
+        "capabilities": {
+            "text-basic": {"name": "General Chat Model", "intent": "general"},
+            "code": {"name": "Code Model", "intent": "code"},
+            "reasoning": {"name": "Reasoning Model", "intent": "reasoning"},
+        },
+    }
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def base_env(redis_url: str, catalog_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FREEFERENCE_")}
+    env.update({
+        "FREEFERENCE_REDIS_URL": redis_url,
+        "FREEFERENCE_CATALOG": str(catalog_path),
+        "FREEFERENCE_MASTER_KEY": "test-master-key-0123456789",
+        "FREEFERENCE_PICKUP_TIMEOUT_S": "2",
+        "FREEFERENCE_REQUEST_TIMEOUT_S": "30",
+        "FREEFERENCE_WORKER_DRAIN_S": "10",
+        "FAKE_A_KEY": "sk-fake-a-0123456789",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+def flush(redis_url: str) -> None:
+    with Redis.from_url(redis_url) as redis:
+        redis.flushdb()

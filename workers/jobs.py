@@ -1,0 +1,177 @@
+"""The arq job for one chat completion: claim, classify, route, call upstream, publish events."""
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from router.catalog import Deployment, RuntimeCatalog
+from router.errors import ContentRejected, ContextTooLong, RequestRejected, UpstreamError
+from router.failover import AllFailed, FailoverExecutor, MidStreamFailure, RunState
+from router.select import NoCandidates, candidates_for
+from settings import Settings
+from settings.catalog import Intent
+from workers.protocol import (
+    AcceptedEvent,
+    ChatJob,
+    DoneEvent,
+    ErrorBody,
+    ErrorEvent,
+    EventType,
+    RouteInfo,
+    StartEvent,
+    cancelled_job_key,
+    encode_event,
+)
+
+log = logging.getLogger("freeference.worker")
+
+
+@dataclass
+class WorkerState:
+    """Per-process objects, opened in on_startup and kept in arq's ctx."""
+
+    worker_id: str
+    settings: Settings
+    catalog: RuntimeCatalog
+    executor: FailoverExecutor
+    running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+
+
+class Publisher:
+    def __init__(self, redis: Redis, job: ChatJob) -> None:
+        self._redis = redis
+        self._job = job
+
+    async def send(self, event_type: EventType, payload: bytes) -> None:
+        await self._redis.publish(self._job.reply_channel, encode_event(self._job.job_id, event_type, payload))
+
+
+def _intent_for(job: ChatJob, catalog: RuntimeCatalog, settings: Settings) -> tuple[Intent, str]:
+    """The intent to route by, and why."""
+    if job.intent_hint is not None:
+        return job.intent_hint, "route.intent hint in the request"
+    if job.requested_model is not None:
+        cap_intent = catalog.intent_of_capability(job.requested_model)
+        if cap_intent is not None:
+            return cap_intent, f"capability {job.requested_model}"
+        return "general", "pinned model"
+    default_intent = catalog.intent_of_capability(settings.default_capability) or "general"
+    return default_intent, f"default capability {settings.default_capability}"
+
+
+async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
+    """arq entry point. Never raises: every outcome becomes a done or error event."""
+    state: WorkerState = ctx["state"]
+    redis: Redis = ctx["redis"]
+    job = ChatJob.model_validate(payload)
+    accepted = encode_event(job.job_id, "accepted",
+                            AcceptedEvent(worker_id=state.worker_id).model_dump_json().encode())
+    # Leaving the queue's sorted set at once keeps every other worker's poll from re-checking
+    # this job for as long as it streams (arq keeps running jobs there until they end).
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrem(state.settings.queue_name, job.job_id)
+        pipe.exists(cancelled_job_key(job.job_id))
+        pipe.publish(job.reply_channel, accepted)
+        _, cancelled, _ = await pipe.execute()
+    if cancelled:
+        return
+    inner = asyncio.create_task(_run(job, state, Publisher(redis, job)))
+    state.running[job.job_id] = inner
+    try:
+        await inner
+    except asyncio.CancelledError:
+        if not inner.cancelled():
+            raise  # the worker itself is shutting down
+        log.info("job %s cancelled: the client went away", job.job_id)
+    finally:
+        state.running.pop(job.job_id, None)
+
+
+async def _run(job: ChatJob, state: WorkerState, out: Publisher) -> None:
+    run = RunState()
+    deadline_s = job.deadline_unix_ms / 1000
+
+    def budget_s() -> float:
+        return max(deadline_s - time.time(), 0.001)
+
+    try:
+        intent, why = _intent_for(job, state.catalog, state.settings)
+        candidates = candidates_for(state.catalog, job.requested_model, intent, job.fallback_models)
+        body = dict(job.body)
+        async with asyncio.timeout(budget_s()):
+            if job.stream:
+                await _stream(job, state, out, run, candidates, body, budget_s, intent, why)
+            else:
+                completion, served = await state.executor.complete(candidates, body, run, budget_s)
+                route = _route(served, run, intent, why)
+                done = DoneEvent(route=route, usage=completion.body.get("usage"), completion=completion.body)
+                await out.send("done", done.model_dump_json().encode())
+    except asyncio.CancelledError:
+        raise
+    except TimeoutError:
+        await _error(out, 504, "The request exceeded its deadline.", "timeout", run)
+    except NoCandidates:
+        await _error(out, 503, "No model is available for this request right now.", "no_models_available",
+                     run, retry_after_s=5)
+    except MidStreamFailure as exc:
+        await _error(out, 502, f"The upstream failed mid-answer: {exc.cause.message}", "upstream_failed", run)
+    except ContentRejected as exc:
+        await _error(out, 400, f"The provider refused the request: {exc.message}", "content_policy_violation", run)
+    except RequestRejected as exc:
+        await _error(out, 400, f"The provider rejected the request: {exc.message}", "invalid_request_error", run)
+    except AllFailed as exc:
+        if isinstance(exc.last, ContextTooLong):
+            await _error(out, 400, "The conversation is too long for every eligible model.",
+                         "context_length_exceeded", run)
+        else:
+            await _upstream_failed(out, run, exc.last)
+
+
+async def _stream(job: ChatJob, state: WorkerState, out: Publisher, run: RunState, candidates: list[Deployment],
+                  body: dict[str, Any], budget_s: Any, intent: Intent, why: str) -> None:
+    caller_options = body.get("stream_options")
+    wants_usage = isinstance(caller_options, dict) and bool(caller_options.get("include_usage"))
+    if caller_options is None:
+        # Ask for usage anyway (accounting needs it); the usage-only chunk is not forwarded.
+        body["stream_options"] = {"include_usage": True}
+
+    async def on_start(deployment: Deployment, attempts: int) -> None:
+        await out.send("start", StartEvent(route=_route(deployment, run, intent, why, attempts)).model_dump_json()
+                       .encode())
+
+    async def on_chunk(chunk: dict[str, Any]) -> None:
+        await out.send("chunk", orjson.dumps(chunk))
+
+    served = await state.executor.stream(candidates, body, run, budget_s, on_start, on_chunk, wants_usage)
+    await out.send("done", DoneEvent(route=_route(served, run, intent, why), usage=run.usage)
+                   .model_dump_json().encode())
+
+
+def _route(deployment: Deployment, run: RunState, intent: Intent, why: str, attempts: int | None = None) -> RouteInfo:
+    return RouteInfo(model=deployment.model.id, provider=deployment.provider.id,
+                     attempts=attempts if attempts is not None else len(run.attempts) + 1,
+                     intent=intent, intent_reason=why)
+
+
+async def _error(out: Publisher, status: int, message: str, code: str, run: RunState,
+                 retry_after_s: float | None = None) -> None:
+    error_type = {400: "invalid_request_error", 503: "service_unavailable"}.get(status, "upstream_error")
+    event = ErrorEvent(status=status, error=ErrorBody(message=message, type=error_type, code=code),
+                       retry_after_s=retry_after_s, attempts=len(run.attempts))
+    with contextlib.suppress(RedisError, OSError):  # Redis is gone: nobody to tell
+        await out.send("error", event.model_dump_json().encode())
+
+
+async def _upstream_failed(out: Publisher, run: RunState, last: UpstreamError) -> None:
+    providers = ", ".join(run.providers_tried) or "none"
+    message = (f"All {len(run.attempts)} upstream attempts failed (providers tried: {providers}). "
+               f"Last error: {last.reason}" + (f" (HTTP {last.status})" if last.status else "") +
+               f": {last.message}")
+    await _error(out, 502, message, "upstream_failed", run)

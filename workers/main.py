@@ -1,0 +1,182 @@
+"""The arq worker: a Worker subclass that is woken by pub/sub instead of polling, plus start-up."""
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from typing import Any
+
+import httpx
+import orjson
+from arq import func
+from arq.connections import RedisSettings, create_pool
+from arq.worker import Worker
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from router.catalog import RuntimeCatalog
+from router.failover import FailoverExecutor
+from router.keys import KeyRotation
+from router.providers.openai_compat import OpenAICompatProvider
+from settings import Settings, get_settings
+from settings.catalog import load_catalog
+from workers.jobs import WorkerState, chat_completion
+from workers.protocol import ARQ_JOB_FUNCTION, WAKE_CHANNEL, control_channel, worker_heartbeat_key
+
+log = logging.getLogger("freeference.worker")
+
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+
+
+class FreeferenceWorker(Worker):
+    """arq's Worker, woken the moment a job is enqueued.
+
+    Stock arq sleeps `poll_delay` between queue scans, which puts up to that delay on every
+    request. Here a pub/sub listener sets an event on each message on the wake channel (the
+    API publishes one per enqueue) and the main loop scans at once; the slow poll remains
+    only as a safety net. The same listener receives cancellations for running jobs, and a
+    heartbeat key tells the API that this worker is alive. Redis outages are waited out
+    instead of ending the process (arq exits on a connection error).
+    """
+
+    def __init__(self, *args: Any, settings: Settings, worker_id: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.settings = settings
+        self.worker_id = worker_id
+        self._wake = asyncio.Event()
+        self._background: list[asyncio.Task[None]] = []
+
+    async def main(self) -> None:
+        # Same start-up as arq's Worker.main; the loop below replaces its fixed-delay poll.
+        if self._pool is None:
+            self._pool = await create_pool(self.redis_settings, job_deserializer=self.job_deserializer,
+                                           job_serializer=self.job_serializer, default_queue_name=self.queue_name,
+                                           expires_extra_ms=self.expires_extra_ms)
+        self.ctx["redis"] = self.pool
+        if self.on_startup:
+            await self.on_startup(self.ctx)
+        self._background = [asyncio.create_task(self._listen(), name="wake-listener"),
+                            asyncio.create_task(self._heartbeat(), name="heartbeat")]
+        log.info("worker %s ready (max_jobs=%d)", self.worker_id, self.max_jobs)
+        backoff_s = 0.05
+        while True:
+            self._wake.clear()
+            try:
+                await self._poll_iteration()
+                backoff_s = 0.05
+            except _REDIS_DOWN as exc:
+                log.warning("redis unavailable (%s); retrying in %.2fs", type(exc).__name__, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
+
+    async def _listen(self) -> None:
+        control = control_channel(self.worker_id)
+        backoff_s = 0.05
+        while True:
+            pubsub = self.pool.pubsub()
+            try:
+                await pubsub.subscribe(WAKE_CHANNEL, control)
+                backoff_s = 0.05
+                self._wake.set()  # anything enqueued while we were not listening
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if message is None:
+                        continue
+                    if message["channel"] == control.encode():
+                        self._handle_control(message["data"])
+                    else:
+                        self._wake.set()
+            except _REDIS_DOWN:
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _handle_control(self, data: bytes) -> None:
+        verb, _, job_id = data.decode().partition(" ")
+        state: WorkerState = self.ctx["state"]
+        task = state.running.get(job_id)
+        if verb == "cancel" and task is not None:
+            task.cancel()
+
+    async def _heartbeat(self) -> None:
+        key = worker_heartbeat_key(self.worker_id)
+        ttl_ms = int(self.settings.worker_heartbeat_ttl_s * 1000)
+        while True:
+            state: WorkerState = self.ctx["state"]
+            info = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(), "running": len(state.running)})
+            with contextlib.suppress(*_REDIS_DOWN):
+                await self.pool.set(key, info, px=ttl_ms)
+            await asyncio.sleep(self.settings.worker_heartbeat_s)
+
+    async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        if self._pool is not None:
+            with contextlib.suppress(*_REDIS_DOWN):
+                await self.pool.delete(worker_heartbeat_key(self.worker_id))
+        await super().close()
+
+
+async def _startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx["settings"]
+    # arq logs every job's arguments and httpx every request line: prompts and upstream URLs
+    # stay out of the logs.
+    logging.getLogger("arq.worker").setLevel(logging.WARNING)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    catalog = RuntimeCatalog.build(load_catalog(settings.catalog))
+    catalog.log_summary()
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30)
+    client = httpx.AsyncClient(limits=limits, follow_redirects=False)
+    ctx["http"] = client
+    rotation = KeyRotation()
+    ctx["state"] = WorkerState(
+        worker_id=ctx["worker_id"], settings=settings, catalog=catalog,
+        executor=FailoverExecutor(OpenAICompatProvider(client), rotation.pick),
+    )
+
+
+async def _shutdown(ctx: dict[str, Any]) -> None:
+    client: httpx.AsyncClient | None = ctx.get("http")
+    if client is not None:
+        await client.aclose()
+
+
+def build_worker(settings: Settings | None = None) -> FreeferenceWorker:
+    """A worker configured from settings (one per process)."""
+    settings = settings or get_settings()
+    worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    chat = func(chat_completion, name=ARQ_JOB_FUNCTION, max_tries=1, keep_result=0,
+                timeout=settings.request_timeout_s + 30)
+    return FreeferenceWorker(
+        functions=[chat],
+        settings=settings,
+        worker_id=worker_id,
+        queue_name=settings.queue_name,
+        redis_settings=RedisSettings.from_dsn(settings.effective_redis_url),
+        max_jobs=settings.worker_max_jobs,
+        poll_delay=settings.worker_fallback_poll_s,
+        keep_result=0,
+        # Interactive jobs are never re-run: a second run would repeat tokens the caller has.
+        retry_jobs=False,
+        health_check_interval=10,
+        job_completion_wait=int(settings.worker_drain_s),
+        job_serializer=orjson.dumps,
+        job_deserializer=orjson.loads,
+        on_startup=_startup,
+        on_shutdown=_shutdown,
+        ctx={"settings": settings, "worker_id": worker_id},
+        log_results=False,
+    )
+
+
+def run_worker(settings: Settings | None = None) -> None:
+    """Run one worker process until SIGTERM/SIGINT (which drain in-flight jobs first)."""
+    build_worker(settings).run()

@@ -1,0 +1,136 @@
+"""The contract between API processes and workers: job payload, reply events, Redis names.
+
+Both sides import this module and nothing else of each other (the API never imports routing
+or provider code).
+
+Wire format of a reply message: ``<job_id> <event_type> <json payload>``. The job id and type
+come first so the API can route a message without parsing it, and a ``chunk`` payload is the
+OpenAI ``chat.completion.chunk`` JSON itself, written to the SSE stream byte for byte.
+"""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROTOCOL_VERSION = 1
+
+EventType = Literal["accepted", "start", "chunk", "done", "error"]
+EVENT_TYPES: frozenset[str] = frozenset({"accepted", "start", "chunk", "done", "error"})
+Tier = Literal["free", "pro"]
+
+# --- Redis names. Every key and channel the gateway uses is built here.
+KEY_PREFIX = "ff:"
+# Workers subscribe to this channel; the API publishes on every enqueue so a worker polls
+# the arq queue at once instead of after its poll delay.
+WAKE_CHANNEL = "ff:wake"
+WORKER_HEARTBEAT_PREFIX = "ff:worker:"
+ARQ_JOB_FUNCTION = "chat_completion"
+
+
+def reply_channel(process_id: str) -> str:
+    """Pub/sub channel on which one API process receives the events of all its jobs."""
+    return f"ff:reply:{process_id}"
+
+
+def control_channel(worker_id: str) -> str:
+    """Pub/sub channel on which one worker receives cancellations for the jobs it runs."""
+    return f"ff:control:{worker_id}"
+
+
+def worker_heartbeat_key(worker_id: str) -> str:
+    """Key with a short TTL that exists while the worker is alive."""
+    return f"{WORKER_HEARTBEAT_PREFIX}{worker_id}"
+
+
+def api_key_record_key(key_hash: str) -> str:
+    """Hash of an API key (sha256 hex) → its JSON record. The key itself is never stored."""
+    return f"ff:apikey:{key_hash}"
+
+
+API_KEY_INDEX = "ff:apikeys"  # set of key hashes, for listing
+
+
+def cancelled_job_key(job_id: str) -> str:
+    """Set by the API when a caller left before the worker announced itself."""
+    return f"ff:cancelled:{job_id}"
+
+
+# --- Job payload
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChatJob(_Model):
+    """What the API enqueues for one chat completion."""
+
+    version: int = PROTOCOL_VERSION
+    job_id: str
+    request_id: str
+    reply_channel: str
+    # The caller's JSON body minus gateway-only fields; forwarded upstream field by field.
+    body: dict[str, Any]
+    stream: bool
+    # None / "auto" → route by intent; a capability id; or an exact model id (pro only).
+    requested_model: str | None
+    fallback_models: list[str] = Field(default_factory=list)
+    intent_hint: Literal["code", "reasoning", "general"] | None = None
+    key_id: str
+    tier: Tier
+    deadline_unix_ms: int
+
+
+# --- Events (payloads of reply messages)
+class RouteInfo(_Model):
+    model: str
+    provider: str
+    attempts: int
+    intent: str | None = None
+    intent_reason: str | None = None
+
+
+class AcceptedEvent(_Model):
+    worker_id: str
+
+
+class StartEvent(_Model):
+    route: RouteInfo
+
+
+class DoneEvent(_Model):
+    route: RouteInfo
+    usage: dict[str, Any] | None = None
+    # Whole chat.completion for non-streaming requests; None for streams.
+    completion: dict[str, Any] | None = None
+
+
+class ErrorBody(_Model):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorEvent(_Model):
+    status: int
+    error: ErrorBody
+    retry_after_s: float | None = None
+    attempts: int = 0
+
+
+def encode_event(job_id: str, event_type: EventType, payload: bytes) -> bytes:
+    """Frame one reply message."""
+    return b"%s %s %s" % (job_id.encode(), event_type.encode(), payload)
+
+
+def split_event(message: bytes) -> tuple[str, str, bytes]:
+    """Inverse of encode_event: (job_id, event_type, payload). Raises ValueError if malformed."""
+    job_id, event_type, payload = message.split(b" ", 2)
+    decoded_type = event_type.decode()
+    if decoded_type not in EVENT_TYPES:
+        raise ValueError(f"unknown event type {decoded_type!r}")
+    return job_id.decode(), decoded_type, payload
+
+
+def cancel_message(job_id: str) -> bytes:
+    """Control message asking a worker to stop a job (client went away)."""
+    return b"cancel " + job_id.encode()
