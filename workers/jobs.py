@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,46 +97,72 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
 
 async def _run(job: ChatJob, state: WorkerState, out: Publisher) -> None:
     run = RunState()
+
+    async def on_start(route: RouteInfo) -> None:
+        await out.send("start", StartEvent(route=route).model_dump_json().encode())
+
+    async def on_chunk(chunk: dict[str, Any]) -> None:
+        await out.send("chunk", orjson.dumps(chunk))
+
+    try:
+        done = await execute(job, state, run, on_start, on_chunk)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # every failure kind is mapped; anything else is a bug, logged
+        event = error_event(exc, run)
+        with contextlib.suppress(RedisError, OSError):  # Redis is gone: nobody to tell
+            await out.send("error", event.model_dump_json().encode())
+        return
+    await out.send("done", done.model_dump_json().encode())
+
+
+OnRoute = Callable[[RouteInfo], Awaitable[None]]
+OnChunk = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnRoute, on_chunk: OnChunk) -> DoneEvent:
+    """Route and run one chat job (live or batch line); raises the typed failure on error."""
     deadline_s = job.deadline_unix_ms / 1000
 
     def budget_s() -> float:
         return max(deadline_s - time.time(), 0.001)
 
-    try:
-        intent, why = _intent_for(job, state.catalog, state.settings)
-        candidates = candidates_for(state.catalog, job.requested_model, intent, job.fallback_models)
-        body = dict(job.body)
-        async with asyncio.timeout(budget_s()):
-            if job.stream:
-                await _stream(job, state, out, run, candidates, body, budget_s, intent, why)
-            else:
-                completion, served = await state.executor.complete(candidates, body, run, budget_s)
-                route = _route(served, run, intent, why)
-                done = DoneEvent(route=route, usage=completion.body.get("usage"), completion=completion.body)
-                await out.send("done", done.model_dump_json().encode())
-    except asyncio.CancelledError:
-        raise
-    except TimeoutError:
-        await _error(out, 504, "The request exceeded its deadline.", "timeout", run)
-    except NoCandidates:
-        await _error(out, 503, "No model is available for this request right now.", "no_models_available",
-                     run, retry_after_s=5)
-    except MidStreamFailure as exc:
-        await _error(out, 502, f"The upstream failed mid-answer: {exc.cause.message}", "upstream_failed", run)
-    except ContentRejected as exc:
-        await _error(out, 400, f"The provider refused the request: {exc.message}", "content_policy_violation", run)
-    except RequestRejected as exc:
-        await _error(out, 400, f"The provider rejected the request: {exc.message}", "invalid_request_error", run)
-    except AllFailed as exc:
+    intent, why = _intent_for(job, state.catalog, state.settings)
+    candidates = candidates_for(state.catalog, job.requested_model, intent, job.fallback_models)
+    body = dict(job.body)
+    async with asyncio.timeout(budget_s()):
+        if job.stream:
+            return await _stream(state, run, candidates, body, budget_s, intent, why, on_start, on_chunk)
+        completion, served = await state.executor.complete(candidates, body, run, budget_s)
+        route = _route(served, run, intent, why)
+        return DoneEvent(route=route, usage=completion.body.get("usage"), completion=completion.body)
+
+
+def error_event(exc: BaseException, run: RunState) -> ErrorEvent:
+    """The caller-facing error for a failed job."""
+    if isinstance(exc, TimeoutError):
+        return _error(504, "The request exceeded its deadline.", "timeout", run)
+    if isinstance(exc, NoCandidates):
+        return _error(503, "No model is available for this request right now.", "no_models_available", run,
+                      retry_after_s=5)
+    if isinstance(exc, MidStreamFailure):
+        return _error(502, f"The upstream failed mid-answer: {exc.cause.message}", "upstream_failed", run)
+    if isinstance(exc, ContentRejected):
+        return _error(400, f"The provider refused the request: {exc.message}", "content_policy_violation", run)
+    if isinstance(exc, RequestRejected):
+        return _error(400, f"The provider rejected the request: {exc.message}", "invalid_request_error", run)
+    if isinstance(exc, AllFailed):
         if isinstance(exc.last, ContextTooLong):
-            await _error(out, 400, "The conversation is too long for every eligible model.",
-                         "context_length_exceeded", run)
-        else:
-            await _upstream_failed(out, run, exc.last)
+            return _error(400, "The conversation is too long for every eligible model.", "context_length_exceeded",
+                          run)
+        return _upstream_failed(run, exc.last)
+    log.error("job failed unexpectedly", exc_info=exc)
+    return _error(500, "Internal error while running the request.", "internal_error", run)
 
 
-async def _stream(job: ChatJob, state: WorkerState, out: Publisher, run: RunState, candidates: list[Deployment],
-                  body: dict[str, Any], budget_s: Any, intent: Intent, why: str) -> None:
+async def _stream(state: WorkerState, run: RunState, candidates: list[Deployment], body: dict[str, Any],
+                  budget_s: Callable[[], float], intent: Intent, why: str, on_route: OnRoute,
+                  on_chunk: OnChunk) -> DoneEvent:
     caller_options = body.get("stream_options")
     wants_usage = isinstance(caller_options, dict) and bool(caller_options.get("include_usage"))
     if caller_options is None:
@@ -143,15 +170,10 @@ async def _stream(job: ChatJob, state: WorkerState, out: Publisher, run: RunStat
         body["stream_options"] = {"include_usage": True}
 
     async def on_start(deployment: Deployment, attempts: int) -> None:
-        await out.send("start", StartEvent(route=_route(deployment, run, intent, why, attempts)).model_dump_json()
-                       .encode())
-
-    async def on_chunk(chunk: dict[str, Any]) -> None:
-        await out.send("chunk", orjson.dumps(chunk))
+        await on_route(_route(deployment, run, intent, why, attempts))
 
     served = await state.executor.stream(candidates, body, run, budget_s, on_start, on_chunk, wants_usage)
-    await out.send("done", DoneEvent(route=_route(served, run, intent, why), usage=run.usage)
-                   .model_dump_json().encode())
+    return DoneEvent(route=_route(served, run, intent, why), usage=run.usage)
 
 
 def _route(deployment: Deployment, run: RunState, intent: Intent, why: str, attempts: int | None = None) -> RouteInfo:
@@ -160,18 +182,15 @@ def _route(deployment: Deployment, run: RunState, intent: Intent, why: str, atte
                      intent=intent, intent_reason=why)
 
 
-async def _error(out: Publisher, status: int, message: str, code: str, run: RunState,
-                 retry_after_s: float | None = None) -> None:
+def _error(status: int, message: str, code: str, run: RunState, retry_after_s: float | None = None) -> ErrorEvent:
     error_type = {400: "invalid_request_error", 503: "service_unavailable"}.get(status, "upstream_error")
-    event = ErrorEvent(status=status, error=ErrorBody(message=message, type=error_type, code=code),
-                       retry_after_s=retry_after_s, attempts=len(run.attempts))
-    with contextlib.suppress(RedisError, OSError):  # Redis is gone: nobody to tell
-        await out.send("error", event.model_dump_json().encode())
+    return ErrorEvent(status=status, error=ErrorBody(message=message, type=error_type, code=code),
+                      retry_after_s=retry_after_s, attempts=len(run.attempts))
 
 
-async def _upstream_failed(out: Publisher, run: RunState, last: UpstreamError) -> None:
+def _upstream_failed(run: RunState, last: UpstreamError) -> ErrorEvent:
     providers = ", ".join(run.providers_tried) or "none"
     message = (f"All {len(run.attempts)} upstream attempts failed (providers tried: {providers}). "
                f"Last error: {last.reason}" + (f" (HTTP {last.status})" if last.status else "") +
                f": {last.message}")
-    await _error(out, 502, message, "upstream_failed", run)
+    return _error(502, message, "upstream_failed", run)
