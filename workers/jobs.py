@@ -45,13 +45,22 @@ class WorkerState:
     running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
 
 
+class CallerGone(Exception):
+    """Nobody listens on the job's reply channel any more: its API process died."""
+
+
 class Publisher:
     def __init__(self, redis: Redis, job: ChatJob) -> None:
         self._redis = redis
         self._job = job
 
     async def send(self, event_type: EventType, payload: bytes) -> None:
-        await self._redis.publish(self._job.reply_channel, encode_event(self._job.job_id, event_type, payload))
+        receivers = await self._redis.publish(self._job.reply_channel,
+                                              encode_event(self._job.job_id, event_type, payload))
+        # PUBLISH answers how many subscribers got the message. Zero means the API process that
+        # waits for this job is gone: stop, so no upstream call outlives its caller.
+        if receivers == 0 and event_type in ("start", "chunk"):
+            raise CallerGone(self._job.reply_channel)
 
 
 def _intent_for(job: ChatJob, catalog: RuntimeCatalog, settings: Settings) -> tuple[Intent, str]:
@@ -108,6 +117,9 @@ async def _run(job: ChatJob, state: WorkerState, out: Publisher) -> None:
         done = await execute(job, state, run, on_start, on_chunk)
     except asyncio.CancelledError:
         raise
+    except CallerGone:
+        log.info("job %s stopped: its API process is gone", job.job_id)
+        return
     except Exception as exc:  # every failure kind is mapped; anything else is a bug, logged
         event = error_event(exc, run)
         with contextlib.suppress(RedisError, OSError):  # Redis is gone: nobody to tell
