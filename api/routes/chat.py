@@ -35,6 +35,9 @@ def _route_headers(request_id: str, route: RouteInfo | None) -> dict[str, str]:
         headers["x-freeference-attempts"] = str(route.attempts)
         if route.intent:
             headers["x-freeference-intent"] = route.intent
+        if route.intent_reason:
+            # Header values must be latin-1; the reason is short ASCII from the classifier.
+            headers["x-freeference-intent-reason"] = route.intent_reason.encode("ascii", "replace").decode()[:200]
     return headers
 
 
