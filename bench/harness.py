@@ -1,0 +1,212 @@
+"""Shared benchmark helpers: start a private Valkey, the fake upstream and a gateway; time requests.
+
+The gateway processes are started exactly as the integration tests start them
+(tests/support/processes.py), so a benchmark measures the same commands a deployment runs
+(`freeference api` on uvicorn + uvloop + httptools, `freeference worker` on uvloop).
+"""
+
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from bench.fake_upstream import reply_tokens
+from cli.embedded_redis import free_port, start_server
+from tests.support.processes import FakeUpstream, Gateway, base_env, catalog_yaml, spawn, wait_http
+
+# The model every auto-routed request lands on in the test catalog, and a second one on the
+# same provider that benchmarks can load differently (via the fake's per-model defaults).
+AUTO_MODEL = "general-best"
+CODE_MODEL = "coder"
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Stack:
+    """Everything one benchmark invocation runs, with the handles it measures through."""
+
+    redis_url: str
+    redis_pid: int
+    fake: FakeUpstream
+    gateway: Gateway
+    key: str
+    log_dir: Path
+
+    @property
+    def direct_url(self) -> str:
+        return self.fake.url + "/chat/completions"
+
+    @property
+    def gateway_url(self) -> str:
+        return self.gateway.base_url + "/v1/chat/completions"
+
+    def pids(self) -> dict[str, int]:
+        """Process ids by role, for profilers and CPU accounting."""
+        pids = {"redis": self.redis_pid, "fake": self.fake.process.pid}
+        pids.update({f"api-{i}": p.pid for i, p in enumerate(self.gateway.apis)})
+        pids.update({f"worker-{i}": p.pid for i, p in enumerate(self.gateway.workers)})
+        return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (from /proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the ")" that ends the command name, utime and stime are the 12th and 13th fields.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, as `uptime` prints them."""
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+@contextmanager
+def running_stack(workers: int = 2, keep_logs: bool = False, **env: str) -> Iterator[Stack]:
+    """Start Valkey, the fake upstream (no added latency), one API and `workers` workers."""
+    log_dir = Path(tempfile.mkdtemp(prefix="ff-bench-"))
+    redis_port = free_port()
+    server = start_server(redis_port)
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    fake_port = free_port()
+    fake_process = spawn([sys.executable, "-m", "bench.fake_upstream", "--port", str(fake_port)], dict(os.environ),
+                         log_dir / "fake.log")
+    fake = FakeUpstream(url=f"http://127.0.0.1:{fake_port}/v1", process=fake_process)
+    gateway: Gateway | None = None
+    try:
+        wait_http(fake.root + "/_control/requests")
+        catalog_path = log_dir / "catalog.yaml"
+        catalog_path.write_text(catalog_yaml(fake.url))
+        gateway = Gateway(redis_url=redis_url, env=base_env(redis_url, catalog_path, **env), log_dir=log_dir)
+        for _ in range(workers):
+            gateway.start_worker()
+        gateway.start_api()
+        gateway.wait_ready(workers)
+        key = gateway.create_key("pro", name="bench")
+        yield Stack(redis_url=redis_url, redis_pid=server.pid, fake=fake, gateway=gateway, key=key,
+                    log_dir=log_dir)
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        for process in (fake_process, server):
+            process.terminate()
+            process.wait(timeout=10)
+        if not keep_logs:
+            for path in log_dir.iterdir():
+                path.unlink()
+            log_dir.rmdir()
+
+
+# --- Timed requests. Both targets get byte-identical work from the same client code, so the
+# client's own cost cancels out of "gateway minus direct".
+PROMPT = [{"role": "user", "content": "Say hello to the gateway."}]
+# The fake marks direct calls with this Authorization header (the gateway sends its provider key),
+# so its request log tells which path every upstream call came from.
+DIRECT_AUTH = "Bearer bench-direct"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One way to reach the fake upstream: straight, or through the gateway."""
+
+    name: str
+    url: str
+    headers: dict[str, str]
+    model: str | None  # None: let the gateway auto-route
+    upstream_model: str  # what the fake sees, which names its reply tokens
+
+    def body(self, stream: bool, max_tokens: int) -> bytes:
+        data: dict[str, Any] = {"messages": PROMPT, "max_tokens": max_tokens, "stream": stream}
+        if self.model is not None:
+            data["model"] = self.model
+        return orjson.dumps(data)
+
+
+def targets(stack: Stack, gateway_model: str | None = None, upstream_model: str = AUTO_MODEL) -> tuple[Target, Target]:
+    """(direct, gateway) targets that end on the same upstream model."""
+    direct = Target("direct", stack.direct_url, {"Authorization": DIRECT_AUTH, "Content-Type": "application/json"},
+                    upstream_model, upstream_model)
+    via = Target("gateway", stack.gateway_url, {"Authorization": f"Bearer {stack.key}",
+                                                "Content-Type": "application/json"}, gateway_model, upstream_model)
+    return direct, via
+
+
+class BadAnswer(Exception):
+    """A response that was not the complete, in-order answer the fake produces."""
+
+
+def stream_contents(raw: bytes) -> tuple[list[str], bool]:
+    """The content deltas of an SSE body in arrival order, and whether it ended with [DONE]."""
+    pieces: list[str] = []
+    done = False
+    for line in raw.split(b"\n"):
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:]
+        if data == b"[DONE]":
+            done = True
+            continue
+        chunk = orjson.loads(data)
+        if "error" in chunk:
+            raise BadAnswer(f"in-band error: {chunk['error'].get('code')}")
+        for choice in chunk.get("choices") or []:
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                pieces.append(content)
+    return pieces, done
+
+
+async def timed_call(client: httpx.AsyncClient, target: Target, stream: bool, max_tokens: int) -> float:
+    """Seconds to the whole answer (non-streaming) or to the first SSE event (streaming).
+
+    The whole answer is always read and checked against the fake's numbered tokens: a stream
+    counts only if every token arrived, in order, followed by [DONE].
+    """
+    expected = reply_tokens(target.upstream_model, max_tokens)
+    body = target.body(stream, max_tokens)
+    started = time.perf_counter()
+    if not stream:
+        response = await client.post(target.url, content=body, headers=target.headers)
+        elapsed = time.perf_counter() - started
+        if response.status_code != 200:
+            raise BadAnswer(f"HTTP {response.status_code}")
+        content = orjson.loads(response.content)["choices"][0]["message"]["content"]
+        if content != "".join(expected):
+            raise BadAnswer("wrong completion content")
+        return elapsed
+    first_event_s: float | None = None
+    received = bytearray()
+    async with client.stream("POST", target.url, content=body, headers=target.headers) as response:
+        if response.status_code != 200:
+            raise BadAnswer(f"HTTP {response.status_code}")
+        async for raw in response.aiter_raw():
+            if first_event_s is None and b"data:" in raw:
+                first_event_s = time.perf_counter() - started
+            received += raw
+    pieces, done = stream_contents(bytes(received))
+    if pieces != expected or not done or first_event_s is None:
+        raise BadAnswer(f"stream incomplete or out of order ({len(pieces)}/{len(expected)} tokens, done={done})")
+    return first_event_s
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of unsorted samples."""
+    ordered = sorted(samples)
+    return ordered[max(math.ceil(q / 100 * len(ordered)) - 1, 0)]
+
+
+def upstream_calls(fake: FakeUpstream) -> dict[str, int]:
+    """How many calls the fake has seen since its last reset, direct vs through the gateway."""
+    counts = {"direct": 0, "gateway": 0}
+    for entry in fake.requests():
+        counts["direct" if entry["authorization"] == DIRECT_AUTH else "gateway"] += 1
+    return counts
