@@ -1,6 +1,7 @@
 """Enqueue a chat job and follow it: pickup deadline, worker liveness, cancellation."""
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ import orjson
 from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from api.errors import OpenAIError
 from api.relay import Deadline, Event, ReplyHub
@@ -24,9 +26,15 @@ from workers.protocol import (
     worker_heartbeat_key,
 )
 
+log = logging.getLogger("freeference.dispatch")
+
 
 class WorkerLost(Exception):
     """The worker running a job stopped heart-beating before the job finished."""
+
+
+class ReplyLost(WorkerLost):
+    """The reply subscription dropped (Redis restart): this job's events may be lost."""
 
 
 def no_workers() -> OpenAIError:
@@ -88,9 +96,16 @@ class Dispatcher:
                     if time.monotonic() >= pickup_by and await self._withdraw(handle):
                         raise no_workers() from None
                     pickup_by = max(pickup_by, time.monotonic() + settings.worker_liveness_check_s)
-                elif not await self._redis.exists(worker_heartbeat_key(handle.worker_id)):
-                    raise WorkerLost(handle.worker_id) from None
+                else:
+                    try:
+                        alive = await self._redis.exists(worker_heartbeat_key(handle.worker_id))
+                    except (RedisError, OSError):
+                        raise ReplyLost(handle.worker_id) from None
+                    if not alive:
+                        raise WorkerLost(handle.worker_id) from None
                 continue
+            if event_type == "lost":
+                raise ReplyLost(handle.worker_id or "")
             if event_type == "accepted":
                 handle.worker_id = AcceptedEvent.model_validate_json(payload).worker_id
                 continue
@@ -113,6 +128,13 @@ class Dispatcher:
         self._hub.unregister(handle.job.job_id)
         if handle.finished:
             return
+        try:
+            await self._stop_job(handle)
+        except (RedisError, OSError) as exc:
+            # Redis is down: the worker's own publishes fail too, which ends the job there.
+            log.warning("could not cancel job %s (%s)", handle.job.job_id, type(exc).__name__)
+
+    async def _stop_job(self, handle: JobHandle) -> None:
         if handle.worker_id is not None:
             await self._redis.publish(control_channel(handle.worker_id), cancel_message(handle.job.job_id))
             return

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from workers.protocol import ErrorBody
@@ -100,9 +102,19 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # Redis is restarting or unreachable: a retryable 503, not a 500 with a traceback.
+    log.warning("redis unavailable on %s %s (%s)", request.method, request.url.path, type(exc).__name__)
+    return error_response(
+        503, ErrorBody(message="The gateway's data store is unavailable; please retry.", type="service_unavailable",
+                       code="store_unavailable"), {"Retry-After": "2"})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error the app can raise leaves as an OpenAI error body."""
     app.add_exception_handler(OpenAIError, _openai_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RedisConnectionError, _store_unavailable)
+    app.add_exception_handler(RedisTimeoutError, _store_unavailable)
     app.add_exception_handler(Exception, _unexpected)

@@ -15,6 +15,8 @@ from workers.protocol import reply_channel, split_event
 log = logging.getLogger("freeference.relay")
 
 Event = tuple[str, bytes]  # (event_type, payload)
+# Put into every waiting queue when the subscription drops: their events may be gone.
+LOST: Event = ("lost", b"")
 
 
 class ReplyHub:
@@ -75,8 +77,10 @@ class ReplyHub:
                         self._dispatch(message["data"])
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 # Redis restarted or the network blinked: resubscribe. Events published in the
-                # gap are lost; their waiters notice through the worker-liveness check.
+                # gap are lost, so every waiter is told at once (LOST) instead of hanging.
                 self.connected = False
+                for queue in self._queues.values():
+                    queue.put_nowait(LOST)
                 log.warning("reply channel lost (%s); resubscribing in %.2fs", type(exc).__name__, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)

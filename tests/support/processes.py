@@ -200,3 +200,66 @@ def base_env(redis_url: str, catalog_path: Path, **extra: str) -> dict[str, str]
 def flush(redis_url: str) -> None:
     with Redis.from_url(redis_url) as redis:
         redis.flushdb()
+
+
+def worker_loads(redis_url: str) -> dict[int, int]:
+    """pid → running jobs, from the workers' heartbeat keys (refreshed every heartbeat)."""
+    import orjson
+
+    from workers.protocol import WORKER_HEARTBEAT_PREFIX
+
+    loads: dict[int, int] = {}
+    with Redis.from_url(redis_url) as redis:
+        for key in redis.scan_iter(match=WORKER_HEARTBEAT_PREFIX + "*"):
+            raw = redis.get(key)
+            if raw:
+                info = orjson.loads(raw)
+                loads[int(info["pid"])] = int(info["running"])
+    return loads
+
+
+@dataclass
+class StreamProbe:
+    """One streaming SDK request run in a thread, recording what the caller saw and when."""
+
+    client: openai.OpenAI
+    max_tokens: int
+    pieces: list[str] = field(default_factory=list)
+    error: Exception | None = None
+    first_at: float | None = None
+    ended_at: float | None = None
+    thread: Any = None
+
+    def start(self) -> "StreamProbe":
+        import threading
+
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            stream = self.client.chat.completions.create(
+                model="auto", messages=[{"role": "user", "content": "Count for me."}],
+                max_tokens=self.max_tokens, stream=True)
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    self.first_at = self.first_at or time.monotonic()
+                    self.pieces.append(chunk.choices[0].delta.content)
+        except Exception as exc:  # recorded for the test to assert on
+            self.error = exc
+        finally:
+            self.ended_at = time.monotonic()
+
+    def join(self, timeout_s: float) -> None:
+        self.thread.join(timeout_s)
+
+
+def wait_for(condition: Any, timeout_s: float, what: str) -> None:
+    """Poll condition() until true, else fail with `what`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
