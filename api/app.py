@@ -7,11 +7,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from redis.asyncio import Redis
 
+from api.admission import Gatekeeper
 from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
 from api.middleware import EdgeMiddleware
 from api.relay import ReplyHub
-from api.routes import chat, health
+from api.routes import admin, chat, health
 from settings import Settings, get_settings
 from settings.catalog import load_catalog
 
@@ -33,6 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = redis
         app.state.hub = hub
         app.state.dispatcher = Dispatcher(redis, hub, conf)
+        app.state.gatekeeper = Gatekeeper(redis, conf)
         try:
             yield
         finally:
@@ -47,4 +49,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(EdgeMiddleware, max_body_bytes=current_settings().max_body_bytes)
     app.include_router(health.router)
     app.include_router(chat.router)
+    app.include_router(admin.router)
     return app

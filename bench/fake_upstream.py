@@ -5,7 +5,8 @@ labelled "simulated" provider). Behaviour per upstream model name is scripted ov
 
     POST /_control/script   {"model": M, "faults": [spec, ...]}   one spec per coming request
     POST /_control/default  {"model": M, "fault": spec | null}     every request after the script
-    POST /_control/models   {"models": [..] | null}                what GET /v1/models lists
+    POST /_control/models   {"models": [..] | null}                what GET /v1/models lists (null: 404)
+    POST /_control/bad_keys {"keys": [..]}                        Authorization values answered with 401
     POST /_control/reset                                           forget scripts and the log
     GET  /_control/requests                                        every request seen, in order
 
@@ -13,6 +14,7 @@ A fault spec is a dict with any of: status (+ retry_after, retry_after_ms, error
 reset (drop the connection), silence (never answer), delay_s (before headers),
 first_token_delay_s, cut_after (chunks, then drop), stall_after (chunks, then silence),
 malformed_after (a garbage line after N chunks), no_done (finish without [DONE]),
+hold_open (finish without [DONE] and keep the connection open),
 context_length, content_policy, token_interval_s, ratelimit_headers (dict).
 """
 
@@ -51,6 +53,7 @@ class FakeUpstream:
         self.scripts: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
         self.defaults: dict[str, dict[str, Any]] = {}
         self.models: list[str] | None = None
+        self.bad_keys: set[str] = set()
         self.log: list[dict[str, Any]] = []
         self.started = time.time()
 
@@ -58,6 +61,7 @@ class FakeUpstream:
         self.scripts.clear()
         self.defaults.clear()
         self.models = None
+        self.bad_keys.clear()
         self.log.clear()
 
     def next_fault(self, model: str) -> dict[str, Any]:
@@ -92,8 +96,10 @@ class FakeUpstream:
             await _json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error"}})
 
     async def list_models(self, send: Send) -> None:
-        seen = self.models if self.models is not None else sorted({e["model"] for e in self.log})
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in seen]
+        if self.models is None:  # not scripted: a provider without a listing, which retires nothing
+            await _json(send, 404, {"error": {"message": "no model listing", "type": "invalid_request_error"}})
+            return
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
         await _json(send, 200, {"object": "list", "data": data})
 
     async def control(self, path: str, method: str, body: bytes, send: Send) -> None:
@@ -107,6 +113,8 @@ class FakeUpstream:
                 self.defaults.pop(data["model"], None)
         elif path == "/_control/models":
             self.models = data.get("models")
+        elif path == "/_control/bad_keys":
+            self.bad_keys = {f"Bearer {key}" for key in data.get("keys") or []}
         elif path == "/_control/reset":
             self.reset()
         elif path == "/_control/requests":
@@ -125,6 +133,10 @@ class FakeUpstream:
         fault = self.next_fault(model)
         self.log.append({"t": time.time(), "model": model, "stream": bool(body.get("stream")), "body": body,
                          "authorization": headers.get("authorization"), "fault": fault})
+        if headers.get("authorization") in self.bad_keys:
+            await _json(send, 401, {"error": {"message": "Invalid API key", "type": "invalid_request_error",
+                                              "code": "invalid_api_key"}})
+            return
         delay = fault.get("delay_s", self.latency_s)
         if delay:
             await asyncio.sleep(delay)
@@ -267,6 +279,9 @@ class FakeUpstream:
             if interval:
                 await asyncio.wait([disconnected], timeout=interval)
         entry["outcome"] = "completed"
+        if fault.get("hold_open"):  # the answer is whole but neither [DONE] nor a close follows
+            await asyncio.wait([disconnected], timeout=3600)
+            return
         tail = b"" if fault.get("no_done") else b"data: [DONE]\n\n"
         await send({"type": "http.response.body", "body": tail, "more_body": False})
 

@@ -1,43 +1,35 @@
-"""Try candidate deployments in order until one answers (DESIGN.md §5)."""
+"""Try ranked deployments, following the policy table for each failure (DESIGN.md §5).
 
+Before the first chunk reaches the caller a failure is invisible: retry or fail over. After it,
+the answer continues on a deployment that supports an assistant prefix (prefill), or the
+failure is reported in-band. Non-streaming requests stream upstream as well and assemble the
+answer, so a cut is retried from scratch and a truncated completion is never returned.
+"""
+
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
+from router.assemble import CompletionAssembler
+from router.attempt import AttemptLog, OnChunk, OnStart, RunState, stream_attempt
 from router.catalog import Deployment
-from router.errors import (
-    ContentRejected,
-    ContextTooLong,
-    RequestRejected,
-    StreamBroken,
-    UpstreamError,
-)
-from router.providers.openai_compat import Completion, OpenAICompatProvider
+from router.errors import UpstreamError
+from router.health import HealthSnapshot, HealthStore, KeyState, key_fingerprint, now_ms
+from router.keys import KeyRotation, NoUsableKey, quota_from_headers
+from router.policy import POLICY, Outcome, Tuning, classify, cooling_s, retry_wait_s
+from router.providers.openai_compat import OpenAICompatProvider
+
+__all__ = ["AllFailed", "AttemptLog", "FailoverExecutor", "MidStreamFailure", "RunState"]
 
 log = logging.getLogger("freeference.failover")
 
-
-@dataclass
-class AttemptLog:
-    deployment: str
-    provider: str
-    reason: str
-    status: int | None
-    message: str
-
-
-@dataclass
-class RunState:
-    """What one request has done so far; the caller reads it for route metadata and errors."""
-
-    attempts: list[AttemptLog] = field(default_factory=list)
-    chunks_sent: int = 0
-    usage: dict[str, Any] | None = None
-
-    @property
-    def providers_tried(self) -> list[str]:
-        return list(dict.fromkeys(a.provider for a in self.attempts))
+# A model that answered 404 stays out of rotation this long (the catalog refresh may end it sooner).
+MODEL_GONE_COOLDOWN_S = 300.0
+# A retry wait must leave at least this much of the request's budget for the retry itself.
+_MIN_ATTEMPT_BUDGET_S = 0.5
 
 
 class AllFailed(Exception):
@@ -56,104 +48,147 @@ class MidStreamFailure(Exception):
         self.cause = cause
 
 
-OnStart = Callable[[Deployment, int], Awaitable[None]]
-OnChunk = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-def _fatal_for_request(error: UpstreamError) -> bool:
-    """Failures that the caller must see instead of another model's answer."""
-    return isinstance(error, ContentRejected | RequestRejected)
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class FailoverExecutor:
-    def __init__(self, provider: OpenAICompatProvider, pick_key: Callable[[Deployment], str | None]) -> None:
+    def __init__(self, provider: OpenAICompatProvider, rotation: KeyRotation, health: HealthStore | None,
+                 tuning: Tuning, sleep: Sleep = asyncio.sleep) -> None:
         self._provider = provider
-        self._pick_key = pick_key
+        self._rotation = rotation
+        self._health = health
+        self._tuning = tuning
+        self._sleep = sleep
 
-    def _eligible(self, candidates: Sequence[Deployment], min_context: int) -> list[Deployment]:
-        return [c for c in candidates if c.model.context_window > min_context]
+    async def snapshot(self, deployments: Sequence[Deployment]) -> HealthSnapshot:
+        """Shared health of the candidates; an empty snapshot when Redis cannot tell."""
+        if self._health is None:
+            return HealthSnapshot(at_ms=0)
+        try:
+            return await self._health.snapshot(deployments)
+        except (RedisError, OSError) as exc:
+            log.warning("health unavailable (%s): routing without it", type(exc).__name__)
+            return HealthSnapshot(at_ms=0)
 
-    async def complete(self, candidates: Sequence[Deployment], body: dict[str, Any], state: RunState,
-                       budget_s: Callable[[], float]) -> tuple[Completion, Deployment]:
-        """Non-streaming: the first deployment that returns a whole completion."""
-        last: UpstreamError | None = None
-        min_context = 0
-        for deployment in candidates:
-            if deployment.model.context_window <= min_context:
-                continue
-            try:
-                completion = await self._provider.complete(
-                    deployment, {**body, "model": deployment.model.upstream_name},
-                    self._pick_key(deployment), budget_s())
-            except UpstreamError as exc:
-                self._record(state, deployment, exc)
-                if _fatal_for_request(exc):
-                    raise
-                if isinstance(exc, ContextTooLong):
-                    min_context = deployment.model.context_window
-                last = exc
-                continue
-            completion.body["model"] = deployment.model.id
-            return completion, deployment
-        raise AllFailed(last or UpstreamError("no eligible deployment"))
+    async def complete(self, ranked: Sequence[Deployment], body: dict[str, Any], state: RunState,
+                       health: HealthSnapshot, budget_s: Callable[[], float]) -> tuple[dict[str, Any], Deployment]:
+        """Non-streaming: a whole chat.completion from the first deployment that finishes one."""
+        assembler = CompletionAssembler()
 
-    async def stream(self, candidates: Sequence[Deployment], body: dict[str, Any], state: RunState,
-                     budget_s: Callable[[], float], on_start: OnStart, on_chunk: OnChunk,
+        async def on_start(_: Deployment, __: int) -> None:
+            return None
+
+        served = await self._run(ranked, body, state, health, budget_s, on_start, assembler.add,
+                                 forward_usage_chunk=True, visible=False, restart=assembler.reset)
+        return assembler.result(served.model.id), served
+
+    async def stream(self, ranked: Sequence[Deployment], body: dict[str, Any], state: RunState,
+                     health: HealthSnapshot, budget_s: Callable[[], float], on_start: OnStart, on_chunk: OnChunk,
                      forward_usage_chunk: bool) -> Deployment:
-        """Streaming: fail over invisibly until the first chunk has been forwarded."""
+        """Streaming: invisible failover before the first chunk, continuation (prefill) after."""
+        return await self._run(ranked, body, state, health, budget_s, on_start, on_chunk,
+                               forward_usage_chunk=forward_usage_chunk, visible=True, restart=None)
+
+    async def _run(self, ranked: Sequence[Deployment], body: dict[str, Any], state: RunState,
+                   health: HealthSnapshot, budget_s: Callable[[], float], on_start: OnStart, on_chunk: OnChunk,
+                   *, forward_usage_chunk: bool, visible: bool, restart: Callable[[], None] | None) -> Deployment:
         last: UpstreamError | None = None
         min_context = 0
-        for deployment in candidates:
+        for deployment in ranked:
+            midstream = visible and state.chunks_sent > 0
             if deployment.model.context_window <= min_context:
                 continue
-            try:
-                await self._stream_one(deployment, body, state, budget_s(), on_start, on_chunk,
-                                       forward_usage_chunk)
-                return deployment
-            except UpstreamError as exc:
-                self._record(state, deployment, exc)
-                if state.chunks_sent:
-                    raise MidStreamFailure(exc) from exc
-                if _fatal_for_request(exc):
-                    raise
-                if isinstance(exc, ContextTooLong):
-                    min_context = deployment.model.context_window
-                last = exc
-        raise AllFailed(last or UpstreamError("no eligible deployment"))
-
-    async def _stream_one(self, deployment: Deployment, body: dict[str, Any], state: RunState, budget_s: float,
-                          on_start: OnStart, on_chunk: OnChunk, forward_usage_chunk: bool) -> None:
-        upstream_body = {**body, "model": deployment.model.upstream_name}
-        finished = False
-        announced = False
-        async for item in self._provider.stream(deployment, upstream_body, self._pick_key(deployment), budget_s):
-            if item.done:
-                break
-            chunk = item.chunk
-            if chunk is None:
-                continue  # headers item, or a malformed chunk that is skipped
-            chunk["model"] = deployment.model.id
-            if chunk.get("usage"):
-                state.usage = chunk["usage"]
-            choices = chunk.get("choices") or []
-            if any(c.get("finish_reason") for c in choices if isinstance(c, dict)):
-                finished = True
-            if not choices and not forward_usage_chunk:
+            if midstream and not (state.continuable and deployment.model.supports_prefill):
                 continue
-            if not announced:
-                await on_start(deployment, len(state.attempts) + 1)
-                announced = True
-            await on_chunk(chunk)
-            state.chunks_sent += 1
-        else:
-            # The upstream closed without [DONE]: whole if a finish_reason was seen.
-            if not finished:
-                raise StreamBroken("upstream stream ended before the answer was complete")
-        if not announced:
-            await on_start(deployment, len(state.attempts) + 1)
+            probe = health.of(deployment).state(health.at_ms) == "half_open"
+            if probe and not await self._claim_probe(deployment):
+                continue  # another worker is probing this breaker right now
+            retries = 0
+            while True:
+                try:
+                    api_key = self._rotation.pick(deployment, health)
+                except NoUsableKey:
+                    break
+                if restart is not None:
+                    restart()
+                    state.forget_output()
+                try:
+                    result = await stream_attempt(self._provider, deployment, body, api_key, budget_s(), state,
+                                                  on_start, on_chunk, forward_usage_chunk)
+                except UpstreamError as exc:
+                    outcome = classify(exc, self._tuning)
+                    self._record(state, deployment, exc, outcome)
+                    await self._learn(deployment, api_key, outcome, exc, probe, health)
+                    last = exc
+                    rule = POLICY[outcome]
+                    if visible and state.chunks_sent > 0:
+                        break  # the caller holds part of an answer: continue elsewhere, never retry here
+                    if rule.then == "return":
+                        raise
+                    if rule.then == "failover_larger_context":
+                        min_context = max(min_context, deployment.model.context_window)
+                    if probe or retries >= rule.same_deployment_retries:
+                        break
+                    retries += 1
+                    wait_s = retry_wait_s(outcome, exc, retries, self._tuning)
+                    if wait_s > budget_s() - _MIN_ATTEMPT_BUDGET_S:
+                        break  # waiting would eat the deadline: fail over instead
+                    await self._sleep(wait_s)
+                    continue
+                await self._succeeded(deployment, api_key, result.first_chunk_ms, result.headers)
+                return deployment
+        last = last or UpstreamError("no eligible deployment could be tried")
+        if visible and state.chunks_sent > 0:
+            raise MidStreamFailure(last)
+        raise AllFailed(last)
+
+    async def _claim_probe(self, deployment: Deployment) -> bool:
+        if self._health is None:
+            return True
+        try:
+            return await self._health.claim_probe(deployment)
+        except (RedisError, OSError):
+            return False
+
+    async def _succeeded(self, deployment: Deployment, api_key: str | None, first_chunk_ms: float | None,
+                         headers: Any) -> None:
+        if self._health is None:
+            return
+        quota = quota_from_headers(headers, now_ms()) if headers else None
+        try:
+            await self._health.record_success(deployment, first_chunk_ms, quota, api_key)
+        except (RedisError, OSError) as exc:
+            log.warning("could not record health of %s: %s", deployment.key, type(exc).__name__)
+
+    async def _learn(self, deployment: Deployment, api_key: str | None, outcome: Outcome, exc: UpstreamError,
+                     probe: bool, health: HealthSnapshot) -> None:
+        """Tell the shared health what this failure means (policy column 'health')."""
+        if self._health is None:
+            return
+        effect = POLICY[outcome].health
+        try:
+            if effect == "failure":
+                if await self._health.record_failure(deployment):
+                    log.warning("circuit breaker opened for %s", deployment.key)
+            elif effect in ("cool_retry_after", "cool_default"):
+                await self._health.cool(deployment, cooling_s(outcome, exc, self._tuning))
+            elif effect == "gone":
+                await self._health.cool(deployment, MODEL_GONE_COOLDOWN_S)
+            elif effect == "ban_key" and api_key is not None:
+                await self._health.ban_key(deployment, api_key)
+                # This request must not pick the same key again either.
+                health.keys[(deployment.provider.id, key_fingerprint(api_key))] = KeyState(
+                    banned_until_ms=now_ms() + int(self._health.tuning.key_ban_s * 1000))
+                log.warning("an upstream key of %s was refused (%s): out of rotation", deployment.provider.id,
+                            exc.status)
+            elif effect == "none" and probe:
+                # The probe got an answer about the request itself: the route is alive.
+                await self._health.record_success(deployment, None, None, None)
+        except (RedisError, OSError) as err:
+            log.warning("could not record health of %s: %s", deployment.key, type(err).__name__)
 
     @staticmethod
-    def _record(state: RunState, deployment: Deployment, exc: UpstreamError) -> None:
+    def _record(state: RunState, deployment: Deployment, exc: UpstreamError, outcome: Outcome) -> None:
         state.attempts.append(AttemptLog(deployment.key, deployment.provider.id, exc.reason, exc.status,
                                          exc.message))
-        log.info("attempt on %s failed: %s", deployment.key, exc.reason)
+        log.info("attempt on %s failed: %s", deployment.key, outcome.value)

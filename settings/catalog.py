@@ -1,7 +1,7 @@
 """The catalog file (YAML): providers, model deployments and capability ids (DESIGN.md §4)."""
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -40,6 +40,8 @@ class ProviderConfig(_Strict):
     timeout: ProviderTimeouts = ProviderTimeouts()
     # Re-read the provider's /models this often to drop vanished models (0 disables).
     refresh_models_s: float = Field(default=600.0, ge=0)
+    # Extra fields on the assistant message that carries a prefill (Mistral wants {prefix: true}).
+    prefill_fields: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
 
 
@@ -53,6 +55,13 @@ class ModelConfig(_Strict):
     supports_prefill: bool = False
     name: str | None = None
     created: int = 1_735_689_600
+
+    @model_validator(mode="after")
+    def _scores_in_range(self) -> "ModelConfig":
+        bad = {intent: score for intent, score in self.scores.items() if not 0 <= score <= 1}
+        if bad:
+            raise ValueError(f"scores must be between 0 and 1, got {bad}")
+        return self
 
 
 class CapabilityConfig(_Strict):

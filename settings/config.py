@@ -38,6 +38,17 @@ class Settings(BaseSettings):
     # is still alive (its heartbeat key), so a killed worker never leaves a caller hanging.
     worker_liveness_check_s: float = Field(default=1.0, gt=0)
 
+    # Per-key limits: the tier defaults (a key's own rpm/tpm/rpd override them).
+    free_rpm: int = Field(default=60, gt=0)
+    free_tpm: int = Field(default=200_000, gt=0)
+    free_rpd: int = Field(default=2_000, gt=0)
+    pro_rpm: int = Field(default=600, gt=0)
+    pro_tpm: int = Field(default=2_000_000, gt=0)
+    pro_rpd: int = Field(default=50_000, gt=0)
+    # The "minute" of rpm/tpm. Only tests shorten it, to see a window reset without waiting.
+    rate_window_s: int = Field(default=60, gt=0)
+    usage_retention_days: int = Field(default=90, gt=0)
+
     # Worker
     worker_max_jobs: int = Field(default=256, gt=0)
     # Workers are woken by a pub/sub message on every enqueue; this slow poll only catches
@@ -61,6 +72,12 @@ class Settings(BaseSettings):
     @property
     def effective_redis_url(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
+
+    def tier_limits(self, tier: Literal["free", "pro"]) -> tuple[int, int, int]:
+        """The tier's default (requests/minute, tokens/minute, requests/day)."""
+        if tier == "pro":
+            return self.pro_rpm, self.pro_tpm, self.pro_rpd
+        return self.free_rpm, self.free_tpm, self.free_rpd
 
 
 @lru_cache

@@ -15,7 +15,8 @@ from redis.exceptions import RedisError
 from router.catalog import Deployment, RuntimeCatalog
 from router.errors import ContentRejected, ContextTooLong, RequestRejected, UpstreamError
 from router.failover import AllFailed, FailoverExecutor, MidStreamFailure, RunState
-from router.select import NoCandidates, candidates_for
+from router.health import HealthSnapshot
+from router.select import NoCandidates, NoneAvailable, NothingFits, candidate_groups, estimate_tokens, rank
 from settings import Settings
 from settings.catalog import Intent
 from workers.protocol import (
@@ -140,20 +141,32 @@ async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnR
         return max(deadline_s - time.time(), 0.001)
 
     intent, why = _intent_for(job, state.catalog, state.settings)
-    candidates = candidates_for(state.catalog, job.requested_model, intent, job.fallback_models)
+    groups = candidate_groups(state.catalog, job.requested_model, intent, job.fallback_models)
     body = dict(job.body)
     async with asyncio.timeout(budget_s()):
+        # One round trip: the shared health of every candidate and of its provider's keys.
+        health = await state.executor.snapshot([d for group in groups for d in group])
+        ranked = rank(groups, intent, health, estimate_tokens(body))
         if job.stream:
-            return await _stream(state, run, candidates, body, budget_s, intent, why, on_start, on_chunk)
-        completion, served = await state.executor.complete(candidates, body, run, budget_s)
+            return await _stream(state, run, ranked, health, body, budget_s, intent, why, on_start, on_chunk)
+        # Non-streaming requests stream upstream too (stall detection, no truncated answers).
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        completion, served = await state.executor.complete(ranked, body, run, health, budget_s)
         route = _route(served, run, intent, why)
-        return DoneEvent(route=route, usage=completion.body.get("usage"), completion=completion.body)
+        return DoneEvent(route=route, usage=completion.get("usage"), completion=completion)
 
 
 def error_event(exc: BaseException, run: RunState) -> ErrorEvent:
     """The caller-facing error for a failed job."""
     if isinstance(exc, TimeoutError):
         return _error(504, "The request exceeded its deadline.", "timeout", run)
+    if isinstance(exc, NothingFits):
+        return _error(400, f"The conversation (about {exc.needed_tokens} tokens with max_tokens) is too long for "
+                      "every eligible model.", "context_length_exceeded", run)
+    if isinstance(exc, NoneAvailable):
+        return _error(503, "Every eligible model is cooling down or unavailable right now.", "no_models_available",
+                      run, retry_after_s=exc.retry_after_s)
     if isinstance(exc, NoCandidates):
         return _error(503, "No model is available for this request right now.", "no_models_available", run,
                       retry_after_s=5)
@@ -172,8 +185,8 @@ def error_event(exc: BaseException, run: RunState) -> ErrorEvent:
     return _error(500, "Internal error while running the request.", "internal_error", run)
 
 
-async def _stream(state: WorkerState, run: RunState, candidates: list[Deployment], body: dict[str, Any],
-                  budget_s: Callable[[], float], intent: Intent, why: str, on_route: OnRoute,
+async def _stream(state: WorkerState, run: RunState, candidates: list[Deployment], health: HealthSnapshot,
+                  body: dict[str, Any], budget_s: Callable[[], float], intent: Intent, why: str, on_route: OnRoute,
                   on_chunk: OnChunk) -> DoneEvent:
     caller_options = body.get("stream_options")
     wants_usage = isinstance(caller_options, dict) and bool(caller_options.get("include_usage"))
@@ -184,7 +197,7 @@ async def _stream(state: WorkerState, run: RunState, candidates: list[Deployment
     async def on_start(deployment: Deployment, attempts: int) -> None:
         await on_route(_route(deployment, run, intent, why, attempts))
 
-    served = await state.executor.stream(candidates, body, run, budget_s, on_start, on_chunk, wants_usage)
+    served = await state.executor.stream(candidates, body, run, health, budget_s, on_start, on_chunk, wants_usage)
     return DoneEvent(route=_route(served, run, intent, why), usage=run.usage)
 
 

@@ -18,13 +18,11 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.catalog import RuntimeCatalog
-from router.failover import FailoverExecutor
-from router.keys import KeyRotation
-from router.providers.openai_compat import OpenAICompatProvider
 from settings import Settings, get_settings
 from settings.catalog import load_catalog
 from workers.jobs import WorkerState, chat_completion
 from workers.protocol import ARQ_JOB_FUNCTION, WAKE_CHANNEL, control_channel, worker_heartbeat_key
+from workers.routing import build_executor, start_refresher, stop_refresher
 
 log = logging.getLogger("freeference.worker")
 
@@ -136,14 +134,15 @@ async def _startup(ctx: dict[str, Any]) -> None:
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30)
     client = httpx.AsyncClient(limits=limits, follow_redirects=False)
     ctx["http"] = client
-    rotation = KeyRotation()
     ctx["state"] = WorkerState(
         worker_id=ctx["worker_id"], settings=settings, catalog=catalog,
-        executor=FailoverExecutor(OpenAICompatProvider(client), rotation.pick),
+        executor=build_executor(ctx["redis"], client, settings),
     )
+    ctx["refresher"] = start_refresher(ctx["redis"], catalog, client, settings)
 
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
+    await stop_refresher(ctx.get("refresher"))
     client: httpx.AsyncClient | None = ctx.get("http")
     if client is not None:
         await client.aclose()

@@ -48,6 +48,24 @@ def api_key_record_key(key_hash: str) -> str:
 
 
 API_KEY_INDEX = "ff:apikeys"  # set of key hashes, for listing
+# Hash: key id → unix seconds of its last request. Apart from the record so the hot path
+# never rewrites (and never races with an admin update of) the record itself.
+API_KEY_LAST_USED = "ff:apikeys:last-used"
+
+
+def api_key_id_key(key_id: str) -> str:
+    """Key id → sha256 hex of the key, so admins can name a key without holding it."""
+    return f"ff:apikey-id:{key_id}"
+
+
+def rate_limit_key(subject: str, name: str, window_s: int, window_index: int) -> str:
+    """Counter of one fixed rate-limit window; expires when the window ends."""
+    return f"ff:rl:{subject}:{name}:{window_s}:{window_index}"
+
+
+def usage_key(key_id: str, day: str) -> str:
+    """Hash of one key's usage on one UTC day (YYYY-MM-DD): '<model>|<metric>' → count."""
+    return f"ff:usage:{key_id}:{day}"
 
 
 def cancelled_job_key(job_id: str) -> str:

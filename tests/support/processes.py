@@ -65,6 +65,10 @@ class FakeUpstream:
     def set_models(self, models: list[str] | None) -> None:
         self._post("/_control/models", {"models": models})
 
+    def set_bad_keys(self, keys: list[str]) -> None:
+        """Requests carrying one of these upstream keys are answered 401."""
+        self._post("/_control/bad_keys", {"keys": keys})
+
     def reset(self) -> None:
         self._post("/_control/reset", {})
 

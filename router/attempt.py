@@ -1,0 +1,143 @@
+"""One streamed attempt on one deployment: forward chunks, track what the caller has, detect the end."""
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.catalog import Deployment
+from router.errors import StreamBroken, UpstreamError
+from router.providers.openai_compat import OpenAICompatProvider
+
+OnStart = Callable[[Deployment, int], Awaitable[None]]
+OnChunk = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass
+class AttemptLog:
+    deployment: str
+    provider: str
+    reason: str
+    status: int | None
+    message: str
+
+
+@dataclass
+class RunState:
+    """What one request has done so far; the caller reads it for route metadata and errors."""
+
+    attempts: list[AttemptLog] = field(default_factory=list)
+    chunks_sent: int = 0
+    usage: dict[str, Any] | None = None
+    # What the caller already holds of choice 0, so another model can continue it (prefill).
+    text_sent: str = ""
+    content_chunks: int = 0
+    # False once anything but plain text of choice 0 went out (tool calls, n > 1): not continuable.
+    continuable: bool = True
+    stream_id: str | None = None
+
+    @property
+    def providers_tried(self) -> list[str]:
+        return list(dict.fromkeys(a.provider for a in self.attempts))
+
+    def forget_output(self) -> None:
+        """A non-streaming attempt failed: nothing reached the caller, start over."""
+        self.chunks_sent = self.content_chunks = 0
+        self.text_sent, self.continuable, self.stream_id, self.usage = "", True, None, None
+
+
+@dataclass
+class AttemptResult:
+    headers: Mapping[str, str]
+    first_chunk_ms: float | None
+
+
+def continuation_body(body: dict[str, Any], deployment: Deployment, state: RunState) -> dict[str, Any]:
+    """The request again, plus an assistant message holding what was produced so far."""
+    prefill = {"role": "assistant", "content": state.text_sent, **deployment.provider.config.prefill_fields}
+    continued = {**body, "messages": [*body.get("messages", []), prefill]}
+    for name in ("max_tokens", "max_completion_tokens"):
+        if isinstance(body.get(name), int):
+            continued[name] = max(body[name] - state.content_chunks, 1)
+    return continued
+
+
+async def stream_attempt(provider: OpenAICompatProvider, deployment: Deployment, body: dict[str, Any],
+                         api_key: str | None, budget_s: float, state: RunState, on_start: OnStart,
+                         on_chunk: OnChunk, forward_usage_chunk: bool) -> AttemptResult:
+    """Stream one attempt to on_chunk. Raises the typed failure; returns once the answer is whole.
+
+    Whole means a finish_reason was seen: [DONE], a closed connection or even a stall after it
+    ends the attempt as a success (the usage chunk that follows the finish ends it at once).
+    """
+    continuing = state.chunks_sent > 0
+    upstream_body = continuation_body(body, deployment, state) if continuing else dict(body)
+    upstream_body["model"] = deployment.model.upstream_name
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    result = AttemptResult(headers={}, first_chunk_ms=None)
+    finished = False
+    items = provider.stream(deployment, upstream_body, api_key, budget_s)
+    try:
+        async for item in items:
+            if item.headers is not None:
+                result.headers = item.headers
+                continue
+            if item.done:
+                break
+            if item.chunk is None:
+                continue  # a malformed line is skipped, the stream goes on
+            chunk = item.chunk
+            if result.first_chunk_ms is None:
+                result.first_chunk_ms = (loop.time() - started) * 1000
+            choices = [c for c in chunk.get("choices") or [] if isinstance(c, dict)]
+            finished = finished or any(c.get("finish_reason") for c in choices)
+            if chunk.get("usage"):
+                state.usage = chunk["usage"]
+            if continuing and _role_only(choices):
+                continue
+            if choices or forward_usage_chunk:
+                await _forward(deployment, chunk, choices, state, on_start, on_chunk)
+            if finished and not choices and chunk.get("usage"):
+                break  # usage comes last: finalize now, do not wait for a [DONE] that may not come
+    except UpstreamError:
+        if not finished:
+            raise
+    finally:
+        with contextlib.suppress(Exception):  # closing a broken upstream stream may raise anything
+            await items.aclose()  # type: ignore[attr-defined]
+    if not finished:
+        raise StreamBroken("upstream stream ended before the answer was complete")
+    if state.chunks_sent == 0:
+        await on_start(deployment, len(state.attempts) + 1)
+    return result
+
+
+def _role_only(choices: list[dict[str, Any]]) -> bool:
+    """The opening chunk of a continuation repeats the role; the caller already has it."""
+    if len(choices) != 1:
+        return False
+    delta = choices[0].get("delta") or {}
+    return not choices[0].get("finish_reason") and not delta.get("content") and set(delta) <= {"role", "content"}
+
+
+async def _forward(deployment: Deployment, chunk: dict[str, Any], choices: list[dict[str, Any]], state: RunState,
+                   on_start: OnStart, on_chunk: OnChunk) -> None:
+    chunk["model"] = deployment.model.id
+    if state.stream_id is None:
+        state.stream_id = chunk.get("id")
+    elif chunk.get("id") is not None:
+        chunk["id"] = state.stream_id  # a continued answer stays one stream for the caller
+    for choice in choices:
+        delta = choice.get("delta") or {}
+        if choice.get("index", 0) != 0 or any(k not in ("role", "content", "refusal") for k in delta
+                                                if delta[k] is not None):
+            state.continuable = False
+        elif isinstance(delta.get("content"), str) and delta["content"]:
+            state.text_sent += delta["content"]
+            state.content_chunks += 1
+    if state.chunks_sent == 0:
+        await on_start(deployment, len(state.attempts) + 1)
+    await on_chunk(chunk)
+    state.chunks_sent += 1

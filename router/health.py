@@ -1,0 +1,228 @@
+"""Shared deployment health in Redis: circuit breakers, cooling, latency EWMA, upstream key state.
+
+Every worker reads and writes the same hashes (names in workers/protocol.py), so a breaker
+opened by one worker keeps all of them off that route. The hot path costs one pipelined read
+per request (all candidates and their keys) and one pipelined write after the answer.
+"""
+
+import hashlib
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from router.catalog import Deployment
+from workers.protocol import (
+    DeploymentHealth,
+    deployment_health_key,
+    deployment_probe_key,
+    upstream_key_state_key,
+)
+
+# Health hashes outlive any cooldown by far; the TTL only collects deployments that were removed.
+_HEALTH_TTL_MS = 7 * 24 * 3600 * 1000
+
+# KEYS: health hash, probe key. ARGV: now_ms, threshold, base_ms, max_ms, ttl_ms.
+# A failure while the breaker is open (a request that started before it opened) only counts;
+# a failure after the cooldown lapsed is a failed probe: reopen for twice as long.
+_RECORD_FAILURE = """
+local now = tonumber(ARGV[1])
+local fails = redis.call('HINCRBY', KEYS[1], 'fails', 1)
+local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until_ms') or '0')
+local cooldown = tonumber(redis.call('HGET', KEYS[1], 'cooldown_ms') or '0')
+local opened = 0
+if open_until > 0 and open_until <= now then
+  cooldown = math.min(math.max(cooldown * 2, tonumber(ARGV[3])), tonumber(ARGV[4]))
+  opened = 1
+elseif open_until == 0 and fails >= tonumber(ARGV[2]) then
+  cooldown = tonumber(ARGV[3])
+  opened = 1
+end
+if opened == 1 then
+  redis.call('HSET', KEYS[1], 'open_until_ms', now + cooldown, 'cooldown_ms', cooldown)
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return {fails, opened, cooldown}
+"""
+
+# KEYS: health hash, probe key. ARGV: latency_ms (or -1), alpha, ttl_ms. Closes the breaker.
+_RECORD_SUCCESS = """
+local latency = tonumber(ARGV[1])
+if latency >= 0 then
+  local ewma = tonumber(redis.call('HGET', KEYS[1], 'ewma_ms') or '-1')
+  if ewma < 0 then ewma = latency else ewma = tonumber(ARGV[2]) * latency + (1 - tonumber(ARGV[2])) * ewma end
+  redis.call('HSET', KEYS[1], 'ewma_ms', tostring(ewma))
+end
+redis.call('HSET', KEYS[1], 'fails', 0, 'open_until_ms', 0, 'cooldown_ms', 0)
+redis.call('DEL', KEYS[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds (shared across processes and machines)."""
+    return int(time.time() * 1000)
+
+
+def key_fingerprint(api_key: str) -> str:
+    """A stable, non-reversible name for an upstream key (the key itself is never stored)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """Quota and ban state of one upstream key."""
+
+    banned_until_ms: int = 0
+    exhausted_until_ms: int = 0
+    remaining_requests: int | None = None
+    limit_requests: int | None = None
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[bytes, bytes]) -> "KeyState":
+        """Parse HGETALL output."""
+        f = {k.decode(): v.decode() for k, v in raw.items()}
+
+        def opt(name: str) -> int | None:
+            return int(float(f[name])) if f.get(name) not in (None, "") else None
+
+        return cls(int(f.get("banned_until_ms", 0)), int(f.get("exhausted_until_ms", 0)),
+                   opt("remaining_requests"), opt("limit_requests"))
+
+    def usable(self, at_ms: int) -> bool:
+        """Neither banned (401/403) nor out of quota at `at_ms`."""
+        return self.banned_until_ms <= at_ms and self.exhausted_until_ms <= at_ms
+
+    def headroom(self) -> float:
+        """Fraction of the request quota left (1.0 when the provider does not say)."""
+        if self.remaining_requests is None:
+            return 1.0
+        if self.limit_requests:
+            return max(min(self.remaining_requests / self.limit_requests, 1.0), 0.0)
+        return 1.0 if self.remaining_requests > 0 else 0.0
+
+
+@dataclass
+class HealthSnapshot:
+    """Health of a set of deployments and their keys, read in one round trip."""
+
+    at_ms: int
+    deployments: dict[str, DeploymentHealth] = field(default_factory=dict)
+    keys: dict[tuple[str, str], KeyState] = field(default_factory=dict)
+
+    def of(self, deployment: Deployment) -> DeploymentHealth:
+        """The deployment's health (a fresh, closed breaker if never seen)."""
+        return self.deployments.get(deployment.key) or DeploymentHealth()
+
+    def key(self, provider: str, api_key: str) -> KeyState:
+        """One upstream key's state."""
+        return self.keys.get((provider, key_fingerprint(api_key))) or KeyState()
+
+    def usable_keys(self, deployment: Deployment) -> list[str]:
+        """The provider's keys that are neither banned nor exhausted right now."""
+        return [k for k in deployment.provider.api_keys if self.key(deployment.provider.id, k).usable(self.at_ms)]
+
+    def headroom(self, deployment: Deployment) -> float:
+        """Best quota headroom over the deployment's usable keys (1.0 for keyless providers)."""
+        keys = self.usable_keys(deployment)
+        if not deployment.provider.api_keys:
+            return 1.0
+        return max((self.key(deployment.provider.id, k).headroom() for k in keys), default=0.0)
+
+
+@dataclass(frozen=True)
+class BreakerTuning:
+    failure_threshold: int = 3
+    cooldown_s: float = 5.0
+    max_cooldown_s: float = 300.0
+    probe_ttl_s: float = 30.0
+    ewma_alpha: float = 0.3
+    key_ban_s: float = 3600.0
+
+
+class HealthStore:
+    """Reads and writes the shared health hashes."""
+
+    def __init__(self, redis: Redis, tuning: BreakerTuning) -> None:
+        self._redis = redis
+        self.tuning = tuning
+        self._failure = redis.register_script(_RECORD_FAILURE)
+        self._success = redis.register_script(_RECORD_SUCCESS)
+
+    async def snapshot(self, deployments: Iterable[Deployment]) -> HealthSnapshot:
+        """Health of every deployment and every key of their providers: one pipelined round trip."""
+        deployments = list(deployments)
+        key_ids = list(dict.fromkeys((d.provider.id, key_fingerprint(k)) for d in deployments
+                                     for k in d.provider.api_keys))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for d in deployments:
+                pipe.hgetall(deployment_health_key(d.key))
+            for provider, fingerprint in key_ids:
+                pipe.hgetall(upstream_key_state_key(provider, fingerprint))
+            results = await pipe.execute()
+        snap = HealthSnapshot(at_ms=now_ms())
+        for d, raw in zip(deployments, results[:len(deployments)], strict=True):
+            snap.deployments[d.key] = DeploymentHealth.from_hash(raw)
+        for key_id, raw in zip(key_ids, results[len(deployments):], strict=True):
+            snap.keys[key_id] = KeyState.from_hash(raw)
+        return snap
+
+    async def claim_probe(self, deployment: Deployment) -> bool:
+        """Atomically become the one worker that probes a half-open breaker."""
+        claimed = await self._redis.set(deployment_probe_key(deployment.key), b"1", nx=True,
+                                        px=int(self.tuning.probe_ttl_s * 1000))
+        return bool(claimed)
+
+    async def record_success(self, deployment: Deployment, latency_ms: float | None,
+                             quota: Mapping[str, str | int] | None, api_key: str | None) -> None:
+        """Close the breaker, fold the latency into the EWMA, store quota headers: one round trip."""
+        keys = [deployment_health_key(deployment.key), deployment_probe_key(deployment.key)]
+        args = [latency_ms if latency_ms is not None else -1, self.tuning.ewma_alpha, _HEALTH_TTL_MS]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._success(keys=keys, args=args, client=pipe)
+            if quota and api_key:
+                key_state = upstream_key_state_key(deployment.provider.id, key_fingerprint(api_key))
+                pipe.hset(key_state, mapping=dict(quota))
+                pipe.pexpire(key_state, _HEALTH_TTL_MS)
+            await pipe.execute()
+
+    async def record_failure(self, deployment: Deployment) -> bool:
+        """Count a failure; True when this failure opened (or reopened) the breaker."""
+        t = self.tuning
+        keys = [deployment_health_key(deployment.key), deployment_probe_key(deployment.key)]
+        _fails, opened, _cooldown = await self._failure(
+            keys=keys, args=[now_ms(), t.failure_threshold, int(t.cooldown_s * 1000),
+                             int(t.max_cooldown_s * 1000), _HEALTH_TTL_MS])
+        return bool(opened)
+
+    async def cool(self, deployment: Deployment, seconds: float) -> None:
+        """Keep every worker off this deployment for `seconds` (upstream 429)."""
+        await self._write(deployment_health_key(deployment.key),
+                          {"cooling_until_ms": now_ms() + int(seconds * 1000)},
+                          drop=deployment_probe_key(deployment.key))
+
+    async def ban_key(self, deployment: Deployment, api_key: str) -> None:
+        """Take an upstream key out of rotation (it got 401/403)."""
+        await self._write(upstream_key_state_key(deployment.provider.id, key_fingerprint(api_key)),
+                          {"banned_until_ms": now_ms() + int(self.tuning.key_ban_s * 1000)})
+
+    async def _write(self, key: str, fields: Mapping[str, int | str], drop: str | None = None) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(key, mapping=dict(fields))
+            pipe.pexpire(key, _HEALTH_TTL_MS)
+            if drop is not None:
+                pipe.delete(drop)
+            await pipe.execute()
+
+    async def set_gone(self, deployment_keys: Mapping[str, bool]) -> None:
+        """Mark deployments as vanished from (or back in) their provider's /models."""
+        if not deployment_keys:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key, gone in deployment_keys.items():
+                pipe.hset(deployment_health_key(key), "gone", "1" if gone else "0")
+                pipe.pexpire(deployment_health_key(key), _HEALTH_TTL_MS)
+            await pipe.execute()

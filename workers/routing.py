@@ -1,0 +1,46 @@
+"""Worker start-up of the routing layer: shared health, key rotation, failover, catalog refresh."""
+
+import asyncio
+import contextlib
+
+import httpx
+from redis.asyncio import Redis
+
+from router.catalog import RuntimeCatalog
+from router.failover import FailoverExecutor
+from router.health import BreakerTuning, HealthStore
+from router.keys import KeyRotation
+from router.policy import Tuning
+from router.providers.openai_compat import OpenAICompatProvider
+from router.refresh import CatalogRefresher
+from settings import Settings
+
+
+def breaker_tuning(settings: Settings) -> BreakerTuning:
+    """Breaker and key-ban numbers from settings."""
+    return BreakerTuning(failure_threshold=settings.breaker_failure_threshold, cooldown_s=settings.breaker_cooldown_s,
+                         max_cooldown_s=settings.breaker_max_cooldown_s, probe_ttl_s=settings.breaker_probe_ttl_s,
+                         ewma_alpha=settings.latency_ewma_alpha, key_ban_s=settings.upstream_key_ban_s)
+
+
+def build_executor(redis: Redis, client: httpx.AsyncClient, settings: Settings) -> FailoverExecutor:
+    """The failover executor of one worker process, sharing health through `redis`."""
+    health = HealthStore(redis, breaker_tuning(settings))
+    return FailoverExecutor(OpenAICompatProvider(client), KeyRotation(), health, Tuning.from_settings(settings))
+
+
+def start_refresher(redis: Redis, catalog: RuntimeCatalog, client: httpx.AsyncClient,
+                    settings: Settings) -> "asyncio.Task[None]":
+    """Run the catalog refresh / live-deployment publisher in the background."""
+    refresher = CatalogRefresher(redis, catalog, client, HealthStore(redis, breaker_tuning(settings)),
+                                 settings.live_deployments_publish_s)
+    return asyncio.create_task(refresher.run_forever(), name="catalog-refresh")
+
+
+async def stop_refresher(task: "asyncio.Task[None] | None") -> None:
+    """Cancel the background refresh and wait for it to end."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
