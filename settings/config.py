@@ -59,6 +59,22 @@ class Settings(BaseSettings):
     # SIGTERM lets in-flight streams finish for this long before the worker exits.
     worker_drain_s: float = Field(default=30.0, ge=0)
 
+    # Failover and shared health (DESIGN.md §5, docs/failover.md)
+    breaker_failure_threshold: int = Field(default=3, ge=1)  # consecutive failures that open it
+    breaker_cooldown_s: float = Field(default=5.0, gt=0)  # first open period; doubles per failed probe
+    breaker_max_cooldown_s: float = Field(default=300.0, gt=0)
+    breaker_probe_ttl_s: float = Field(default=30.0, gt=0)  # a probe claim lapses if its worker died
+    # A 429 whose Retry-After is at most this is waited out and retried once; longer → fail over.
+    short_retry_after_max_s: float = Field(default=5.0, ge=0)
+    rate_limit_cooldown_s: float = Field(default=10.0, gt=0)  # cooling after a 429 without Retry-After
+    retry_backoff_s: float = Field(default=0.2, gt=0)  # base of the jittered 5xx / reset retry wait
+    rate_limit_backoff_s: float = Field(default=0.5, gt=0)  # base of the jittered 429 backoff
+    upstream_key_ban_s: float = Field(default=3600.0, gt=0)  # a key that got 401/403 sits out this long
+    latency_ewma_alpha: float = Field(default=0.3, gt=0, le=1)
+    # Workers re-publish their routable deployments this often; the API trusts entries 3x as old.
+    live_deployments_publish_s: float = Field(default=5.0, gt=0)
+    models_random_per_hour: int = Field(default=10, ge=1)
+
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> "Settings":
         if self.environment == "production":
