@@ -12,7 +12,7 @@ from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
 from api.middleware import EdgeMiddleware
 from api.relay import ReplyHub
-from api.routes import admin, chat, health
+from api.routes import admin, batches, chat, files, health
 from settings import Settings, get_settings
 from settings.catalog import load_catalog
 
@@ -46,8 +46,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
-    app.add_middleware(EdgeMiddleware, max_body_bytes=current_settings().max_body_bytes)
+    # File uploads get their own limit (plus room for the multipart framing); the route checks the file itself.
+    upload_limit = current_settings().batch_upload_max_bytes + 64 * 1024
+    app.add_middleware(EdgeMiddleware, max_body_bytes=current_settings().max_body_bytes,
+                       path_limits={"/v1/files": upload_limit})
     app.include_router(health.router)
     app.include_router(chat.router)
+    app.include_router(files.router)
+    app.include_router(batches.router)
     app.include_router(admin.router)
     return app

@@ -2,6 +2,7 @@
 
 import re
 import uuid
+from collections.abc import Mapping
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -15,11 +16,15 @@ def too_large(limit: int) -> OpenAIError:
 
 
 class EdgeMiddleware:
-    """Assigns x-request-id (or keeps a sane one from the caller) and enforces max body bytes."""
+    """Assigns x-request-id (or keeps a sane one from the caller) and enforces max body bytes.
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    `path_limits` gives exact paths their own limit (file uploads are far larger than chat bodies).
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, path_limits: Mapping[str, int] | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.path_limits = dict(path_limits or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -29,7 +34,7 @@ class EdgeMiddleware:
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else "req_" + uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        limit = self.max_body_bytes
+        limit = self.path_limits.get(scope["path"], self.max_body_bytes)
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             # Refuse before reading a byte of it.

@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from router.catalog import RuntimeCatalog
 from settings import Settings, get_settings
 from settings.catalog import load_catalog
+from workers.batches import run_batches
 from workers.jobs import WorkerState, chat_completion
 from workers.protocol import ARQ_JOB_FUNCTION, WAKE_CHANNEL, control_channel, worker_heartbeat_key
 from workers.routing import build_executor, start_refresher, stop_refresher
@@ -58,6 +59,8 @@ class FreeferenceWorker(Worker):
             await self.on_startup(self.ctx)
         self._background = [asyncio.create_task(self._listen(), name="wake-listener"),
                             asyncio.create_task(self._heartbeat(), name="heartbeat")]
+        # Batch lines are leased from Redis by this task, never queued in arq (docs/batches.md).
+        self._background.append(asyncio.create_task(run_batches(self.pool, self.ctx["state"]), name="batches"))
         log.info("worker %s ready (max_jobs=%d)", self.worker_id, self.max_jobs)
         backoff_s = 0.05
         while True:

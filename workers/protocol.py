@@ -152,3 +152,73 @@ def split_event(message: bytes) -> tuple[str, str, bytes]:
 def cancel_message(job_id: str) -> bytes:
     """Control message asking a worker to stop a job (client went away)."""
     return b"cancel " + job_id.encode()
+
+
+# --- Batches (docs/batches.md). The API writes files and batch records and loads a validated
+# batch's lines; workers run the lines and finalize. Everything lives under the batch id so a
+# batch survives any API or worker restart.
+BatchStatus = Literal["validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling",
+                      "cancelled"]
+BATCH_TERMINAL: frozenset[str] = frozenset({"failed", "completed", "expired", "cancelled"})
+# Set of batch ids that are not terminal yet: every worker's batch runner scans it.
+BATCH_ACTIVE_KEY = "ff:batches:active"
+
+
+def file_meta_key(file_id: str) -> str:
+    """FileRecord JSON of one uploaded or generated file."""
+    return f"ff:file:{file_id}"
+
+
+def file_content_key(file_id: str) -> str:
+    """The file's bytes (a plain string value: Redis allows up to 512 MB)."""
+    return f"ff:file:{file_id}:content"
+
+
+def owner_files_key(owner: str) -> str:
+    """Sorted set file id → created_at of one key's files, for listing."""
+    return f"ff:files:{owner}"
+
+
+def batch_key(batch_id: str) -> str:
+    """Hash: `spec` (BatchSpec JSON) plus mutable fields (status, timestamps, counts, …)."""
+    return f"ff:batch:{batch_id}"
+
+
+def owner_batches_key(owner: str) -> str:
+    """Sorted set batch id → created_at of one key's batches."""
+    return f"ff:batches:{owner}"
+
+
+def batch_part_key(batch_id: str, part: Literal["lines", "pending", "leases", "results", "attempts"]) -> str:
+    """lines: idx → BatchLine JSON · pending: list of idx · leases: idx → worker id ·
+    results: custom_id → "<idx> <o|e> <output line JSON>" · attempts: idx → tries so far."""
+    return f"ff:batch:{batch_id}:{part}"
+
+
+class FileRecord(_Model):
+    id: str
+    owner: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+
+
+class BatchSpec(_Model):
+    """The immutable part of a batch record."""
+
+    id: str
+    owner: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    created_at: int
+    expires_at: int
+    metadata: dict[str, str] | None = None
+
+
+class BatchLine(_Model):
+    """One validated input line: the chat job to run (job/request ids and deadline set per run)."""
+
+    custom_id: str
+    job: ChatJob

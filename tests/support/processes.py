@@ -267,3 +267,26 @@ def wait_for(condition: Any, timeout_s: float, what: str) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def batch_jsonl(count: int, prefix: str = "req", **body: Any) -> bytes:
+    """A Batch API input file of `count` chat lines with custom ids prefix-0 … prefix-(count-1)."""
+    import orjson
+
+    lines = [orjson.dumps({"custom_id": f"{prefix}-{i}", "method": "POST", "url": "/v1/chat/completions",
+                           "body": {"model": "auto", "messages": [{"role": "user", "content": f"line {i}"}],
+                                    **body}})
+             for i in range(count)]
+    return b"\n".join(lines) + b"\n"
+
+
+def wait_batch(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout_s: float) -> Any:
+    """Poll client.batches.retrieve until the batch reaches one of `statuses`; returns it."""
+    deadline = time.monotonic() + timeout_s
+    batch = client.batches.retrieve(batch_id)
+    while batch.status not in statuses:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"batch {batch_id} still {batch.status} ({batch.request_counts}) after {timeout_s}s")
+        time.sleep(0.1)
+        batch = client.batches.retrieve(batch_id)
+    return batch

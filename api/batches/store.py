@@ -1,0 +1,212 @@
+"""Files and batch records in Redis, as the API reads and writes them (key names: workers/protocol.py)."""
+
+import secrets
+import time
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from api.batches.validate import LineError
+from api.errors import OpenAIError
+from workers.protocol import (
+    BATCH_ACTIVE_KEY,
+    BatchLine,
+    BatchSpec,
+    FileRecord,
+    batch_key,
+    batch_part_key,
+    file_content_key,
+    file_meta_key,
+    owner_batches_key,
+    owner_files_key,
+)
+
+# Lines are written in chunks so no single command carries a 200 MB payload.
+_LINES_PER_WRITE = 1000
+
+# Flip a validated batch to in_progress and queue every line index, unless it was cancelled
+# meanwhile. One script: a worker can never see a half-loaded batch.
+_START_LUA = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'validating' then return 0 end
+local total = tonumber(ARGV[1])
+for i = 0, total - 1 do redis.call('RPUSH', KEYS[2], i) end
+redis.call('HSET', KEYS[1], 'status', 'in_progress', 'in_progress_at', ARGV[2], 'total', total)
+redis.call('SADD', KEYS[3], ARGV[3])
+return 1
+"""
+
+# Cancel: only a batch that is still running can be cancelled; workers finish the job.
+_CANCEL_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'validating' and status ~= 'in_progress' then return status end
+redis.call('HSET', KEYS[1], 'status', 'cancelling', 'cancelling_at', ARGV[1], 'stop', 'cancel')
+redis.call('SADD', KEYS[2], ARGV[2])
+return 'cancelling'
+"""
+
+_TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
+               "cancelled_at")
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+def not_found(kind: str, object_id: str) -> OpenAIError:
+    return OpenAIError(404, f"No such {kind}: '{object_id}'.", code=f"{kind}_not_found", param="id")
+
+
+def file_object(record: FileRecord) -> dict[str, Any]:
+    """The OpenAI file object."""
+    return {"id": record.id, "object": "file", "bytes": record.bytes, "created_at": record.created_at,
+            "filename": record.filename, "purpose": record.purpose, "status": "processed",
+            "status_details": None, "expires_at": None}
+
+
+async def create_file(redis: Redis, owner: str, filename: str, purpose: str, content: bytes) -> FileRecord:
+    """Store an uploaded file (metadata, bytes and the owner's index in one transaction)."""
+    record = FileRecord(id="file-" + secrets.token_hex(12), owner=owner, bytes=len(content), created_at=_now(),
+                        filename=filename, purpose=purpose)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(file_meta_key(record.id), record.model_dump_json())
+        pipe.set(file_content_key(record.id), content)
+        pipe.zadd(owner_files_key(owner), {record.id: record.created_at})
+        await pipe.execute()
+    return record
+
+
+async def get_file(redis: Redis, owner: str, file_id: str) -> FileRecord:
+    """The caller's file; 404 when it does not exist or belongs to another key."""
+    raw = await redis.get(file_meta_key(file_id))
+    record = FileRecord.model_validate_json(raw) if raw else None
+    if record is None or record.owner != owner:
+        raise not_found("file", file_id)
+    return record
+
+
+async def file_content(redis: Redis, owner: str, file_id: str) -> bytes:
+    """The caller's file bytes."""
+    await get_file(redis, owner, file_id)
+    content: bytes | None = await redis.get(file_content_key(file_id))
+    if content is None:
+        raise not_found("file", file_id)
+    return content
+
+
+async def delete_file(redis: Redis, owner: str, file_id: str) -> None:
+    """Delete the caller's file (running batches hold their own copy of the lines)."""
+    await get_file(redis, owner, file_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(file_meta_key(file_id), file_content_key(file_id))
+        pipe.zrem(owner_files_key(owner), file_id)
+        await pipe.execute()
+
+
+async def list_files(redis: Redis, owner: str, purpose: str | None, limit: int, after: str | None,
+                     order: str) -> tuple[list[FileRecord], bool]:
+    """The caller's files, newest first unless order='asc'; (page, has_more)."""
+    ids = await _page_ids(redis, owner_files_key(owner), after, order)
+    raws = await redis.mget([file_meta_key(i) for i in ids]) if ids else []
+    records = [FileRecord.model_validate_json(r) for r in raws if r]
+    if purpose:
+        records = [r for r in records if r.purpose == purpose]
+    return records[:limit], len(records) > limit
+
+
+async def _page_ids(redis: Redis, index: str, after: str | None, order: str) -> list[str]:
+    ids = [i.decode() for i in await redis.zrange(index, 0, -1)]
+    if order != "asc":
+        ids.reverse()
+    if after is not None and after in ids:
+        ids = ids[ids.index(after) + 1:]
+    return ids
+
+
+async def create_batch(redis: Redis, spec: BatchSpec) -> None:
+    """Record a new batch in `validating`."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(batch_key(spec.id), mapping={"spec": spec.model_dump_json(), "status": "validating",
+                                               "total": 0, "completed": 0, "failed": 0})
+        pipe.zadd(owner_batches_key(spec.owner), {spec.id: spec.created_at})
+        # Active from the start: if this process dies mid-validation a worker fails the batch later.
+        pipe.sadd(BATCH_ACTIVE_KEY, spec.id)
+        await pipe.execute()
+
+
+async def start_batch(redis: Redis, batch_id: str, lines: list[BatchLine]) -> bool:
+    """Load the validated lines and hand the batch to the workers; False if it was cancelled meanwhile."""
+    lines_key = batch_part_key(batch_id, "lines")
+    for start in range(0, len(lines), _LINES_PER_WRITE):
+        chunk = lines[start:start + _LINES_PER_WRITE]
+        await redis.hset(lines_key, mapping={str(start + i): line.model_dump_json()  # type: ignore[misc]
+                                             for i, line in enumerate(chunk)})
+    start_lua = redis.register_script(_START_LUA)
+    started = await start_lua(keys=[batch_key(batch_id), batch_part_key(batch_id, "pending"), BATCH_ACTIVE_KEY],
+                              args=[len(lines), _now(), batch_id])
+    if not started:
+        await redis.delete(lines_key)  # a cancelled batch is finalized by the workers, with no lines
+    return bool(started)
+
+
+async def fail_batch(redis: Redis, batch_id: str, errors: list[LineError], error_count: int) -> None:
+    """Validation failed: record the per-line errors; nothing ran."""
+    data = [{"code": e.code, "message": e.message, "param": e.param, "line": e.line} for e in errors]
+    if error_count > len(errors):
+        data.append({"code": "too_many_errors", "param": None, "line": None,
+                     "message": f"{error_count - len(errors)} more lines are invalid (not listed)."})
+    await redis.hset(batch_key(batch_id), mapping={  # type: ignore[misc]
+        "status": "failed", "failed_at": _now(), "errors": orjson.dumps({"object": "list", "data": data})})
+
+
+async def get_batch(redis: Redis, owner: str, batch_id: str) -> dict[str, Any]:
+    """The caller's batch as an OpenAI batch object; 404 for unknown or foreign ids."""
+    fields: dict[bytes, bytes] = await redis.hgetall(batch_key(batch_id))  # type: ignore[misc]
+    spec = BatchSpec.model_validate_json(fields[b"spec"]) if b"spec" in fields else None
+    if spec is None or spec.owner != owner:
+        raise not_found("batch", batch_id)
+    return batch_object(spec, {k.decode(): v.decode() for k, v in fields.items()})
+
+
+async def list_batches(redis: Redis, owner: str, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:
+    """The caller's batches, newest first; (page, has_more)."""
+    ids = await _page_ids(redis, owner_batches_key(owner), after, "desc")
+    page: list[dict[str, Any]] = []
+    for batch_id in ids[:limit]:
+        try:
+            page.append(await get_batch(redis, owner, batch_id))
+        except OpenAIError:
+            continue  # deleted meanwhile
+    return page, len(ids) > limit
+
+
+async def cancel_batch(redis: Redis, owner: str, batch_id: str) -> dict[str, Any]:
+    """Ask the workers to stop a batch; idempotent while it is cancelling or cancelled."""
+    await get_batch(redis, owner, batch_id)
+    cancel_lua = redis.register_script(_CANCEL_LUA)
+    outcome = await cancel_lua(keys=[batch_key(batch_id), BATCH_ACTIVE_KEY], args=[_now(), batch_id])
+    status = outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+    if status not in ("cancelling", "cancelled"):
+        raise OpenAIError(400, f"Cannot cancel a batch that is already {status}.", code="invalid_request",
+                          param="batch_id")
+    return await get_batch(redis, owner, batch_id)
+
+
+def batch_object(spec: BatchSpec, fields: dict[str, str]) -> dict[str, Any]:
+    """Render the OpenAI batch object from the record's spec and mutable fields."""
+    def stamp(name: str) -> int | None:
+        value = fields.get(name)
+        return int(value) if value else None
+
+    errors = orjson.loads(fields["errors"]) if fields.get("errors") else None
+    return {
+        "id": spec.id, "object": "batch", "endpoint": spec.endpoint, "errors": errors,
+        "input_file_id": spec.input_file_id, "completion_window": spec.completion_window,
+        "status": fields.get("status", "validating"),
+        "output_file_id": fields.get("output_file_id") or None, "error_file_id": fields.get("error_file_id") or None,
+        "created_at": spec.created_at, "expires_at": spec.expires_at,
+        **{name: stamp(name) for name in _TIMESTAMPS},
+        "request_counts": {"total": int(fields.get("total", 0)), "completed": int(fields.get("completed", 0)),
+                           "failed": int(fields.get("failed", 0))},
+        "metadata": spec.metadata,
+    }

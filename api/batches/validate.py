@@ -1,0 +1,137 @@
+"""Validation of a batch input file: every line checked like a live request, all errors reported.
+
+Runs the same admission code as POST /v1/chat/completions (parse_chat_request, model checks),
+so a line that would be refused live is refused here, before anything runs.
+"""
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from api.errors import OpenAIError
+from api.modelref import check_model_reference, normalize_model
+from api.schemas import GATEWAY_FIELDS, parse_chat_request
+from settings import Settings
+from settings.catalog import CatalogFile
+from workers.protocol import BatchLine, ChatJob, Tier
+
+BATCH_URL = "/v1/chat/completions"
+# Listing every error of a 50,000-line file would make the batch object huge: keep the first ones.
+MAX_REPORTED_ERRORS = 100
+
+
+@dataclass
+class LineError:
+    code: str
+    message: str
+    line: int | None = None
+    param: str | None = None
+
+
+@dataclass
+class Validated:
+    lines: list[BatchLine] = field(default_factory=list)
+    errors: list[LineError] = field(default_factory=list)
+    error_count: int = 0
+
+    def fail(self, error: LineError) -> None:
+        self.error_count += 1
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append(error)
+
+
+@dataclass
+class Owner:
+    key_id: str
+    tier: Tier
+
+
+def validate_input(content: bytes, owner: Owner, catalog: CatalogFile, settings: Settings) -> Validated:
+    """Parse and check every line; `lines` is only meaningful when `error_count` is 0."""
+    result = Validated()
+    seen: set[str] = set()
+    physical = content.split(b"\n")
+    if sum(1 for raw in physical if raw.strip()) > settings.batch_max_lines:
+        result.fail(LineError("too_many_requests",
+                              f"The input file has more than {settings.batch_max_lines:,} requests."))
+        return result
+    for number, raw in enumerate(physical, start=1):
+        if not raw.strip():
+            continue
+        try:
+            line = _check_line(raw, number, seen, owner, catalog, settings)
+        except _Invalid as exc:
+            result.fail(exc.error)
+            continue
+        result.lines.append(line)
+    if not result.lines and not result.error_count:
+        result.fail(LineError("empty_file", "The input file contains no requests."))
+    return result
+
+
+class _Invalid(Exception):
+    def __init__(self, error: LineError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _check_line(raw: bytes, number: int, seen: set[str], owner: Owner, catalog: CatalogFile,
+                settings: Settings) -> BatchLine:
+    def invalid(code: str, message: str, param: str | None = None) -> _Invalid:
+        return _Invalid(LineError(code, message, number, param))
+
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise invalid("invalid_json_line", "This line is not parseable as valid JSON.") from None
+    if not isinstance(data, dict):
+        raise invalid("invalid_json_line", "Each line must be a JSON object.")
+    custom_id = data.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise invalid("missing_required_parameter", "Missing or empty 'custom_id' (a string).", "custom_id")
+    if len(custom_id) > 512:
+        raise invalid("invalid_request", "'custom_id' is longer than 512 characters.", "custom_id")
+    if custom_id in seen:
+        raise invalid("duplicate_custom_id", f"The custom_id '{custom_id}' appears more than once.", "custom_id")
+    seen.add(custom_id)
+    if data.get("method") != "POST":
+        raise invalid("invalid_method", "'method' must be 'POST'.", "method")
+    if data.get("url") != BATCH_URL:
+        raise invalid("invalid_url", f"'url' must be '{BATCH_URL}', the batch's endpoint.", "url")
+    body = data.get("body")
+    if not isinstance(body, dict):
+        raise invalid("invalid_request", "'body' must be a JSON object.", "body")
+    try:
+        job = _chat_job(body, owner, catalog, settings)
+    except OpenAIError as exc:
+        param = f"body.{exc.body.param}" if exc.body.param else "body"
+        raise invalid(exc.body.code or "invalid_request", exc.body.message, param) from None
+    return BatchLine(custom_id=custom_id, job=job)
+
+
+def _chat_job(raw: dict[str, Any], owner: Owner, catalog: CatalogFile, settings: Settings) -> ChatJob:
+    """The same admission checks and job shape as a live chat request (api/routes/chat.py)."""
+    body, raw = parse_chat_request(orjson.dumps(raw))
+    if body.stream:
+        raise OpenAIError(400, "Streaming is not supported in batch requests.", code="invalid_request",
+                          param="stream")
+    if len(body.messages) > settings.max_messages:
+        raise OpenAIError(400, f"Too many messages: at most {settings.max_messages}.", code="invalid_request",
+                          param="messages")
+    requested = normalize_model(body.model)
+    if requested is not None:
+        check_model_reference(catalog, requested, owner.tier)
+    for i, fallback in enumerate(body.models or []):
+        if normalize_model(fallback) is not None:
+            check_model_reference(catalog, fallback, owner.tier, param=f"models[{i}]")
+    # job_id, request_id and the deadline are set again for every run of the line.
+    return ChatJob(
+        job_id=uuid.uuid4().hex, request_id="", reply_channel="",
+        body={k: v for k, v in raw.items() if k not in GATEWAY_FIELDS and k != "stream"},
+        stream=False, requested_model=requested, fallback_models=list(body.models or []),
+        intent_hint=body.route.intent if body.route else None,
+        key_id=owner.key_id, tier=owner.tier, deadline_unix_ms=int(time.time() * 1000),
+    )

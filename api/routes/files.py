@@ -1,0 +1,70 @@
+"""OpenAI Files API (purpose `batch`): upload, list, retrieve, download, delete."""
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import Response
+
+from api.batches import store
+from api.deps import CurrentKey, RedisDep, SettingsDep
+from api.errors import OpenAIError, invalid_request
+
+router = APIRouter()
+
+_READ_CHUNK_BYTES = 1024 * 1024
+
+
+async def _read_limited(upload: UploadFile, limit: int) -> bytes:
+    """The whole upload, or 413 as soon as it passes `limit` bytes."""
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await upload.read(_READ_CHUNK_BYTES):
+        size += len(chunk)
+        if size > limit:
+            raise OpenAIError(413, f"File is larger than the limit of {limit} bytes.", code="file_too_large",
+                              param="file")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+@router.post("/v1/files")
+async def upload_file(key: CurrentKey, redis: RedisDep, settings: SettingsDep,
+                      file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict[str, Any]:
+    """Upload a JSONL file for the Batch API (multipart: `file`, `purpose=batch`)."""
+    if purpose != "batch":
+        raise invalid_request("Only purpose 'batch' is supported.", param="purpose")
+    content = await _read_limited(file, settings.batch_upload_max_bytes)
+    if not content.strip():
+        raise invalid_request("The file is empty.", param="file")
+    record = await store.create_file(redis, key.id, file.filename or "upload.jsonl", purpose, content)
+    return store.file_object(record)
+
+
+@router.get("/v1/files")
+async def list_files(key: CurrentKey, redis: RedisDep, purpose: str | None = None,
+                     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, after: str | None = None,
+                     order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
+    """The caller's files."""
+    records, has_more = await store.list_files(redis, key.id, purpose, limit, after, order)
+    data = [store.file_object(r) for r in records]
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+@router.get("/v1/files/{file_id}")
+async def retrieve_file(file_id: str, key: CurrentKey, redis: RedisDep) -> dict[str, Any]:
+    """One of the caller's files."""
+    return store.file_object(await store.get_file(redis, key.id, file_id))
+
+
+@router.get("/v1/files/{file_id}/content")
+async def file_content(file_id: str, key: CurrentKey, redis: RedisDep) -> Response:
+    """The bytes of one of the caller's files."""
+    return Response(await store.file_content(redis, key.id, file_id), media_type="application/octet-stream")
+
+
+@router.delete("/v1/files/{file_id}")
+async def delete_file(file_id: str, key: CurrentKey, redis: RedisDep) -> dict[str, Any]:
+    """Delete one of the caller's files."""
+    await store.delete_file(redis, key.id, file_id)
+    return {"id": file_id, "object": "file", "deleted": True}

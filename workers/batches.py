@@ -1,0 +1,219 @@
+"""The batch runner: a background task in every worker process that leases batch lines from Redis.
+
+Batch lines never enter the arq queue (a long-lived job there is re-checked by every poll of
+every worker, see docs/batches.md); each worker leases a few lines at a time, runs them through
+the same execute() as live jobs, and records each result exactly once. Fairness: lines are
+taken round-robin across running batches, at most `batch_worker_concurrency` per worker and
+`batch_max_concurrency` per batch in the whole pool, and none while the worker is busy with
+`batch_yield_live_jobs` live requests.
+"""
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from router.failover import RunState
+from workers.batch_store import BatchStore, BatchView, output_line
+from workers.jobs import WorkerState, error_event, execute
+from workers.protocol import BatchLine, RouteInfo
+
+log = logging.getLogger("freeference.batches")
+
+_REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
+# An API process that has not finished validating a batch after this long has died doing it.
+VALIDATION_TIMEOUT_S = 600.0
+# Transient outcomes: the line goes back to the queue (up to batch_line_max_attempts tries).
+_RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+_MAX_RETRY_WAIT_S = 10.0
+
+
+async def _ignore_route(_: RouteInfo) -> None:
+    return None
+
+
+async def _ignore_chunk(_: dict[str, Any]) -> None:
+    return None
+
+
+class BatchRunner:
+    """Runs batch lines on one worker process, next to its live jobs."""
+
+    def __init__(self, redis: Redis, state: WorkerState) -> None:
+        self._state = state
+        self._settings = state.settings
+        self._store = BatchStore(redis, state.worker_id)
+        self._lines: dict[str, dict[int, asyncio.Task[None]]] = {}  # batch id → idx → task
+        self._finalizing: dict[str, asyncio.Task[None]] = {}
+        self._slot_freed = asyncio.Event()
+        self._turn = 0
+        self._last_sweep = 0.0
+
+    @property
+    def in_flight(self) -> int:
+        """Lines this process is running now."""
+        return sum(len(tasks) for tasks in self._lines.values())
+
+    async def run(self) -> None:
+        """Tick until cancelled; Redis outages are waited out."""
+        backoff_s = 0.05
+        try:
+            while True:
+                self._slot_freed.clear()
+                try:
+                    await self._tick()
+                    backoff_s = 0.05
+                except _REDIS_DOWN as exc:
+                    log.warning("batch runner: redis unavailable (%s)", type(exc).__name__)
+                    await asyncio.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, 2.0)
+                    continue
+                except Exception:  # a bug must not stop this worker's batches for good: log, go on
+                    log.exception("batch runner tick failed")
+                    await asyncio.sleep(1.0)
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), self._settings.batch_poll_s)
+        finally:
+            await self._stop_all()
+
+    async def _tick(self) -> None:
+        views = await self._store.active()
+        now = time.time()
+        runnable: list[str] = []
+        for view in views:
+            batch_id = view.spec.id
+            if view.status == "validating":
+                if now - view.spec.created_at > VALIDATION_TIMEOUT_S:
+                    await self._store.fail_stale_validation(batch_id)
+                continue
+            if view.status == "in_progress" and not view.stop and now >= view.spec.expires_at:
+                await self._store.expire(batch_id)
+                view.stop = "expire"
+            if view.stop or view.status != "in_progress":
+                self._cancel_lines(batch_id)  # stopping: in-flight lines end as cancelled / expired
+            if view.status == "finalizing":
+                # Ours (an earlier attempt was interrupted) or a dead worker's: finish it.
+                mine = view.finalizer == self._store.worker_id
+                if view.finalizer and (mine or not await self._store.alive(view.finalizer)):
+                    self._start_finalize(view, take_over_from=view.finalizer)
+            elif view.stop or view.remaining <= 0:
+                self._start_finalize(view)
+            else:
+                runnable.append(batch_id)
+        if now - self._last_sweep >= 1.0:
+            self._last_sweep = now
+            moved = 0
+            for view in views:
+                if view.status != "validating":
+                    moved += await self._store.reclaim(view.spec.id, set(self._lines.get(view.spec.id, {})))
+            if moved:
+                log.info("re-queued %d batch lines leased by workers that died", moved)
+        await self._fill(runnable)
+
+    async def _fill(self, runnable: list[str]) -> None:
+        """Lease lines round-robin across running batches, as far as this worker has room."""
+        settings = self._settings
+        if not runnable or len(self._state.running) >= settings.batch_yield_live_jobs:
+            return
+        free = settings.batch_worker_concurrency - self.in_flight
+        if free <= 0:
+            return
+        self._turn = (self._turn + 1) % len(runnable)
+        order = runnable[self._turn:] + runnable[:self._turn]
+        share = max(1, math.ceil(free / len(order)))
+        for batch_id in order:
+            if free <= 0:
+                break
+            leased = await self._store.claim(batch_id, min(share, free), settings.batch_max_concurrency)
+            free -= len(leased)
+            tasks = self._lines.setdefault(batch_id, {})
+            for idx, line in leased:
+                tasks[idx] = asyncio.create_task(self._run_line(batch_id, idx, line), name=f"batch-line-{idx}")
+
+    async def _run_line(self, batch_id: str, idx: int, line: BatchLine) -> None:
+        try:
+            await self._run_and_record(batch_id, idx, line)
+        except asyncio.CancelledError:
+            # Batch stopping or worker shutting down: hand the line back (the sweep does it if
+            # Redis is unreachable, once this worker's heartbeat lapses).
+            with contextlib.suppress(*_REDIS_DOWN, RedisError):
+                await asyncio.shield(self._store.release(batch_id, idx))
+            raise
+        except _REDIS_DOWN as exc:
+            log.warning("batch line %s/%d not recorded (redis: %s); it will be re-run", batch_id, idx,
+                        type(exc).__name__)
+        finally:
+            self._lines.get(batch_id, {}).pop(idx, None)
+            self._slot_freed.set()
+
+    async def _run_and_record(self, batch_id: str, idx: int, line: BatchLine) -> None:
+        settings = self._settings
+        while True:
+            request_id = "req_" + uuid.uuid4().hex
+            job = line.job.model_copy(update={
+                "job_id": uuid.uuid4().hex, "request_id": request_id,
+                "deadline_unix_ms": int((time.time() + settings.request_timeout_s) * 1000)})
+            run = RunState()
+            try:
+                done = await execute(job, self._state, run, _ignore_route, _ignore_chunk)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # every failure kind is mapped to a status; see error_event
+                event = error_event(exc, run)
+                if event.status in _RETRYABLE_STATUS:
+                    await asyncio.sleep(min(event.retry_after_s or 0.5, _MAX_RETRY_WAIT_S))
+                    again = await self._store.release(batch_id, idx, settings.batch_line_max_attempts)
+                    if again != 0:  # re-queued (1) or the lease went to another worker (-1)
+                        return
+                body: Any = {"error": event.error.model_dump()}
+                result = output_line(line.custom_id, request_id, event.status, body)
+                left = await self._store.record(batch_id, idx, line.custom_id, result, "failed")
+            else:
+                result = output_line(line.custom_id, request_id, 200, done.completion)
+                left = await self._store.record(batch_id, idx, line.custom_id, result, "completed")
+            if left == 0:
+                self._slot_freed.set()  # the next tick finalizes
+            return
+
+    def _cancel_lines(self, batch_id: str) -> None:
+        for task in self._lines.get(batch_id, {}).values():
+            if not task.cancelling():  # once: a second cancel would interrupt the lease release
+                task.cancel()
+
+    def _start_finalize(self, view: BatchView, take_over_from: str = "") -> None:
+        batch_id = view.spec.id
+        if batch_id in self._finalizing or self._lines.get(batch_id):
+            return
+        task = asyncio.create_task(self._finalize(view, take_over_from), name=f"batch-finalize-{batch_id}")
+        self._finalizing[batch_id] = task
+        task.add_done_callback(lambda _: self._finalizing.pop(batch_id, None))
+
+    async def _finalize(self, view: BatchView, take_over_from: str) -> None:
+        try:
+            claimed = await self._store.begin_finalize(view.spec.id, take_over_from)
+            if claimed and await self._store.finalize(view.spec, view.stop):
+                log.info("batch %s finalized", view.spec.id)
+        except _REDIS_DOWN as exc:
+            # Left in `finalizing` with this worker as finalizer: retried on a later tick.
+            log.warning("batch %s: finalize interrupted (redis: %s)", view.spec.id, type(exc).__name__)
+
+    async def _stop_all(self) -> None:
+        tasks = [t for lines in self._lines.values() for t in lines.values()] + list(self._finalizing.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+
+
+async def run_batches(redis: Redis, state: WorkerState) -> None:
+    """Entry point for workers/main.py: the batch runner of this worker process."""
+    await BatchRunner(redis, state).run()
