@@ -73,6 +73,33 @@ def cancelled_job_key(job_id: str) -> str:
     return f"ff:cancelled:{job_id}"
 
 
+# --- Routing health, shared by every worker and read by the API (/v1/models, /v1/models/random).
+# A deployment is "provider/model"; its health is one hash so a worker reads the health of all
+# its candidates in one pipelined round trip.
+def deployment_health_key(deployment: str) -> str:
+    """Hash of HEALTH_FIELDS for one deployment."""
+    return f"ff:health:{deployment}"
+
+
+def deployment_probe_key(deployment: str) -> str:
+    """Claimed (SET NX PX) by the one worker allowed to probe a half-open breaker."""
+    return f"ff:probe:{deployment}"
+
+
+def upstream_key_state_key(provider: str, key_fingerprint: str) -> str:
+    """Quota / ban state of one upstream provider key, named by a fingerprint, never the key."""
+    return f"ff:keyq:{provider}:{key_fingerprint}"
+
+
+def catalog_refresh_lock_key(provider: str) -> str:
+    """Short lock: one worker re-reads a provider's /models per period."""
+    return f"ff:catalog:refresh:{provider}"
+
+
+# Hash deployment → LiveDeployment JSON, refreshed by every worker: what is routable somewhere.
+LIVE_DEPLOYMENTS_KEY = "ff:deployments"
+
+
 # --- Job payload
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -133,6 +160,45 @@ class ErrorEvent(_Model):
     error: ErrorBody
     retry_after_s: float | None = None
     attempts: int = 0
+
+
+class LiveDeployment(_Model):
+    """One deployment a worker can route to (it published this at most a few seconds ago)."""
+
+    model: str
+    provider: str
+    seen_ms: int
+
+
+class DeploymentHealth(BaseModel):
+    """The health hash of one deployment; times are unix milliseconds, 0 = unset."""
+
+    fails: int = 0  # consecutive failures
+    open_until_ms: int = 0  # breaker open until; > 0 and past = half-open (one probe allowed)
+    cooldown_ms: int = 0  # the breaker's current cooldown, doubled on each failed probe
+    cooling_until_ms: int = 0  # from an upstream 429 Retry-After
+    ewma_ms: float = -1.0  # latency to the first token; -1 = never measured
+    gone: bool = False  # the provider's /models no longer lists it
+
+    @classmethod
+    def from_hash(cls, raw: dict[bytes, bytes]) -> "DeploymentHealth":
+        """Parse HGETALL output (missing fields keep their defaults)."""
+        fields = {k.decode(): v.decode() for k, v in raw.items()}
+        return cls.model_validate({k: v for k, v in fields.items() if k in cls.model_fields})
+
+    def state(self, now_ms: int) -> Literal["gone", "open", "cooling", "half_open", "closed"]:
+        """Where the breaker stands at `now_ms`."""
+        if self.gone:
+            return "gone"
+        if self.open_until_ms > now_ms:
+            return "open"
+        if self.cooling_until_ms > now_ms:
+            return "cooling"
+        return "half_open" if self.open_until_ms else "closed"
+
+    def blocked_for_ms(self, now_ms: int) -> int:
+        """How long until this deployment may be tried again (0 = now)."""
+        return max(self.open_until_ms - now_ms, self.cooling_until_ms - now_ms, 0)
 
 
 def encode_event(job_id: str, event_type: EventType, payload: bytes) -> bytes:
