@@ -1,4 +1,9 @@
-"""Bearer-key authentication for /v1 and /admin."""
+"""Bearer-key authentication for /v1 and /admin.
+
+User keys are never compared as strings: a presented key is hashed (sha256) and the hash is
+looked up as a Redis key name, so response time does not depend on how much of a guess
+matches. The master key is the one secret compared directly, with hmac.compare_digest.
+"""
 
 import hmac
 
@@ -11,7 +16,8 @@ from settings import Settings
 MASTER_RECORD = KeyRecord(id="master", name="master", tier="pro", created=0, kind="master")
 
 
-def _unauthorized(message: str) -> OpenAIError:
+def unauthorized(message: str) -> OpenAIError:
+    """The 401 every authentication failure gets."""
     return OpenAIError(
         401, message, code="invalid_api_key", type_="invalid_request_error",
         headers={"WWW-Authenticate": "Bearer"},
@@ -19,17 +25,19 @@ def _unauthorized(message: str) -> OpenAIError:
 
 
 def bearer_token(request: Request) -> str:
+    """The token of 'Authorization: Bearer <token>'; 401 when missing or malformed."""
     header = request.headers.get("authorization")
     if not header:
-        raise _unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer ff-…'.")
+        raise unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer ff-…'.")
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token or " " in token:
-        raise _unauthorized("Malformed Authorization header; expected 'Bearer <key>'.")
+        raise unauthorized("Malformed Authorization header; expected 'Bearer <key>'.")
     return token
 
 
 def is_master_key(settings: Settings, token: str) -> bool:
+    """Constant-time comparison with the configured master key (False when none is set)."""
     if settings.master_key is None:
         return False
     return hmac.compare_digest(token.encode(), settings.master_key.get_secret_value().encode())
@@ -43,5 +51,12 @@ async def authenticate(request: Request, settings: Settings) -> KeyRecord:
     record = await lookup_key(request.app.state.redis, token)
     if record is None or record.revoked:
         # Same message for both: do not tell an attacker which keys once existed.
-        raise _unauthorized("Incorrect API key provided.")
+        raise unauthorized("Incorrect API key provided.")
     return record
+
+
+async def require_master(request: Request, settings: Settings) -> None:
+    """/admin guard: 401 without a valid key, 403 with a valid key that is not the master key."""
+    record = await authenticate(request, settings)
+    if record.kind != "master":
+        raise OpenAIError(403, "This endpoint needs the master key.", code="admin_only")

@@ -1,45 +1,79 @@
 """Atomic rate limits in Redis: several fixed windows checked and charged in one Lua call.
 
-Fixed windows (key = limit name + window index, TTL = window) are exact under any number of
-API replicas: a burst of N against a limit of L admits exactly L. All limits of one call are
-charged together or not at all, so a request refused by its daily limit does not eat its
-per-minute budget.
+Fixed windows (key = limit name + window index, TTL = until the window ends) are exact under
+any number of API replicas: a burst of N against a limit of L admits exactly L. All limits of
+one call are charged together or not at all, so a request refused by its daily limit does not
+eat its per-minute budget.
 """
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from redis.asyncio import Redis
 
-# KEYS: one counter key per limit. ARGV: now_ms, then (limit, window_ms, cost) per key.
-# Returns {allowed, i_blocking, ...remaining per limit...}.
-_ACQUIRE = """
-local now = tonumber(ARGV[1])
-local n = #KEYS
-local counts = {}
-local blocking = 0
-for i = 1, n do
-  counts[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
-  local limit = tonumber(ARGV[2 + (i - 1) * 3])
-  local cost = tonumber(ARGV[4 + (i - 1) * 3])
-  if blocking == 0 and counts[i] + cost > limit then blocking = i end
-end
-local out = {blocking == 0 and 1 or 0, blocking}
-for i = 1, n do
-  local limit = tonumber(ARGV[2 + (i - 1) * 3])
-  local window = tonumber(ARGV[3 + (i - 1) * 3])
-  local cost = tonumber(ARGV[4 + (i - 1) * 3])
-  local value = counts[i]
-  if blocking == 0 then
-    value = redis.call('INCRBY', KEYS[i], cost)
-    if value == cost then redis.call('PEXPIRE', KEYS[i], window) end
+from api.errors import OpenAIError
+from workers.protocol import rate_limit_key
+
+# A Lua function shared by every script that charges counters (api/admission.py prepends it
+# too), so the all-or-nothing rule exists once. It charges KEYS[first .. first+#limits-1]:
+# limits[i] units, ttls_ms[i] until that window ends, costs[i] units now. Returns
+# {allowed 1|0, 1-based index of the first refusing limit or 0, remaining per limit...}.
+CHARGE_LUA = """
+local function charge(first, limits, ttls_ms, costs)
+  local n = #limits
+  local counts = {}
+  local blocking = 0
+  for i = 1, n do
+    counts[i] = tonumber(redis.call('GET', KEYS[first + i - 1]) or '0')
+    if blocking == 0 and counts[i] + costs[i] > limits[i] then blocking = i end
   end
-  out[#out + 1] = limit - value
+  local out = {blocking == 0 and 1 or 0, blocking}
+  for i = 1, n do
+    local value = counts[i]
+    if blocking == 0 then
+      local key = KEYS[first + i - 1]
+      value = redis.call('INCRBY', key, costs[i])
+      if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, ttls_ms[i]) end
+    end
+    out[#out + 1] = limits[i] - value
+  end
+  return out
 end
-return out
 """
+
+# ARGV: (limit, ttl_ms, cost) per key.
+_ACQUIRE = CHARGE_LUA + """
+local limits, ttls, costs = {}, {}, {}
+for i = 1, #KEYS do
+  limits[i] = tonumber(ARGV[(i - 1) * 3 + 1])
+  ttls[i] = tonumber(ARGV[(i - 1) * 3 + 2])
+  costs[i] = tonumber(ARGV[(i - 1) * 3 + 3])
+end
+return charge(1, limits, ttls, costs)
+"""
+
+HeaderKind = Literal["requests", "tokens"]
+# A counter outlives its window by this much, so a correction that lands just after the
+# window ended still finds its key (and never creates one without a TTL).
+_TTL_MARGIN_MS = 1000
+
+
+def counter_key(subject: str, name: str, window_s: int, now_s: float) -> str:
+    """The Redis counter of `name` for `subject` in the window containing now_s."""
+    return rate_limit_key(subject, name, window_s, int(now_s // window_s))
+
+
+def window_reset_s(window_s: int, now_s: float) -> float:
+    """Seconds until the fixed window containing now_s ends."""
+    return (int(now_s // window_s) + 1) * window_s - now_s
+
+
+def counter_ttl_ms(window_s: int, now_s: float) -> int:
+    """TTL for a counter created at now_s: until its window ends, plus a margin."""
+    return math.ceil(window_reset_s(window_s, now_s) * 1000) + _TTL_MARGIN_MS
 
 
 @dataclass(frozen=True)
@@ -51,15 +85,14 @@ class Limit:
     limit: int
     window_s: int
     cost: int = 1
-
-    def window_index(self, now_s: float) -> int:
-        return int(now_s // self.window_s)
+    # Which x-ratelimit-*-{requests,tokens} headers this limit reports through.
+    kind: HeaderKind = "requests"
 
     def redis_key(self, now_s: float) -> str:
-        return f"ff:rl:{self.subject}:{self.name}:{self.window_s}:{self.window_index(now_s)}"
+        return counter_key(self.subject, self.name, self.window_s, now_s)
 
     def reset_s(self, now_s: float) -> float:
-        return (self.window_index(now_s) + 1) * self.window_s - now_s
+        return window_reset_s(self.window_s, now_s)
 
 
 @dataclass(frozen=True)
@@ -83,26 +116,33 @@ class Decision:
         return next(s.reset_s for s in self.states if s.limit is self.blocking)
 
 
+def decide(limits: Sequence[Limit], reply: Sequence[int], now_s: float) -> Decision:
+    """A Decision from the reply of CHARGE_LUA's charge() for these limits."""
+    allowed, blocking_index, *remaining = (int(v) for v in reply)
+    states = tuple(LimitState(limit, max(rem, 0), limit.reset_s(now_s))
+                   for limit, rem in zip(limits, remaining, strict=True))
+    blocking = limits[blocking_index - 1] if not allowed else None
+    return Decision(bool(allowed), states, blocking)
+
+
 class RateLimiter:
+    """Charges any set of Limits atomically; one round trip."""
+
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._script = redis.register_script(_ACQUIRE)
 
     async def acquire(self, limits: Sequence[Limit], now_s: float | None = None) -> Decision:
-        """Charge every limit or none; one round trip."""
+        """Charge every limit or none."""
         if not limits:
             return Decision(True, ())
         now = time.time() if now_s is None else now_s
         keys = [limit.redis_key(now) for limit in limits]
-        args: list[int] = [int(now * 1000)]
+        args: list[int] = []
         for limit in limits:
-            args += [limit.limit, limit.window_s * 1000, limit.cost]
-        raw = await self._script(keys=keys, args=args)
-        allowed, blocking_index, *remaining = (int(v) for v in raw)
-        states = tuple(LimitState(limit, max(rem, 0), limit.reset_s(now)) for limit, rem in zip(limits, remaining,
-                                                                                                strict=True))
-        blocking = limits[blocking_index - 1] if not allowed else None
-        return Decision(bool(allowed), states, blocking)
+            args += [limit.limit, counter_ttl_ms(limit.window_s, now), limit.cost]
+        reply = await self._script(keys=keys, args=args)
+        return decide(limits, reply, now)
 
 
 def format_reset(seconds: float) -> str:
@@ -115,3 +155,48 @@ def format_reset(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs}s"
     return f"{secs}s"
+
+
+def limit_headers(decision: Decision) -> dict[str, str]:
+    """x-ratelimit-{limit,remaining,reset}-{requests,tokens}, plus Retry-After when refused.
+
+    Several limits of one kind (requests per minute and per day) report the one with the
+    least left, since that is the one the caller will hit first.
+    """
+    headers: dict[str, str] = {}
+    for kind in ("requests", "tokens"):
+        states = [s for s in decision.states if s.limit.kind == kind]
+        if not states:
+            continue
+        tightest = min(states, key=lambda s: (s.remaining, -s.reset_s))
+        headers[f"x-ratelimit-limit-{kind}"] = str(tightest.limit.limit)
+        headers[f"x-ratelimit-remaining-{kind}"] = str(tightest.remaining)
+        headers[f"x-ratelimit-reset-{kind}"] = format_reset(tightest.reset_s)
+    if not decision.allowed:
+        # The OpenAI SDKs read retry-after-ms first, then Retry-After (whole seconds).
+        wait_s = max(decision.retry_after_s, 0.001)
+        headers["retry-after-ms"] = str(math.ceil(wait_s * 1000))
+        headers["Retry-After"] = str(max(1, math.ceil(wait_s)))
+    return headers
+
+
+_DESCRIPTIONS: Mapping[str, str] = {
+    "requests": "requests per minute",
+    "tokens": "tokens per minute",
+    "requests-day": "requests per day",
+    "random-hour": "GET /v1/models/random calls per hour",
+}
+
+
+def rate_limited(decision: Decision) -> OpenAIError:
+    """The 429 for a refused Decision, with Retry-After and x-ratelimit-* headers."""
+    blocking = decision.blocking
+    if blocking is None:
+        raise ValueError("rate_limited() needs a refused decision")
+    what = _DESCRIPTIONS.get(blocking.name, f"{blocking.name} per {blocking.window_s}s")
+    message = (f"Rate limit reached for {what}: limit {blocking.limit}. "
+               f"Try again in {format_reset(decision.retry_after_s)}.")
+    if blocking.cost > blocking.limit:
+        message = (f"This request needs about {blocking.cost} units of {what}, more than your whole "
+                   f"limit of {blocking.limit}; send a smaller request or raise the key's limit.")
+    return OpenAIError(429, message, code="rate_limit_exceeded", headers=limit_headers(decision))

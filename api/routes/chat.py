@@ -11,12 +11,17 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from api.deps import CatalogDep, CurrentKey, DispatcherDep, SettingsDep
+from api.admission import Admitted
+from api.deps import CatalogDep, DispatcherDep, SettingsDep
 from api.dispatch import Dispatcher, JobHandle, WorkerLost
 from api.errors import OpenAIError, invalid_request
+from api.keys import KeyRecord
 from api.modelref import check_model_reference, normalize_model
 from api.relay import Event
 from api.schemas import GATEWAY_FIELDS, ChatCompletionRequest, parse_chat_request
+from api.usage import UsageRecorder
+from settings import Settings
+from settings.catalog import CatalogFile
 from workers.protocol import ChatJob, DoneEvent, ErrorEvent, RouteInfo, StartEvent
 
 router = APIRouter()
@@ -94,9 +99,23 @@ def _build_job(request: Request, key_id: str, tier: Any, body: ChatCompletionReq
         "application/json": {"schema": ChatCompletionRequest.model_json_schema()}}}},
 )
 async def chat_completions(
-    request: Request, key: CurrentKey, settings: SettingsDep, dispatcher: DispatcherDep, catalog: CatalogDep
+    request: Request, admission: Admitted, settings: SettingsDep, dispatcher: DispatcherDep, catalog: CatalogDep
 ) -> Response:
     """Create a chat completion (OpenAI schema; `model` optional, `stream` for SSE)."""
+    # Admission (key + limits) ran as the dependency; every answer carries its x-ratelimit-*.
+    usage = UsageRecorder(request.app.state.redis, admission, settings.usage_retention_days)
+    try:
+        response = await _complete(request, admission.key, usage, settings, dispatcher, catalog)
+    except OpenAIError as exc:
+        await usage.failed()  # a no-op unless a job ran and ended without an outcome
+        exc.headers = {**admission.headers, **exc.headers}
+        raise
+    response.headers.update(admission.headers)
+    return response
+
+
+async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, settings: Settings,
+                    dispatcher: Dispatcher, catalog: CatalogFile) -> Response:
     body, raw = parse_chat_request(await request.body())
     if len(body.messages) > settings.max_messages:
         raise invalid_request(f"Too many messages: at most {settings.max_messages}.", param="messages")
@@ -113,7 +132,7 @@ async def chat_completions(
         for attempt in range(MAX_WORKER_LOSS_RETRIES + 1):
             handle = await dispatcher.submit(job)
             try:
-                return await _respond(handle, dispatcher, disconnected)
+                return await _respond(handle, dispatcher, disconnected, usage)
             except WorkerLost:
                 await dispatcher.release(handle)
                 if attempt == MAX_WORKER_LOSS_RETRIES:
@@ -125,9 +144,10 @@ async def chat_completions(
         disconnected.cancel()
 
 
-async def _respond(handle: JobHandle, dispatcher: Dispatcher, disconnected: asyncio.Task[None]) -> Response:
+async def _respond(handle: JobHandle, dispatcher: Dispatcher, disconnected: asyncio.Task[None],
+                   usage: UsageRecorder) -> Response:
     """Hold the status until the first chunk, the completion or an error arrives."""
-    events = dispatcher.events(handle)
+    events = usage.watch(dispatcher.events(handle), handle.job.requested_model)
     route: RouteInfo | None = None
     handed_over = False
     try:

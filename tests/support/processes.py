@@ -194,6 +194,9 @@ def base_env(redis_url: str, catalog_path: Path, **extra: str) -> dict[str, str]
         "FREEFERENCE_PICKUP_TIMEOUT_S": "2",
         "FREEFERENCE_REQUEST_TIMEOUT_S": "30",
         "FREEFERENCE_WORKER_DRAIN_S": "10",
+        # Tier defaults far above any test's traffic; limit tests give their keys their own limits.
+        "FREEFERENCE_FREE_RPM": "100000", "FREEFERENCE_FREE_TPM": "100000000", "FREEFERENCE_FREE_RPD": "1000000",
+        "FREEFERENCE_PRO_RPM": "100000", "FREEFERENCE_PRO_TPM": "100000000", "FREEFERENCE_PRO_RPD": "1000000",
         "FAKE_A_KEY": "sk-fake-a-0123456789",
         "PYTHONUNBUFFERED": "1",
     })

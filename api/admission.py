@@ -1,0 +1,163 @@
+"""Admission for /v1/chat/completions: the caller's key and all its limits in one Redis call.
+
+One Lua script reads the key's record, refuses unknown and revoked keys, resolves the key's
+limits (its own overrides, else its tier's defaults), stamps last-used, and charges requests
+per minute, tokens per minute and requests per day, all or nothing. Nothing is cached in the
+API process, so a revocation or a limit change holds on every replica from the next request.
+"""
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Annotated
+
+import orjson
+from fastapi import Depends, Request
+from redis.asyncio import Redis
+
+from api.auth import MASTER_RECORD, bearer_token, is_master_key, unauthorized
+from api.keys import KeyRecord, hash_key, key_id_for_digest
+from api.ratelimit import (
+    CHARGE_LUA,
+    Decision,
+    Limit,
+    RateLimiter,
+    counter_ttl_ms,
+    decide,
+    limit_headers,
+    rate_limited,
+)
+from settings import Settings, get_settings
+from workers.protocol import API_KEY_LAST_USED, api_key_record_key
+
+DAY_S = 86_400
+RANDOM_MODEL_WINDOW_S = 3_600
+
+# KEYS: record, last-used hash, then counters (requests/minute, tokens/minute, requests/day).
+# ARGV: now (unix s), tier defaults JSON {"free": [rpm, tpm, rpd], ...}, 3 TTLs (ms), 3 costs.
+# Returns {0} for an unknown or revoked key, else {1, record JSON, rpm, tpm, rpd, charge()...}.
+_ADMIT = CHARGE_LUA + """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return {0} end
+local record = cjson.decode(raw)
+if record.revoked == true then return {0} end
+redis.call('HSET', KEYS[2], record.id, ARGV[1])
+local defaults = cjson.decode(ARGV[2])[record.tier]
+local own = record.limits
+if type(own) ~= 'table' then own = {} end
+local limits = {}
+for i, name in ipairs({'rpm', 'tpm', 'rpd'}) do
+  local value = own[name]
+  if type(value) ~= 'number' then value = defaults[i] end
+  limits[i] = value
+end
+local ttls = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
+local costs = {tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])}
+local out = {1, raw, limits[1], limits[2], limits[3]}
+for _, v in ipairs(charge(3, limits, ttls, costs)) do out[#out + 1] = v end
+return out
+"""
+
+
+def estimate_prompt_tokens(body: bytes) -> int:
+    """A quick upper-ish estimate of a request's prompt tokens: 4 bytes of JSON per token.
+
+    It counts JSON punctuation and field names too, so it errs high; the real count from the
+    provider's usage replaces it when the request ends (api/usage.py).
+    """
+    return max(1, math.ceil(len(body) / 4))
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An admitted chat request: whose it is, what it was charged, and the headers to send."""
+
+    key: KeyRecord
+    decision: Decision | None  # None for the master key, which has no limits
+    token_estimate: int
+    admitted_at_s: float
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """x-ratelimit-* headers for every response to this request."""
+        return limit_headers(self.decision) if self.decision is not None else {}
+
+    @property
+    def tokens_limit(self) -> Limit | None:
+        """The tokens-per-minute limit charged at admission (corrected after the request)."""
+        if self.decision is None:
+            return None
+        return next((s.limit for s in self.decision.states if s.limit.kind == "tokens"), None)
+
+
+class Gatekeeper:
+    """Runs admission and generic limits against one Redis; one per API process."""
+
+    def __init__(self, redis: Redis, settings: Settings) -> None:
+        self.limiter = RateLimiter(redis)
+        self._settings = settings
+        self._script = redis.register_script(_ADMIT)
+        self._tier_defaults = orjson.dumps({tier: settings.tier_limits(tier) for tier in ("free", "pro")})
+
+    def _limits(self, key_id: str, token_cost: int) -> list[Limit]:
+        # limit=0 is a placeholder: the script resolves the real values from the record.
+        window_s = self._settings.rate_window_s
+        return [
+            Limit("requests", key_id, 0, window_s),
+            Limit("tokens", key_id, 0, window_s, cost=token_cost, kind="tokens"),
+            Limit("requests-day", key_id, 0, DAY_S),
+        ]
+
+    async def admit(self, token: str, token_cost: int, now_s: float | None = None) -> tuple[KeyRecord, Decision]:
+        """Authenticate a user key and charge its limits; 401 for unknown or revoked keys.
+
+        The decision may be a refusal: the caller decides whether to raise rate_limited().
+        """
+        now = time.time() if now_s is None else now_s
+        digest = hash_key(token)
+        limits = self._limits(key_id_for_digest(digest), token_cost)
+        keys = [api_key_record_key(digest), API_KEY_LAST_USED, *(limit.redis_key(now) for limit in limits)]
+        args: list[int | bytes] = [int(now), self._tier_defaults,
+                                   *(counter_ttl_ms(limit.window_s, now) for limit in limits),
+                                   *(limit.cost for limit in limits)]
+        reply = await self._script(keys=keys, args=args)
+        if int(reply[0]) == 0:
+            # Same answer for unknown and revoked: do not tell which keys once existed.
+            raise unauthorized("Incorrect API key provided.")
+        record = KeyRecord.model_validate_json(reply[1])
+        resolved = [replace(limit, limit=int(value)) for limit, value in zip(limits, reply[2:5], strict=True)]
+        return record, decide(resolved, reply[5:], now)
+
+
+async def admit(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Admission:
+    """FastAPI dependency: 401 for a bad key, 429 over a limit, else the Admission."""
+    token = bearer_token(request)
+    now = time.time()
+    # Reading the body here is free: Starlette keeps it for the route's own request.body().
+    estimate = estimate_prompt_tokens(await request.body())
+    if is_master_key(settings, token):
+        return Admission(MASTER_RECORD, None, estimate, now)
+    gatekeeper: Gatekeeper = request.app.state.gatekeeper
+    record, decision = await gatekeeper.admit(token, estimate, now)
+    if not decision.allowed:
+        raise rate_limited(decision)
+    return Admission(record, decision, estimate, now)
+
+
+Admitted = Annotated[Admission, Depends(admit)]
+
+
+def random_model_limit(key: KeyRecord, settings: Settings) -> Limit:
+    """GET /v1/models/random's budget: settings.models_random_per_hour per key per hour."""
+    return Limit("random-hour", key.id, settings.models_random_per_hour, RANDOM_MODEL_WINDOW_S)
+
+
+async def charge_random_model(request: Request, key: KeyRecord, settings: Settings) -> dict[str, str]:
+    """Charge one GET /v1/models/random; raises the 429 when over. Returns x-ratelimit-* headers."""
+    if key.kind == "master":
+        return {}
+    gatekeeper: Gatekeeper = request.app.state.gatekeeper
+    decision = await gatekeeper.limiter.acquire([random_model_limit(key, settings)])
+    if not decision.allowed:
+        raise rate_limited(decision)
+    return limit_headers(decision)

@@ -1,0 +1,177 @@
+"""Usage accounting per key, per UTC day, per model — written API-side when a job ends.
+
+The worker's `done` event carries the served model and the provider's usage; an `error` event
+(or a lost worker, or a deadline) is a failure: counted as a request and a failure, never
+billed as tokens. The same pipelined write corrects the tokens-per-minute counter charged at
+admission from the estimate to the real total (a failure refunds the estimate).
+"""
+
+import logging
+import time
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from api.admission import Admission
+from api.dispatch import WorkerLost
+from api.errors import OpenAIError
+from api.ratelimit import counter_ttl_ms
+from api.relay import Event
+from workers.protocol import DoneEvent, StartEvent, usage_key
+
+log = logging.getLogger("freeference.usage")
+
+METRICS = ("requests", "prompt_tokens", "completion_tokens", "failures")
+_DAY_S = 86_400
+
+
+class ModelUsage(BaseModel):
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    failures: int = 0
+
+    def add(self, other: "ModelUsage") -> None:
+        """Accumulate another count into this one."""
+        for metric in METRICS:
+            setattr(self, metric, getattr(self, metric) + getattr(other, metric))
+
+
+class DayUsage(BaseModel):
+    date: str
+    models: dict[str, ModelUsage]
+    total: ModelUsage
+
+
+class KeyUsage(BaseModel):
+    key_id: str
+    days: list[DayUsage]
+    total: ModelUsage
+
+
+def utc_day(now_s: float) -> str:
+    """YYYY-MM-DD of a unix time, in UTC (the day the daily limits reset on)."""
+    return time.strftime("%Y-%m-%d", time.gmtime(now_s))
+
+
+def _int(usage: dict[str, Any] | None, field: str) -> int:
+    value = (usage or {}).get(field)
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
+class UsageRecorder:
+    """Records one chat request's outcome exactly once."""
+
+    def __init__(self, redis: Redis, admission: Admission, retention_days: int) -> None:
+        self._redis = redis
+        self._admission = admission
+        self._model = "auto"
+        self._retention_s = retention_days * _DAY_S
+        self._chunks_seen = False
+        self._jobs = 0
+        self.recorded = False
+
+    async def watch(self, events: AsyncGenerator[Event, None],
+                    requested_model: str | None) -> AsyncGenerator[Event, None]:
+        """Pass a job's events through unchanged, recording the outcome before it is relayed."""
+        self._jobs += 1
+        self._model = requested_model or "auto"  # until the worker names the model it started
+        try:
+            async for event_type, payload in events:
+                if event_type == "start":
+                    self._model = StartEvent.model_validate_json(payload).route.model
+                elif event_type == "chunk":
+                    self._chunks_seen = True
+                elif event_type == "done":
+                    await self.succeeded(DoneEvent.model_validate_json(payload))
+                elif event_type == "error":
+                    await self.failed()
+                yield event_type, payload
+        except WorkerLost:
+            # Before the first chunk the route retries on another worker; after it, it is final.
+            if self._chunks_seen:
+                await self.failed()
+            raise
+        except OpenAIError:  # deadline, no worker
+            await self.failed()
+            raise
+        finally:
+            await events.aclose()
+
+    async def succeeded(self, done: DoneEvent) -> None:
+        """Bill the served model with the provider's usage; correct tokens-per-minute."""
+        usage = done.usage
+        prompt, completion = _int(usage, "prompt_tokens"), _int(usage, "completion_tokens")
+        actual = _int(usage, "total_tokens") or prompt + completion
+        # Without a usage block the estimate stands: better than refunding tokens that were spent.
+        await self._write(done.route.model, prompt, completion, failure=False,
+                          tokens_delta=actual - self._admission.token_estimate if usage else 0)
+
+    async def failed(self) -> None:
+        """Count a failed request (no tokens billed); refunds the admission estimate."""
+        if self._jobs:
+            await self._write(self._model, 0, 0, failure=True, tokens_delta=-self._admission.token_estimate)
+
+    async def _write(self, model: str, prompt: int, completion: int, *, failure: bool, tokens_delta: int) -> None:
+        if self.recorded:
+            return
+        self.recorded = True
+        now = time.time()
+        key = usage_key(self._admission.key.id, utc_day(now))
+        counts = {"requests": 1, "prompt_tokens": prompt, "completion_tokens": completion, "failures": int(failure)}
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for metric, value in counts.items():
+                    if value:
+                        pipe.hincrby(key, f"{model}|{metric}", value)
+                pipe.expire(key, self._retention_s)
+                tokens = self._admission.tokens_limit
+                if tokens is not None and tokens_delta:
+                    # Correct the window the estimate went into while it lasts; once it has
+                    # ended, only extra tokens move on to the current window.
+                    charged, current = tokens.redis_key(self._admission.admitted_at_s), tokens.redis_key(now)
+                    counter = charged if charged == current else (current if tokens_delta > 0 else None)
+                    if counter is not None:
+                        pipe.incrby(counter, tokens_delta)
+                        pipe.pexpire(counter, counter_ttl_ms(tokens.window_s, now))
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            # The answer already exists; losing one accounting line must not turn it into an error.
+            log.warning("usage for %s not recorded: %s", self._admission.key.id, type(exc).__name__)
+
+
+def _parse_day(date: str, raw: dict[bytes, bytes]) -> DayUsage:
+    models: dict[str, ModelUsage] = {}
+    for field, value in raw.items():
+        model, _, metric = field.decode().rpartition("|")
+        if metric in METRICS:
+            entry = models.setdefault(model, ModelUsage())
+            setattr(entry, metric, getattr(entry, metric) + int(value))
+    total = ModelUsage()
+    for entry in models.values():
+        total.add(entry)
+    return DayUsage(date=date, models=dict(sorted(models.items())), total=total)
+
+
+async def read_usage(redis: Redis, key_ids: Sequence[str], days: int = 7,
+                     now_s: float | None = None) -> list[KeyUsage]:
+    """Usage of these keys over the last `days` UTC days (today included), newest day first."""
+    now = time.time() if now_s is None else now_s
+    dates = [utc_day(now - i * _DAY_S) for i in range(days)]
+    async with redis.pipeline(transaction=False) as pipe:
+        for key_id in key_ids:
+            for date in dates:
+                pipe.hgetall(usage_key(key_id, date))
+        raws = await pipe.execute()
+    out: list[KeyUsage] = []
+    for i, key_id in enumerate(key_ids):
+        per_day = [_parse_day(date, raws[i * days + j]) for j, date in enumerate(dates)]
+        per_day = [d for d in per_day if d.models]
+        total = ModelUsage()
+        for day in per_day:
+            total.add(day.total)
+        out.append(KeyUsage(key_id=key_id, days=per_day, total=total))
+    return out
