@@ -8,8 +8,10 @@ from fastapi import FastAPI
 from redis.asyncio import Redis
 
 from api.admission import Gatekeeper
+from api.backpressure import InflightLimitMiddleware, StreamLimiter
 from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
+from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import EdgeMiddleware
 from api.relay import ReplyHub
 from api.routes import admin, batches, chat, files, health
@@ -35,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.hub = hub
         app.state.dispatcher = Dispatcher(redis, hub, conf)
         app.state.gatekeeper = Gatekeeper(redis, conf)
+        app.state.stream_limiter = StreamLimiter(redis, conf.max_streams_per_key)
         try:
             yield
         finally:
@@ -48,8 +51,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     # File uploads get their own limit (plus room for the multipart framing); the route checks the file itself.
     upload_limit = current_settings().batch_upload_max_bytes + 64 * 1024
+    # Each add wraps the previous: metrics (outermost) see every answer, 413s and 503s included.
+    app.add_middleware(InflightLimitMiddleware, max_inflight=current_settings().max_inflight_requests,
+                       paths=("/v1/chat/completions",))
     app.add_middleware(EdgeMiddleware, max_body_bytes=current_settings().max_body_bytes,
                        path_limits={"/v1/files": upload_limit})
+    app.state.metrics = Metrics()
+    app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(files.router)

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.errors import OpenAIError
+from api.metrics import note_event, note_submitted
 from api.relay import Deadline, Event, ReplyHub
 from settings import Settings
 from workers.protocol import (
@@ -76,6 +77,7 @@ class Dispatcher:
             pipe.zadd(self._settings.queue_name, {job.job_id: now_ms})
             pipe.publish(WAKE_CHANNEL, b"1")
             await pipe.execute()
+        note_submitted()
         return handle
 
     async def events(self, handle: JobHandle) -> AsyncGenerator[Event, None]:
@@ -106,6 +108,7 @@ class Dispatcher:
                 continue
             if event_type == "lost":
                 raise ReplyLost(handle.worker_id or "")
+            note_event(event_type, payload)
             if event_type == "accepted":
                 handle.worker_id = AcceptedEvent.model_validate_json(payload).worker_id
                 continue

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cli import keys_cmd
 from cli.embedded_redis import answers, free_port, host_port, start_server
+from cli.logging_setup import setup_logging
 from cli.processes import Child, Supervisor, child_env, python_module
 
 log = logging.getLogger("freeference.serve")
@@ -18,8 +19,9 @@ log = logging.getLogger("freeference.serve")
 def _run_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    # log_config=None: uvicorn's loggers go through our JSON handler instead of its own format.
     uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, log_level="warning",
-                access_log=False, http="httptools", loop="uvloop", timeout_graceful_shutdown=30)
+                access_log=False, http="httptools", loop="uvloop", timeout_graceful_shutdown=30, log_config=None)
     return 0
 
 
@@ -118,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     from settings import get_settings
 
-    level = os.environ.get("FREEFERENCE_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    # Read from the environment, not Settings: logging must work before settings validate.
+    setup_logging(os.environ.get("FREEFERENCE_LOG_LEVEL", "INFO"), os.environ.get("FREEFERENCE_LOG_FORMAT", "json"))
     args = build_parser().parse_args(argv)
     if args.command not in ("classify",):
         get_settings()  # refuse unsafe settings before starting anything

@@ -24,10 +24,16 @@ class Settings(BaseSettings):
     catalog: Path = DEFAULT_CATALOG
     master_key: SecretStr | None = None
     log_level: str = "INFO"
+    # json: one object per line with the request id (cli/logging_setup.py); text for a terminal.
+    log_format: Literal["json", "text"] = "json"
 
     # HTTP edge
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     max_messages: int = Field(default=2048, gt=0)
+    # Protective limits (api/backpressure.py); 0 disables one. Past the first, a process answers
+    # 503 + Retry-After at once instead of queueing without bound; past the second, 429.
+    max_inflight_requests: int = Field(default=1000, ge=0)  # chat requests in flight per API process
+    max_streams_per_key: int = Field(default=64, ge=0)  # open streams per key, across all replicas
     default_capability: str = "text-basic"
 
     # Queue and deadlines

@@ -20,7 +20,9 @@ from router.select import NoCandidates, NoneAvailable, NothingFits, candidate_gr
 from settings import Settings
 from settings.catalog import Intent
 from workers.protocol import (
+    REQUEST_ID,
     AcceptedEvent,
+    AttemptFailure,
     ChatJob,
     DoneEvent,
     ErrorBody,
@@ -28,6 +30,7 @@ from workers.protocol import (
     EventType,
     RouteInfo,
     StartEvent,
+    WorkerTimings,
     cancelled_job_key,
     encode_event,
 )
@@ -82,6 +85,7 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     state: WorkerState = ctx["state"]
     redis: Redis = ctx["redis"]
     job = ChatJob.model_validate(payload)
+    REQUEST_ID.set(job.request_id)  # this job's task only: its log lines name the request
     accepted = encode_event(job.job_id, "accepted",
                             AcceptedEvent(worker_id=state.worker_id).model_dump_json().encode())
     # Leaving the queue's sorted set at once keeps every other worker's poll from re-checking
@@ -107,11 +111,15 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
 
 async def _run(job: ChatJob, state: WorkerState, out: Publisher) -> None:
     run = RunState()
+    started = time.monotonic()
+    first_output_s: float | None = None
 
     async def on_start(route: RouteInfo) -> None:
         await out.send("start", StartEvent(route=route).model_dump_json().encode())
 
     async def on_chunk(chunk: dict[str, Any]) -> None:
+        nonlocal first_output_s
+        first_output_s = first_output_s or time.monotonic()
         await out.send("chunk", orjson.dumps(chunk))
 
     try:
@@ -123,10 +131,17 @@ async def _run(job: ChatJob, state: WorkerState, out: Publisher) -> None:
         return
     except Exception as exc:  # every failure kind is mapped; anything else is a bug, logged
         event = error_event(exc, run)
+        event.failures = _failures(run)
         with contextlib.suppress(RedisError, OSError):  # Redis is gone: nobody to tell
             await out.send("error", event.model_dump_json().encode())
         return
+    done.failures = _failures(run)
+    done.timings = WorkerTimings(upstream_ms=((first_output_s or time.monotonic()) - started) * 1000)
     await out.send("done", done.model_dump_json().encode())
+
+
+def _failures(run: RunState) -> list[AttemptFailure]:
+    return [AttemptFailure(provider=a.provider, deployment=a.deployment, reason=a.reason) for a in run.attempts]
 
 
 OnRoute = Callable[[RouteInfo], Awaitable[None]]

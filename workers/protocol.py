@@ -8,6 +8,7 @@ come first so the API can route a message without parsing it, and a ``chunk`` pa
 OpenAI ``chat.completion.chunk`` JSON itself, written to the SSE stream byte for byte.
 """
 
+from contextvars import ContextVar
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,6 +72,16 @@ def usage_key(key_id: str, day: str) -> str:
 def cancelled_job_key(job_id: str) -> str:
     """Set by the API when a caller left before the worker announced itself."""
     return f"ff:cancelled:{job_id}"
+
+
+def key_streams_key(key_id: str) -> str:
+    """Sorted set of one key's open streams (member → expiry unix ms), for its concurrency limit."""
+    return f"ff:streams:{key_id}"
+
+
+# The request id of the work in progress, bound by the API per request and by the worker per
+# job (the job carries it), so every log line of either side names the request it belongs to.
+REQUEST_ID: ContextVar[str | None] = ContextVar("freeference_request_id", default=None)
 
 
 # --- Routing health, shared by every worker and read by the API (/v1/models, /v1/models/random).
@@ -141,11 +152,30 @@ class StartEvent(_Model):
     route: RouteInfo
 
 
+class AttemptFailure(_Model):
+    """One failed upstream attempt, for metrics (no message: it may quote the prompt)."""
+
+    provider: str
+    deployment: str
+    reason: str
+
+
+class WorkerTimings(_Model):
+    """Where a job's time went in the worker, so the API can tell its own overhead from upstream time."""
+
+    # From the first upstream call to the first token (streams) or the whole answer; includes
+    # failed attempts and their backoff, i.e. all time spent waiting on providers.
+    upstream_ms: float
+
+
 class DoneEvent(_Model):
     route: RouteInfo
     usage: dict[str, Any] | None = None
     # Whole chat.completion for non-streaming requests; None for streams.
     completion: dict[str, Any] | None = None
+    # Optional, for /metrics (an older worker sends neither).
+    failures: list[AttemptFailure] = Field(default_factory=list)
+    timings: WorkerTimings | None = None
 
 
 class ErrorBody(_Model):
@@ -160,6 +190,7 @@ class ErrorEvent(_Model):
     error: ErrorBody
     retry_after_s: float | None = None
     attempts: int = 0
+    failures: list[AttemptFailure] = Field(default_factory=list)  # optional, for /metrics
 
 
 class LiveDeployment(_Model):

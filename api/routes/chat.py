@@ -127,6 +127,7 @@ async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, sett
             check_model_reference(catalog, fallback, key.tier, param=f"models[{i}]")
 
     job = _build_job(request, key.id, key.tier, body, raw, settings.request_timeout_s)
+    await request.app.state.stream_limiter.acquire(request, key.id, job)  # 429 past the key's open streams
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         for attempt in range(MAX_WORKER_LOSS_RETRIES + 1):

@@ -1,10 +1,12 @@
-"""Liveness and readiness."""
+"""Liveness, readiness and Prometheus metrics."""
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from api.deps import RedisDep
+from api.deps import RedisDep, SettingsDep
+from api.metrics import Metrics
 from workers.protocol import WORKER_HEARTBEAT_PREFIX
 
 router = APIRouter()
@@ -29,3 +31,13 @@ async def readyz(request: Request, redis: RedisDep) -> JSONResponse:
     body = {"status": "ready" if ready else "unavailable", "redis": True, "workers": len(workers),
             "reply_channel": hub_ok}
     return JSONResponse(body, status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=Response,
+            responses={200: {"description": "Prometheus text exposition format",
+                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
+async def metrics(request: Request, redis: RedisDep, settings: SettingsDep) -> Response:
+    """Prometheus metrics of this API process plus cluster state read from Redis now."""
+    collected: Metrics = request.app.state.metrics
+    await collected.cluster.refresh(redis, settings.queue_name, request.app.state.hub.in_flight)
+    return Response(generate_latest(collected.registry), media_type=CONTENT_TYPE_LATEST)

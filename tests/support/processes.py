@@ -293,3 +293,25 @@ def wait_batch(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout
         time.sleep(0.1)
         batch = client.batches.retrieve(batch_id)
     return batch
+
+
+MetricSamples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(gateway: Gateway, replica: int = 0) -> MetricSamples:
+    """One /metrics scrape of an API replica: (sample name, sorted labels) → value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(gateway.url(replica) + "/metrics", timeout=5)
+    response.raise_for_status()
+    out: MetricSamples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def metric_total(samples: MetricSamples, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))

@@ -1,0 +1,273 @@
+"""Prometheus metrics of one API process, collected from what the API already sees.
+
+Every request passes MetricsMiddleware (status, route, served model, durations); the reply
+events of chat jobs add queue wait, upstream attempts and worker timings (`note_*` below,
+called by the dispatcher). Because the worker reports its attempts and timings in its done /
+error events, one scrape per API replica sees everything about the requests it served.
+Cluster state (queue depth, live workers, circuit breakers) is read from Redis at scrape time.
+Each app owns its registry: no process-global metric state, and tests may build many apps.
+"""
+
+import logging
+import time
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from workers.protocol import (
+    LIVE_DEPLOYMENTS_KEY,
+    WORKER_HEARTBEAT_PREFIX,
+    AttemptFailure,
+    DeploymentHealth,
+    RouteInfo,
+    WorkerTimings,
+    deployment_health_key,
+)
+
+log = logging.getLogger("freeference.metrics")
+
+# Latency buckets from 1 ms (gateway overhead) to 2 min (long streams).
+_LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_OVERHEAD_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+BREAKER_STATES = ("closed", "half_open", "open", "cooling", "gone")
+# Set by a route or middleware on a refusal it makes itself, so the limit is named in metrics.
+LIMIT_HEADER = "x-freeference-limit"
+
+
+class _Outcome(BaseModel):
+    """The parts of a done / error event that metrics need (the completion itself is skipped)."""
+
+    model_config = ConfigDict(extra="ignore")
+    route: RouteInfo | None = None
+    failures: list[AttemptFailure] = Field(default_factory=list)
+    timings: WorkerTimings | None = None
+
+
+class Metrics:
+    """The metric families of one API app, in its own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("freeference_requests", "HTTP requests answered, by route and outcome.",
+                                ["route", "method", "status", "intent", "model", "provider"], registry=r)
+        self.duration = Histogram("freeference_request_duration_seconds",
+                                  "Arrival to last byte (whole stream for SSE).", ["route", "stream"],
+                                  buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.first_token = Histogram("freeference_time_to_first_token_seconds",
+                                     "Arrival to the first SSE byte of a streamed completion.",
+                                     buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.queue_wait = Histogram("freeference_queue_wait_seconds",
+                                    "Enqueue to a worker's accepted event.", buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.overhead = Histogram("freeference_gateway_overhead_seconds",
+                                  "Time the gateway added (API, queue, reply path): caller-observed first token "
+                                  "(streams) or answer, minus the worker's routing + upstream time.", ["kind"],
+                                  buckets=_OVERHEAD_BUCKETS_S, registry=r)
+        self.upstream_attempts = Counter("freeference_upstream_attempts",
+                                         "Upstream attempts by provider and outcome (ok or the failure reason).",
+                                         ["provider", "outcome"], registry=r)
+        self.rejections = Counter("freeference_rate_limit_rejections",
+                                  "Requests refused by a protective limit (429 / 503).", ["limit"], registry=r)
+        self.inflight_requests = Gauge("freeference_inflight_requests", "Requests being served by this process.",
+                                       registry=r)
+        self.inflight_streams = Gauge("freeference_inflight_streams", "SSE streams open in this process.",
+                                      registry=r)
+        self.cluster = ClusterCollector()
+        r.register(self.cluster)
+
+
+@dataclass(slots=True)
+class RequestObservation:
+    """What one request's metrics need, filled in as the request goes (in a contextvar)."""
+
+    metrics: Metrics
+    started_s: float
+    submitted_s: float | None = None
+    upstream_s: float | None = None  # the worker's routing + upstream time of the served job
+
+
+_CURRENT: ContextVar[RequestObservation | None] = ContextVar("freeference_metrics_request", default=None)
+
+
+def note_submitted() -> None:
+    """A job of the current request was enqueued (again, after a lost worker)."""
+    obs = _CURRENT.get()
+    if obs is not None:
+        obs.submitted_s = time.perf_counter()
+
+
+def note_event(event_type: str, payload: bytes) -> None:
+    """Account one reply event of the current request's job."""
+    obs = _CURRENT.get()
+    if obs is None:
+        return
+    if event_type == "accepted":
+        if obs.submitted_s is not None:
+            obs.metrics.queue_wait.observe(time.perf_counter() - obs.submitted_s)
+        return
+    if event_type not in ("done", "error"):
+        return
+    try:
+        outcome = _Outcome.model_validate_json(payload)
+    except ValidationError:
+        return
+    attempts = obs.metrics.upstream_attempts
+    for failure in outcome.failures:
+        attempts.labels(failure.provider, failure.reason).inc()
+    if event_type == "done" and outcome.route is not None:
+        attempts.labels(outcome.route.provider, "ok").inc()
+        if outcome.timings is not None:
+            obs.upstream_s = outcome.timings.upstream_ms / 1000
+
+
+class MetricsMiddleware:
+    """Pure ASGI: times every request and counts it with the route metadata the response carries."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        m = self.metrics
+        obs = RequestObservation(metrics=m, started_s=time.perf_counter())
+        token = _CURRENT.set(obs)
+        status = 500  # what the caller gets if the app raises before answering
+        labels: dict[bytes, bytes] = {}
+        stream = False
+        first_body_s: float | None = None
+
+        async def observe_send(message: Message) -> None:
+            nonlocal status, stream, first_body_s
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                for name, value in message.get("headers", ()):
+                    name = name.lower()
+                    if name.startswith((b"x-freeference-", b"x-ratelimit-remaining-")) or name == b"content-type":
+                        labels[name] = value
+                stream = labels.get(b"content-type", b"").startswith(b"text/event-stream")
+                if stream:
+                    m.inflight_streams.inc()
+            elif stream and first_body_s is None and message.get("body"):
+                first_body_s = time.perf_counter()
+            await send(message)
+
+        m.inflight_requests.inc()
+        try:
+            await self.app(scope, receive, observe_send)
+        finally:
+            m.inflight_requests.dec()
+            if stream:
+                m.inflight_streams.dec()
+            _CURRENT.reset(token)
+            self._record(scope, obs, status, labels, stream, first_body_s)
+
+    def _record(self, scope: Scope, obs: RequestObservation, status: int, labels: dict[bytes, bytes],
+                stream: bool, first_body_s: float | None) -> None:
+        m = self.metrics
+        now = time.perf_counter()
+        route = getattr(scope.get("route"), "path", None) or "unmatched"  # a template: bounded cardinality
+
+        def header(name: bytes) -> str:
+            return labels.get(name, b"").decode("latin-1")
+
+        m.requests.labels(route, scope.get("method", ""), str(status), header(b"x-freeference-intent"),
+                          header(b"x-freeference-model"), header(b"x-freeference-provider")).inc()
+        m.duration.labels(route, "true" if stream else "false").observe(now - obs.started_s)
+        if first_body_s is not None:
+            m.first_token.observe(first_body_s - obs.started_s)
+        if obs.upstream_s is not None and status == 200:
+            seen_s = (first_body_s if stream and first_body_s is not None else now) - obs.started_s
+            m.overhead.labels("first_token" if stream else "complete").observe(max(seen_s - obs.upstream_s, 0.0))
+        if status in (429, 503):
+            limit = header(LIMIT_HEADER.encode())
+            if not limit and status == 429:
+                limit = "tokens" if header(b"x-ratelimit-remaining-tokens") == "0" else "requests"
+            if limit:
+                m.rejections.labels(limit).inc()
+
+
+@dataclass
+class ClusterSnapshot:
+    """Cluster state read from Redis at scrape time."""
+
+    redis_up: bool = False
+    queue_depth: int = 0
+    workers: int = 0
+    worker_jobs: int = 0
+    breakers: dict[str, str] = field(default_factory=dict)  # deployment → state
+    inflight_jobs: int = 0  # this process's jobs awaiting events (from the reply hub)
+
+
+class ClusterCollector(Collector):
+    """Yields the last snapshot; refresh() reads a new one before each scrape."""
+
+    def __init__(self) -> None:
+        self.snapshot = ClusterSnapshot()
+
+    async def refresh(self, redis: Redis, queue_name: str, inflight_jobs: int) -> None:
+        """Read queue depth, worker heartbeats and breaker states (a few pipelined commands)."""
+        snap = ClusterSnapshot(inflight_jobs=inflight_jobs)
+        try:
+            snap.queue_depth = int(await redis.zcard(queue_name))
+            heartbeats = [k async for k in redis.scan_iter(match=WORKER_HEARTBEAT_PREFIX + "*", count=1000)]
+            deployments = sorted(d.decode() for d in await redis.hkeys(LIVE_DEPLOYMENTS_KEY))  # type: ignore[misc]
+            async with redis.pipeline(transaction=False) as pipe:
+                for key in heartbeats:
+                    pipe.get(key)
+                for deployment in deployments:
+                    pipe.hgetall(deployment_health_key(deployment))
+                results = await pipe.execute()
+            snap.redis_up = True
+        except (RedisError, OSError) as exc:
+            log.warning("metrics: redis unavailable at scrape (%s)", type(exc).__name__)
+            self.snapshot = snap
+            return
+        infos = [r for r in results[: len(heartbeats)] if r]
+        snap.workers = len(infos)
+        snap.worker_jobs = sum(_running(raw) for raw in infos)
+        now_ms = int(time.time() * 1000)
+        for deployment, raw in zip(deployments, results[len(heartbeats):], strict=True):
+            snap.breakers[deployment] = DeploymentHealth.from_hash(raw).state(now_ms)
+        self.snapshot = snap
+
+    def collect(self) -> Iterator[Metric]:
+        """The snapshot as metric families."""
+        snap = self.snapshot
+        yield _gauge("freeference_redis_up", "1 when the last scrape could read Redis.", int(snap.redis_up))
+        yield _gauge("freeference_queue_depth", "Jobs enqueued and not yet picked up by a worker.", snap.queue_depth)
+        yield _gauge("freeference_workers_alive", "Workers with a live heartbeat.", snap.workers)
+        yield _gauge("freeference_worker_jobs_running", "Jobs running on all workers (from heartbeats).",
+                     snap.worker_jobs)
+        yield _gauge("freeference_inflight_jobs", "Jobs of this API process awaiting their worker's events.",
+                     snap.inflight_jobs)
+        family = GaugeMetricFamily("freeference_breaker_state",
+                                   "Circuit-breaker state per deployment (1 for its current state).",
+                                   labels=["deployment", "state"])
+        for deployment, state in snap.breakers.items():
+            for candidate in BREAKER_STATES:
+                family.add_metric([deployment, candidate], 1.0 if candidate == state else 0.0)
+        yield family
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _running(raw: bytes) -> int:
+    try:
+        value = orjson.loads(raw).get("running", 0)
+    except (orjson.JSONDecodeError, AttributeError):
+        return 0
+    return value if isinstance(value, int) else 0
