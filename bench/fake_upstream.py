@@ -140,8 +140,10 @@ class FakeUpstream:
         delay = fault.get("delay_s", self.latency_s)
         if delay:
             await asyncio.sleep(delay)
-        if fault.get("silence"):
-            await asyncio.sleep(3600)
+        if fault.get("silence"):  # never answer; end when the client gives up
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            return
         if fault.get("reset"):
             raise FaultInjected("connection reset (injected)")
         if "status" in fault or fault.get("context_length") or fault.get("content_policy"):
@@ -230,7 +232,10 @@ class FakeUpstream:
         first_delay = fault.get("first_token_delay_s", 0)
         if first_delay:
             await send({"type": "http.response.body", "body": b": keep-alive\n\n", "more_body": True})
-            await asyncio.sleep(first_delay)
+            await asyncio.wait([disconnected], timeout=first_delay)
+            if disconnected.done():
+                entry["outcome"] = "client_disconnected"
+                return
 
         def frame(delta: dict[str, Any], finish: str | None = None, usage: Any = None, choices: bool = True) -> bytes:
             chunk: dict[str, Any] = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created,
@@ -304,7 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     app = FakeUpstream(args.latency_ms / 1000, args.token_interval_ms / 1000, args.tokens)
     uvicorn.run(app, host=args.host, port=args.port, log_level="critical", access_log=False,
-                http="httptools", loop="uvloop", lifespan="on", timeout_keep_alive=60)
+                http="httptools", loop="uvloop", lifespan="on", timeout_keep_alive=60,
+                # Silent and stalled streams must not hold a shutdown for long.
+                timeout_graceful_shutdown=1)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,35 @@ def shared_gateway(redis_url: str, fake_upstream: FakeUpstream,
     gateway.stop()
 
 
+@pytest.fixture(scope="module")
+def module_gateway_factory(redis_url: str, fake_upstream: FakeUpstream,
+                           tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayFactory]:
+    """Like gateway_factory, for gateways a whole module shares (custom catalog or env)."""
+    started: list[Gateway] = []
+    tmp = tmp_path_factory.mktemp("module-gateway")
+
+    def create(workers: int = 2, apis: int = 1, catalog: str | None = None, **env: str) -> Gateway:
+        db_url = _isolated(redis_url, 2 + next(_next_db) % 14)
+        flush(db_url)
+        catalog_path = tmp / f"catalog-{len(started)}.yaml"
+        catalog_path.write_text(catalog or catalog_yaml(fake_upstream.url))
+        log_dir = tmp / f"logs-{len(started)}"
+        log_dir.mkdir()
+        gateway = Gateway(redis_url=db_url, env=base_env(db_url, catalog_path, **env), log_dir=log_dir)
+        started.append(gateway)
+        for _ in range(workers):
+            gateway.start_worker()
+        for _ in range(apis):
+            gateway.start_api()
+        if workers:
+            gateway.wait_ready(workers)
+        return gateway
+
+    yield create
+    for gateway in started:
+        gateway.stop()
+
+
 @pytest.fixture
 def upstream(fake_upstream: FakeUpstream) -> FakeUpstream:
     """The fake upstream with no scripts and an empty request log."""
