@@ -147,17 +147,20 @@ async def admit(request: Request, settings: Annotated[Settings, Depends(get_sett
 Admitted = Annotated[Admission, Depends(admit)]
 
 
-def random_model_limit(key: KeyRecord, settings: Settings) -> Limit:
-    """GET /v1/models/random's budget: settings.models_random_per_hour per key per hour."""
-    return Limit("random-hour", key.id, settings.models_random_per_hour, RANDOM_MODEL_WINDOW_S)
+def random_model_limit(key: KeyRecord, per_hour: int) -> Limit:
+    """GET /v1/models/random's budget: `per_hour` calls per key per hour."""
+    return Limit("random-hour", key.id, per_hour, RANDOM_MODEL_WINDOW_S)
 
 
-async def charge_random_model(request: Request, key: KeyRecord, settings: Settings) -> dict[str, str]:
-    """Charge one GET /v1/models/random; raises the 429 when over. Returns x-ratelimit-* headers."""
+async def charge_random_model(request: Request, key: KeyRecord, per_hour: int) -> dict[str, str]:
+    """Charge one GET /v1/models/random (pass settings.models_random_per_hour); 429 when over.
+
+    Returns the x-ratelimit-* headers for the successful response. The master key is not limited.
+    """
     if key.kind == "master":
         return {}
     gatekeeper: Gatekeeper = request.app.state.gatekeeper
-    decision = await gatekeeper.limiter.acquire([random_model_limit(key, settings)])
+    decision = await gatekeeper.limiter.acquire([random_model_limit(key, per_hour)])
     if not decision.allowed:
         raise rate_limited(decision)
     return limit_headers(decision)
