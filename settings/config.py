@@ -85,10 +85,9 @@ class Settings(BaseSettings):
     batch_upload_max_bytes: int = Field(default=200 * 1024 * 1024, gt=0)  # OpenAI's limit
     batch_max_lines: int = Field(default=50_000, gt=0)  # OpenAI's limit
     batch_window_s: float = Field(default=86_400.0, gt=0)  # what completion_window "24h" means
-    batch_worker_concurrency: int = Field(default=32, ge=1)  # lines in flight per worker process
+    # Lines in flight per worker process; each live request the worker runs takes one of these slots.
+    batch_worker_concurrency: int = Field(default=32, ge=1)
     batch_max_concurrency: int = Field(default=64, ge=1)  # lines in flight per batch, whole pool
-    # A worker running this many live requests takes no new batch lines until it drops below.
-    batch_yield_live_jobs: int = Field(default=32, ge=1)
     batch_line_max_attempts: int = Field(default=3, ge=1)  # a line failing with 5xx is re-queued
     batch_poll_s: float = Field(default=0.25, gt=0)  # how often an idle runner looks for work
 

@@ -3,9 +3,8 @@
 Batch lines never enter the arq queue (a long-lived job there is re-checked by every poll of
 every worker, see docs/batches.md); each worker leases a few lines at a time, runs them through
 the same execute() as live jobs, and records each result exactly once. Fairness: lines are
-taken round-robin across running batches, at most `batch_worker_concurrency` per worker and
-`batch_max_concurrency` per batch in the whole pool, and none while the worker is busy with
-`batch_yield_live_jobs` live requests.
+taken round-robin across running batches, at most `batch_worker_concurrency` per worker (minus
+the live requests it is running) and `batch_max_concurrency` per batch in the whole pool.
 """
 
 import asyncio
@@ -122,10 +121,10 @@ class BatchRunner:
     async def _fill(self, runnable: list[str]) -> None:
         """Lease lines round-robin across running batches, as far as this worker has room."""
         settings = self._settings
-        if not runnable or len(self._state.running) >= settings.batch_yield_live_jobs:
-            return
-        free = settings.batch_worker_concurrency - self.in_flight
-        if free <= 0:
+        # Live requests running on this worker take batch slots one for one: under live load a
+        # worker runs fewer batch lines, and none once live work fills its batch concurrency.
+        free = settings.batch_worker_concurrency - self.in_flight - len(self._state.running)
+        if not runnable or free <= 0:
             return
         self._turn = (self._turn + 1) % len(runnable)
         order = runnable[self._turn:] + runnable[:self._turn]

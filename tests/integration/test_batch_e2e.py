@@ -18,6 +18,14 @@ def _upload(client: openai.OpenAI, content: bytes, name: str = "input.jsonl") ->
     return client.files.create(file=(name, io.BytesIO(content)), purpose="batch")
 
 
+def _running(client: openai.OpenAI, lines: int) -> Any:
+    """Upload `lines` requests, create their batch and wait until it runs."""
+    uploaded = _upload(client, batch_jsonl(lines))
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    return wait_batch(client, batch.id, {"in_progress", "completed"}, timeout_s=10)
+
+
 def _lines(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
     if file_id is None:
         return []
@@ -76,10 +84,7 @@ def test_sdk_drives_the_whole_flow(shared_gateway: Gateway, upstream: FakeUpstre
 def test_cancel_mid_batch(shared_gateway: Gateway, upstream: FakeUpstream) -> None:
     client = shared_gateway.client(shared_gateway.create_key("free"))
     upstream.set_default("general-best", {"delay_s": 0.3})
-    uploaded = _upload(client, batch_jsonl(400))
-    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                  completion_window="24h")
-    wait_batch(client, batch.id, {"in_progress"}, timeout_s=10)
+    batch = _running(client, 400)
     while (client.batches.retrieve(batch.id).request_counts.completed or 0) < 5:
         time.sleep(0.05)
     cancelled = client.batches.cancel(batch.id)
@@ -99,20 +104,14 @@ def test_cancel_mid_batch(shared_gateway: Gateway, upstream: FakeUpstream) -> No
     # Cancelling stopped the work: far fewer upstream calls than lines.
     assert len(upstream.requests()) < 400
     with pytest.raises(openai.BadRequestError):
-        client.batches.cancel(wait_batch(client, _tiny_batch(client), {"completed"}, 30).id)
-
-
-def _tiny_batch(client: openai.OpenAI) -> str:
-    uploaded = _upload(client, batch_jsonl(1))
-    return client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
-                                 completion_window="24h").id
+        client.batches.cancel(wait_batch(client, _running(client, 1).id, {"completed"}, 30).id)
 
 
 def test_owner_isolation(shared_gateway: Gateway, upstream: FakeUpstream) -> None:
     alice = shared_gateway.client(shared_gateway.create_key("free", name="alice"))
     bob = shared_gateway.client(shared_gateway.create_key("free", name="bob"))
     uploaded = _upload(alice, batch_jsonl(2))
-    batch_id = _tiny_batch(alice)
+    batch_id = _running(alice, 1).id
     for attempt in (lambda: bob.files.retrieve(uploaded.id), lambda: bob.files.content(uploaded.id),
                     lambda: bob.files.delete(uploaded.id), lambda: bob.batches.retrieve(batch_id),
                     lambda: bob.batches.cancel(batch_id),
@@ -123,3 +122,22 @@ def test_owner_isolation(shared_gateway: Gateway, upstream: FakeUpstream) -> Non
     assert [f.id for f in bob.files.list()] == []
     assert [b.id for b in bob.batches.list()] == []
     assert alice.files.retrieve(uploaded.id).id == uploaded.id
+
+
+def test_live_requests_do_not_wait_behind_a_big_batch(shared_gateway: Gateway, upstream: FakeUpstream) -> None:
+    client = shared_gateway.client(shared_gateway.create_key("free"))
+    upstream.set_default("*", {"delay_s": 0.2})
+    batch = _running(client, 2000)
+    try:
+        for _ in range(5):
+            started = time.monotonic()
+            reply = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=3)
+            # Thousands of lines are still queued, yet a live request is served at once (generous
+            # bound for a noisy machine; the upstream itself takes 0.2 s).
+            assert time.monotonic() - started < 5
+            assert reply.choices[0].message.content == "".join(reply_tokens("general-best", 3))
+        assert client.batches.retrieve(batch.id).status == "in_progress"
+    finally:
+        client.batches.cancel(batch.id)
+    wait_batch(client, batch.id, {"cancelled"}, timeout_s=30)
