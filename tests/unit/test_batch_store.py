@@ -119,3 +119,24 @@ async def test_cancel_ends_with_every_unrun_line_in_the_error_file(redis: FakeRe
     with pytest.raises(api_store.OpenAIError):
         await api_store.cancel_batch(redis, "key_a", spec.id + "x")
     assert (await api_store.cancel_batch(redis, "key_a", spec.id))["status"] == "cancelled"  # idempotent
+
+
+async def test_expiry_and_finalizer_takeover(redis: FakeRedis) -> None:
+    spec = await _started(redis, 2)
+    crashed = await _alive(redis, "crashed")
+    await crashed.record(spec.id, 0, "c0", b'{"custom_id":"c0"}', "completed")
+    assert await crashed.expire(spec.id)
+    assert not await crashed.expire(spec.id)  # once
+    assert await crashed.claim(spec.id, 5, cap=10) == []  # an expiring batch starts nothing new
+    assert await crashed.begin_finalize(spec.id)
+    # The finalizer dies before writing anything; another worker takes over from it, once.
+    rescuer = await _alive(redis, "rescuer")
+    assert not await rescuer.begin_finalize(spec.id)
+    assert await rescuer.begin_finalize(spec.id, take_over_from="crashed")
+    assert not await crashed.finalize(spec, stop="expire")  # no longer the finalizer
+    assert await rescuer.finalize(spec, stop="expire")
+    batch = await api_store.get_batch(redis, "key_a", spec.id)
+    assert batch["status"] == "expired" and batch["expired_at"]
+    assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
+    errors = (await api_store.file_content(redis, "key_a", batch["error_file_id"])).splitlines()
+    assert [orjson.loads(e)["error"]["code"] for e in errors] == ["batch_expired"]
