@@ -115,7 +115,7 @@ class BatchRunner:
                 if view.status != "validating":
                     moved += await self._store.reclaim(view.spec.id, set(self._lines.get(view.spec.id, {})))
             if moved:
-                log.info("re-queued %d batch lines leased by workers that died", moved)
+                log.info("re-queued %d batch lines (their worker died, or a release failed)", moved)
         await self._fill(runnable)
 
     async def _fill(self, runnable: list[str]) -> None:
@@ -151,7 +151,10 @@ class BatchRunner:
             log.warning("batch line %s/%d not recorded (redis: %s); it will be re-run", batch_id, idx,
                         type(exc).__name__)
         finally:
-            self._lines.get(batch_id, {}).pop(idx, None)
+            tasks = self._lines.get(batch_id, {})
+            tasks.pop(idx, None)
+            if not tasks:
+                self._lines.pop(batch_id, None)
             self._slot_freed.set()
 
     async def _run_and_record(self, batch_id: str, idx: int, line: BatchLine) -> None:
