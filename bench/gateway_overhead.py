@@ -27,8 +27,10 @@ from bench.harness import (
     BadAnswer,
     Stack,
     Target,
+    cpu_seconds,
     load_average,
     percentile,
+    redis_commands,
     running_stack,
     targets,
     timed_call,
@@ -74,7 +76,11 @@ class Row:
     load_before: str
     load_after: str
     lost_or_duplicated: int = 0
-    notes: list[str] = field(default_factory=list)
+    # CPU (user + system) each process class spent per gateway request, over the gateway blocks:
+    # unlike latency, this barely moves with the machine's load.
+    gateway_cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
+    # Redis commands per gateway request, by command (INFO commandstats over the gateway blocks).
+    redis_commands_per_request: dict[str, float] = field(default_factory=dict)
 
 
 async def run_block(client: httpx.AsyncClient, target: Target, stream: bool, concurrency: int, n: int) -> Block:
@@ -100,6 +106,15 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 3)
 
 
+def _cpu_by_role(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far, summed per process class (api, worker, redis, fake)."""
+    totals: dict[str, float] = {}
+    for role, pid in stack.pids().items():
+        kind = role.split("-")[0]
+        totals[kind] = totals.get(kind, 0.0) + cpu_seconds(pid)
+    return totals
+
+
 async def measure_cell(stack: Stack, client: httpx.AsyncClient, stream: bool, concurrency: int, rounds: int,
                        requests: int) -> Row:
     """Warm up, then `rounds` interleaved rounds of direct and gateway blocks."""
@@ -111,9 +126,20 @@ async def measure_cell(stack: Stack, client: httpx.AsyncClient, stream: bool, co
     for target in (direct, via):  # warm-up: connections, pools, caches
         await run_block(client, target, stream, concurrency, warm)
     per_round: list[tuple[Block, Block]] = []
+    gateway_cpu_s: dict[str, float] = {}
+    commands: dict[str, int] = {}
     for i in range(rounds):
         order = (direct, via) if i % 2 == 0 else (via, direct)
-        blocks = {t.name: await run_block(client, t, stream, concurrency, n) for t in order}
+        blocks = {}
+        for target in order:
+            cpu_before = _cpu_by_role(stack)
+            commands_before = await redis_commands(stack.redis_url)
+            blocks[target.name] = await run_block(client, target, stream, concurrency, n)
+            if target is via:
+                for kind, used in _cpu_by_role(stack).items():
+                    gateway_cpu_s[kind] = gateway_cpu_s.get(kind, 0.0) + used - cpu_before[kind]
+                for command, calls in (await redis_commands(stack.redis_url)).items():
+                    commands[command] = commands.get(command, 0) + calls - commands_before.get(command, 0)
         per_round.append((blocks["direct"], blocks["gateway"]))
     sent = {"direct": warm + rounds * n, "gateway": warm + rounds * n}
     seen = await asyncio.to_thread(upstream_calls, stack.fake)
@@ -140,14 +166,27 @@ async def measure_cell(stack: Stack, client: httpx.AsyncClient, stream: bool, co
         throughput_ratio=round(statistics.median(ratios), 3),
         failures=sum(d.failures + g.failures for d, g in per_round),
         load_before=load_before, load_after=load_average(), lost_or_duplicated=lost_or_duplicated,
+        gateway_cpu_ms_per_request={k: round(v * 1000 / (rounds * n), 3) for k, v in gateway_cpu_s.items()},
+        # Minus the one INFO of each block's own measurement.
+        redis_commands_per_request={k: round((v - (rounds if k == "info" else 0)) / (rounds * n), 2)
+                                    for k, v in sorted(commands.items(), key=lambda kv: -kv[1]) if v},
     )
+
+
+def _cpu_text(row: Row) -> str:
+    cpu = row.gateway_cpu_ms_per_request
+    return f"{cpu.get('api', 0):.2f}+{cpu.get('worker', 0):.2f}+{cpu.get('redis', 0):.2f}"
+
+
+def _commands(row: Row) -> float:
+    return sum(row.redis_commands_per_request.values())
 
 
 def print_table(rows: list[Row]) -> None:
     """The results as a fixed-width table (milliseconds; added = gateway − direct)."""
     header = (f"{'mode':<12} {'conc':>4} {'direct p50/p99':>15} {'gateway p50/p99':>16} {'added p50':>10} "
               f"{'added p99':>10} {'added p50 range':>17} {'req/s d→gw':>14} {'ratio':>6} {'fail':>4} "
-              f"{'lost/dup':>8}  load before → after")
+              f"{'lost/dup':>8}  {'CPU ms/req api+wrk+redis':>24} {'cmds/req':>8}  load before → after")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -155,7 +194,7 @@ def print_table(rows: list[Row]) -> None:
               f"{r.gateway_p50_ms:>7.2f}/{r.gateway_p99_ms:<8.2f} {r.added_p50_ms:>10.2f} {r.added_p99_ms:>10.2f} "
               f"{r.added_p50_range_ms[0]:>8.2f}..{r.added_p50_range_ms[1]:<7.2f} "
               f"{r.direct_rps:>6.0f}→{r.gateway_rps:<7.0f} {r.throughput_ratio:>6.2f} {r.failures:>4} "
-              f"{r.lost_or_duplicated:>8}  {r.load_before} → {r.load_after}")
+              f"{r.lost_or_duplicated:>8}  {_cpu_text(r):>24} {_commands(r):>8.1f}  {r.load_before} → {r.load_after}")
 
 
 async def run(stack: Stack, args: argparse.Namespace) -> dict[str, object]:
@@ -171,6 +210,10 @@ async def run(stack: Stack, args: argparse.Namespace) -> dict[str, object]:
                       f"p99 {row.added_p99_ms:.2f} ms (load {row.load_after})", flush=True)
     print()
     print_table(rows)
+    print("\nRedis commands per gateway request (c=1):")
+    for row in rows:
+        if row.concurrency == min(args.concurrency):
+            print(f"  {row.mode}: {row.redis_commands_per_request}")
     result: dict[str, object] = {"overhead": [asdict(r) for r in rows]}
     if args.streams:
         result["streams"] = await streams_load.run(stack, rounds=args.stream_rounds)

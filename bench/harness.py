@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import orjson
+from redis.asyncio import Redis as AsyncRedis
 
 from bench.fake_upstream import reply_tokens
 from cli.embedded_redis import free_port, start_server
@@ -62,6 +63,13 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     # After the ")" that ends the command name, utime and stime are the 12th and 13th fields.
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+
+
+async def redis_commands(redis_url: str) -> dict[str, int]:
+    """Calls per command since the server started (INFO commandstats): a load-independent cost."""
+    async with AsyncRedis.from_url(redis_url) as redis:
+        stats = await redis.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
 
 
 def load_average() -> str:

@@ -21,6 +21,7 @@ from router.health import HealthSnapshot, HealthStore, KeyState, key_fingerprint
 from router.keys import KeyRotation, NoUsableKey, quota_from_headers
 from router.policy import POLICY, Outcome, Tuning, classify, cooling_s, retry_wait_s
 from router.providers.openai_compat import OpenAICompatProvider
+from router.select import NoneAvailable
 
 __all__ = ["AllFailed", "AttemptLog", "FailoverExecutor", "MidStreamFailure", "RunState"]
 
@@ -28,6 +29,8 @@ log = logging.getLogger("freeference.failover")
 
 # A model that answered 404 stays out of rotation this long (the catalog refresh may end it sooner).
 MODEL_GONE_COOLDOWN_S = 300.0
+# Retry-After for a request whose candidates were all being probed by other workers.
+_BUSY_RETRY_AFTER_S = 1.0
 # A retry wait must leave at least this much of the request's budget for the retry itself.
 _MIN_ATTEMPT_BUDGET_S = 0.5
 
@@ -137,7 +140,10 @@ class FailoverExecutor:
                     continue
                 await self._succeeded(deployment, api_key, result.first_chunk_ms, result.headers)
                 return deployment
-        last = last or UpstreamError("no eligible deployment could be tried")
+        if last is None:
+            # Nothing was tried: every candidate was being probed by another worker or had no
+            # usable key left. That is "unavailable right now", not an upstream failure.
+            raise NoneAvailable(_BUSY_RETRY_AFTER_S)
         if visible and state.chunks_sent > 0:
             raise MidStreamFailure(last)
         raise AllFailed(last)

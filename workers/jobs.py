@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -159,9 +160,7 @@ async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnR
     groups = candidate_groups(state.catalog, job.requested_model, intent, job.fallback_models)
     body = dict(job.body)
     async with asyncio.timeout(budget_s()):
-        # One round trip: the shared health of every candidate and of its provider's keys.
-        health = await state.executor.snapshot([d for group in groups for d in group])
-        ranked = rank(groups, intent, health, estimate_tokens(body))
+        health, ranked = await _ranked(state, groups, intent, body, budget_s)
         if job.stream:
             return await _stream(state, run, ranked, health, body, budget_s, intent, why, on_start, on_chunk)
         # Non-streaming requests stream upstream too (stall detection, no truncated answers).
@@ -170,6 +169,26 @@ async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnR
         completion, served = await state.executor.complete(ranked, body, run, health, budget_s)
         route = _route(served, run, intent, why)
         return DoneEvent(route=route, usage=completion.get("usage"), completion=completion)
+
+
+async def _ranked(state: WorkerState, groups: list[list[Deployment]], intent: Intent, body: dict[str, Any],
+                  budget_s: Callable[[], float]) -> tuple[HealthSnapshot, list[Deployment]]:
+    """Candidates that may be tried now, from one read of the shared health.
+
+    When every candidate is cooling for only a short while, wait for the soonest once instead
+    of refusing: a one-second Retry-After should not become a 503 for everyone in that second.
+    """
+    deployments = [d for group in groups for d in group]
+    needed_tokens = estimate_tokens(body)
+    health = await state.executor.snapshot(deployments)
+    try:
+        return health, rank(groups, intent, health, needed_tokens)
+    except NoneAvailable as exc:
+        if exc.retry_after_s > min(state.settings.short_retry_after_max_s, budget_s() - 1):
+            raise
+        await asyncio.sleep(exc.retry_after_s + random.uniform(0, 0.2))  # jitter: no thundering herd
+    health = await state.executor.snapshot(deployments)
+    return health, rank(groups, intent, health, needed_tokens)
 
 
 def error_event(exc: BaseException, run: RunState) -> ErrorEvent:

@@ -24,12 +24,16 @@ FAST_ENV = {
     "FREEFERENCE_BREAKER_COOLDOWN_S": "1",
     "FREEFERENCE_BREAKER_MAX_COOLDOWN_S": "4",
     "FREEFERENCE_LIVE_DEPLOYMENTS_PUBLISH_S": "0.5",
+    # The caller's own limits are not under test here.
+    "FREEFERENCE_FREE_RPM": "1000000", "FREEFERENCE_FREE_TPM": "1000000000", "FREEFERENCE_FREE_RPD": "1000000",
+    "FREEFERENCE_PRO_RPM": "1000000", "FREEFERENCE_PRO_TPM": "1000000000", "FREEFERENCE_PRO_RPD": "1000000",
+    "FREEFERENCE_MAX_STREAMS_PER_KEY": "10000",
 }
 
 
-def failover_catalog(upstream_url: str, refresh_models_s: float = 0) -> str:
+def failover_catalog(upstream_url: str, refresh_models_s: float = 0, idle_s: float = 4) -> str:
     """best (8k, prefill) > backup (32k, prefill) > small (4k, no prefill) for general."""
-    timeout = {"connect_s": 1, "first_token_s": 1.5, "idle_s": 4, "total_s": 20}
+    timeout = {"connect_s": 1, "first_token_s": 1.5, "idle_s": idle_s, "total_s": 20}
     providers = [
         {"id": "fake-a", "base_url": upstream_url, "api_keys_env": ["FAKE_A_KEY", "FAKE_A_KEY_2"],
          "timeout": timeout, "refresh_models_s": refresh_models_s},
