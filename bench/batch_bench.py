@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import orjson
 import uvloop
+from redis import Redis
 
 from bench.harness import BadAnswer, Stack, cpu_seconds, load_average, percentile, running_stack, targets, timed_call
 from tests.support.processes import batch_jsonl
@@ -56,6 +57,7 @@ async def batch_phase(client: httpx.AsyncClient, stack: Stack, lines: int) -> di
         "input_file_id": uploaded["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"})).json()
     create_s = time.perf_counter() - created_at
     cpu_before = {role: cpu_seconds(pid) for role, pid in stack.pids().items()}
+    commands_before = _redis_commands(stack)
     live: list[float] = []
     errors: list[str] = []
     next_poll = 0.0
@@ -69,6 +71,7 @@ async def batch_phase(client: httpx.AsyncClient, stack: Stack, lines: int) -> di
             next_poll = time.perf_counter() + 0.5
     elapsed_s = time.perf_counter() - created_at
     cpu = {role: round(cpu_seconds(pid) - cpu_before[role], 1) for role, pid in stack.pids().items()}
+    commands = _redis_commands(stack) - commands_before
     ids: collections.Counter[str] = collections.Counter()
     for key in ("output_file_id", "error_file_id"):
         if batch.get(key):
@@ -78,7 +81,14 @@ async def batch_phase(client: httpx.AsyncClient, stack: Stack, lines: int) -> di
     return {"status": batch["status"], "request_counts": batch["request_counts"], "exactly_once": exactly_once,
             "upload_s": round(upload_s, 2), "create_and_validate_s": round(create_s, 2),
             "elapsed_s": round(elapsed_s, 2), "lines_per_s": round(lines / elapsed_s, 1),
-            "live": live, "live_errors": errors, "cpu_s": cpu}
+            "live": live, "live_errors": errors, "cpu_s": cpu,
+            "cpu_ms_per_line": {role: round(v * 1000 / lines, 2) for role, v in cpu.items()},
+            "redis_commands_per_line": round(commands / lines, 1)}
+
+
+def _redis_commands(stack: Stack) -> int:
+    with Redis.from_url(stack.redis_url) as redis:
+        return int(redis.info("stats")["total_commands_processed"])
 
 
 async def run(stack: Stack, lines: int, probes: int) -> dict[str, Any]:
@@ -108,10 +118,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--probes", type=int, default=200)
+    parser.add_argument("--worker-concurrency", type=int, help="FREEFERENCE_BATCH_WORKER_CONCURRENCY")
+    parser.add_argument("--lag-target-ms", type=float, help="FREEFERENCE_BATCH_LOOP_LAG_TARGET_MS (0: no pacing)")
     parser.add_argument("--json", type=str, help="also write the results here")
     args = parser.parse_args(argv)
     print(f"load average at start: {load_average()}", flush=True)
-    with running_stack(workers=args.workers, FREEFERENCE_BATCH_MAX_LINES=str(max(args.lines, 50_000))) as stack:
+    env = {"FREEFERENCE_BATCH_MAX_LINES": str(max(args.lines, 50_000))}
+    if args.worker_concurrency:
+        env["FREEFERENCE_BATCH_WORKER_CONCURRENCY"] = str(args.worker_concurrency)
+    if args.lag_target_ms is not None:
+        env["FREEFERENCE_BATCH_LOOP_LAG_TARGET_MS"] = str(args.lag_target_ms)
+    with running_stack(workers=args.workers, **env) as stack:
         # Every upstream call (batch lines and live probes alike) waits this long, like a real provider.
         stack.fake.set_default("*", {"delay_s": args.latency_ms / 1000})
         result = uvloop.run(run(stack, args.lines, args.probes))

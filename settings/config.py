@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     # Lines in flight per worker process; each live request the worker runs takes one of these slots.
     batch_worker_concurrency: int = Field(default=32, ge=1)
     batch_max_concurrency: int = Field(default=64, ge=1)  # lines in flight per batch, whole pool
+    # Batch concurrency backs off while a worker's event loop lags more than this (0: never).
+    batch_loop_lag_target_ms: float = Field(default=20.0, ge=0)
     batch_line_max_attempts: int = Field(default=3, ge=1)  # a line failing with 5xx is re-queued
     batch_poll_s: float = Field(default=0.25, gt=0)  # how often an idle runner looks for work
 

@@ -3,8 +3,9 @@
 Batch lines never enter the arq queue (a long-lived job there is re-checked by every poll of
 every worker, see docs/batches.md); each worker leases a few lines at a time, runs them through
 the same execute() as live jobs, and records each result exactly once. Fairness: lines are
-taken round-robin across running batches, at most `batch_worker_concurrency` per worker (minus
-the live requests it is running) and `batch_max_concurrency` per batch in the whole pool.
+taken round-robin across running batches, at most `batch_worker_concurrency` per worker (less
+while its event loop lags, and minus the live requests it runs) and `batch_max_concurrency` per
+batch in the whole pool.
 """
 
 import asyncio
@@ -21,6 +22,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.failover import RunState
+from workers.batch_pacing import LagGovernor
 from workers.batch_store import BatchStore, BatchView, output_line
 from workers.jobs import WorkerState, error_event, execute
 from workers.protocol import BatchLine, RouteInfo
@@ -55,6 +57,8 @@ class BatchRunner:
         self._slot_freed = asyncio.Event()
         self._turn = 0
         self._last_sweep = 0.0
+        self._pacing = LagGovernor(state.settings.batch_worker_concurrency,
+                                   state.settings.batch_loop_lag_target_ms / 1000)
 
     @property
     def in_flight(self) -> int:
@@ -64,6 +68,7 @@ class BatchRunner:
     async def run(self) -> None:
         """Tick until cancelled; Redis outages are waited out."""
         backoff_s = 0.05
+        pacing = asyncio.create_task(self._pacing.watch(), name="batch-pacing")
         try:
             while True:
                 self._slot_freed.clear()
@@ -82,6 +87,7 @@ class BatchRunner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_freed.wait(), self._settings.batch_poll_s)
         finally:
+            pacing.cancel()
             await self._stop_all()
 
     async def _tick(self) -> None:
@@ -121,9 +127,9 @@ class BatchRunner:
     async def _fill(self, runnable: list[str]) -> None:
         """Lease lines round-robin across running batches, as far as this worker has room."""
         settings = self._settings
-        # Live requests running on this worker take batch slots one for one: under live load a
-        # worker runs fewer batch lines, and none once live work fills its batch concurrency.
-        free = settings.batch_worker_concurrency - self.in_flight - len(self._state.running)
+        # The pacing limit follows the event loop's lag (workers/batch_pacing.py), and live
+        # requests running here take batch slots one for one: live work always comes first.
+        free = self._pacing.limit - self.in_flight - len(self._state.running)
         if not runnable or free <= 0:
             return
         self._turn = (self._turn + 1) % len(runnable)
