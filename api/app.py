@@ -13,6 +13,7 @@ from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
 from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import EdgeMiddleware
+from api.openapi_schema import install_openapi
 from api.relay import ReplyHub
 from api.routes import admin, batches, chat, files, health
 from settings import Settings, get_settings
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
+    install_openapi(app)  # documents the real error answers (api/openapi_schema.py)
     # File uploads get their own limit (plus room for the multipart framing); the route checks the file itself.
     upload_limit = current_settings().batch_upload_max_bytes + 64 * 1024
     # Each add wraps the previous: metrics (outermost) see every answer, 413s and 503s included.

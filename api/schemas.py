@@ -23,9 +23,16 @@ class ContentPart(_Open):
     type: str = Field(min_length=1)
 
 
+def _document_non_empty_parts(schema: dict[str, Any]) -> None:
+    # The OpenAPI document says what _non_empty_parts enforces (an array of content parts needs one).
+    for option in schema.get("anyOf", []):
+        if option.get("type") == "array":
+            option["minItems"] = 1
+
+
 class Message(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
+    content: str | list[ContentPart] | None = Field(default=None, json_schema_extra=_document_non_empty_parts)
     name: str | None = None
     tool_call_id: str | None = None
     tool_calls: list[dict[str, Any]] | None = None

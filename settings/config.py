@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     # Protective limits (api/backpressure.py); 0 disables one. Past the first, a process answers
     # 503 + Retry-After at once instead of queueing without bound; past the second, 429.
     max_inflight_requests: int = Field(default=1000, ge=0)  # chat requests in flight per API process
-    max_streams_per_key: int = Field(default=64, ge=0)  # open streams per key, across all replicas
+    max_streams_per_key: int = Field(default=128, ge=0)  # open streams per key, across all replicas
     default_capability: str = "text-basic"
 
     # Queue and deadlines

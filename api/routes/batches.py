@@ -23,8 +23,9 @@ class CreateBatchRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     input_file_id: str = Field(min_length=1)
-    endpoint: str
-    completion_window: str
+    # The enums only document what the checks below accept (their messages stay OpenAI's).
+    endpoint: str = Field(json_schema_extra={"enum": [BATCH_URL]})
+    completion_window: str = Field(json_schema_extra={"enum": [*COMPLETION_WINDOWS]})
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         default=None, max_length=16)
 

@@ -29,7 +29,8 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
 
 @router.post("/v1/files")
 async def upload_file(key: CurrentKey, redis: RedisDep, settings: SettingsDep,
-                      file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict[str, Any]:
+                      file: Annotated[UploadFile, File(json_schema_extra={"minLength": 1})],
+                      purpose: Annotated[str, Form(json_schema_extra={"enum": ["batch"]})]) -> dict[str, Any]:
     """Upload a JSONL file for the Batch API (multipart: `file`, `purpose=batch`)."""
     if purpose != "batch":
         raise invalid_request("Only purpose 'batch' is supported.", param="purpose")
