@@ -108,7 +108,8 @@ redis.call('HSET', KEYS[1], 'stop', 'expire')
 return 1
 """
 
-_PARTS = ("lines", "pending", "leases", "results", "attempts")
+_PARTS: tuple[Literal["lines", "pending", "leases", "results", "attempts"], ...] = (
+    "lines", "pending", "leases", "results", "attempts")
 _UNRUN = {"cancel": ("batch_cancelled", "The batch was cancelled before this request ran."),
           "expire": ("batch_expired", "The batch expired before this request could run.")}
 
@@ -214,8 +215,11 @@ class BatchStore:
         """An API process died while validating: the batch fails, nothing ran."""
         errors = {"object": "list", "data": [{"code": "validation_interrupted", "param": None, "line": None,
                                               "message": "Validation was interrupted; please create the batch again."}]}
-        await self._redis.hset(batch_key(batch_id), mapping={  # type: ignore[misc]
-            "status": "failed", "failed_at": int(time.time()), "errors": orjson.dumps(errors)})
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(batch_key(batch_id), mapping={"status": "failed", "failed_at": int(time.time()),
+                                                    "errors": orjson.dumps(errors)})
+            pipe.delete(*(batch_part_key(batch_id, p) for p in _PARTS))  # lines half-written, if any
+            await pipe.execute()
 
     async def begin_finalize(self, batch_id: str, take_over_from: str = "") -> bool:
         """Claim the finalization of a batch whose lines are done (or that is stopping)."""
@@ -265,7 +269,7 @@ class BatchStore:
                     pipe.hincrby(batch_key(batch_id), "failed", len(unrun))
                 pipe.hset(batch_key(batch_id), mapping=fields)
                 pipe.srem(BATCH_ACTIVE_KEY, batch_id)
-                pipe.delete(*(batch_part_key(batch_id, p) for p in _PARTS))  # type: ignore[arg-type]
+                pipe.delete(*(batch_part_key(batch_id, p) for p in _PARTS))
                 await pipe.execute()
             except WatchError:
                 return False

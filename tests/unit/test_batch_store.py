@@ -140,3 +140,16 @@ async def test_expiry_and_finalizer_takeover(redis: FakeRedis) -> None:
     assert batch["request_counts"] == {"total": 2, "completed": 1, "failed": 1}
     errors = (await api_store.file_content(redis, "key_a", batch["error_file_id"])).splitlines()
     assert [orjson.loads(e)["error"]["code"] for e in errors] == ["batch_expired"]
+
+
+async def test_interrupted_validation_fails_and_cleans_up(redis: FakeRedis) -> None:
+    now = int(time.time())
+    spec = BatchSpec(id="batch_2", owner="key_a", endpoint="/v1/chat/completions", input_file_id="file-1",
+                     completion_window="24h", created_at=now, expires_at=now + 60)
+    await api_store.create_batch(redis, spec)
+    await redis.hset(batch_part_key(spec.id, "lines"), "0", _lines(1)[0].model_dump_json())  # half-loaded
+    assert await redis.sismember(BATCH_ACTIVE_KEY, spec.id)  # type: ignore[misc]
+    await BatchStore(redis, "w").fail_stale_validation(spec.id)
+    batch = await api_store.get_batch(redis, "key_a", spec.id)
+    assert batch["status"] == "failed" and batch["errors"]["data"][0]["code"] == "validation_interrupted"
+    assert not await redis.exists(batch_part_key(spec.id, "lines"))
