@@ -15,7 +15,7 @@ from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import EdgeMiddleware
 from api.openapi_schema import install_openapi
 from api.relay import ReplyHub
-from api.routes import admin, batches, chat, files, health
+from api.routes import admin, batches, chat, files, health, models
 from settings import Settings, get_settings
 from settings.catalog import load_catalog
 
@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)
     app.include_router(chat.router)
+    app.include_router(models.router)
     app.include_router(files.router)
     app.include_router(batches.router)
     app.include_router(admin.router)
