@@ -147,7 +147,8 @@ async def test_interrupted_validation_fails_and_cleans_up(redis: FakeRedis) -> N
     spec = BatchSpec(id="batch_2", owner="key_a", endpoint="/v1/chat/completions", input_file_id="file-1",
                      completion_window="24h", created_at=now, expires_at=now + 60)
     await api_store.create_batch(redis, spec)
-    await redis.hset(batch_part_key(spec.id, "lines"), "0", _lines(1)[0].model_dump_json())  # half-loaded  # type: ignore[misc]
+    # Lines half-written by an API process that died while validating.
+    await redis.hset(batch_part_key(spec.id, "lines"), "0", _lines(1)[0].model_dump_json())  # type: ignore[misc]
     assert await redis.sismember(BATCH_ACTIVE_KEY, spec.id)  # type: ignore[misc]
     await BatchStore(redis, "w").fail_stale_validation(spec.id)
     batch = await api_store.get_batch(redis, "key_a", spec.id)
