@@ -88,7 +88,7 @@ REQUEST_ID: ContextVar[str | None] = ContextVar("freeference_request_id", defaul
 # A deployment is "provider/model"; its health is one hash so a worker reads the health of all
 # its candidates in one pipelined round trip.
 def deployment_health_key(deployment: str) -> str:
-    """Hash of HEALTH_FIELDS for one deployment."""
+    """Hash of the DeploymentHealth fields of one deployment."""
     return f"ff:health:{deployment}"
 
 
