@@ -11,20 +11,14 @@ from api.errors import OpenAIError, invalid_request
 
 router = APIRouter()
 
-_READ_CHUNK_BYTES = 1024 * 1024
-
 
 async def _read_limited(upload: UploadFile, limit: int) -> bytes:
-    """The whole upload, or 413 as soon as it passes `limit` bytes."""
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await upload.read(_READ_CHUNK_BYTES):
-        size += len(chunk)
-        if size > limit:
-            raise OpenAIError(413, f"File is larger than the limit of {limit} bytes.", code="file_too_large",
-                              param="file")
-        parts.append(chunk)
-    return b"".join(parts)
+    """The whole upload (one read, one copy in memory), or 413 when it is over `limit` bytes."""
+    content = await upload.read(limit + 1)
+    if len(content) > limit:
+        raise OpenAIError(413, f"File is larger than the limit of {limit} bytes.", code="file_too_large",
+                          param="file")
+    return content
 
 
 @router.post("/v1/files")
