@@ -5,7 +5,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from redis.asyncio import Redis
 
 from api.admission import Gatekeeper
 from api.backpressure import InflightLimitMiddleware, StreamLimiter
@@ -18,6 +17,7 @@ from api.relay import ReplyHub
 from api.routes import admin, batches, chat, files, health, models
 from settings import Settings, get_settings
 from settings.catalog import load_catalog
+from settings.redis_url import redis_client
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -30,8 +30,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         conf = current_settings()
         app.state.catalog = load_catalog(conf.catalog)
-        redis = Redis.from_url(conf.effective_redis_url, health_check_interval=10,
-                               socket_keepalive=True, retry_on_timeout=True)
+        redis = redis_client(conf.effective_redis_url, health_check_interval=10,
+                             socket_keepalive=True, retry_on_timeout=True)
         hub = ReplyHub(redis, process_id=uuid.uuid4().hex[:12])
         await hub.start()
         app.state.redis = redis

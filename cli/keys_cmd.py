@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from api.keys import KeyLimits, KeyRecord, create_key, effective_limits, get_key, key_id_of, list_keys, update_key
 from api.usage import read_usage
 from settings import get_settings
+from settings.redis_url import redis_client
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -58,7 +59,7 @@ def _limit_flags(parser: argparse.ArgumentParser, minimum: int = 1) -> None:
 
 def _run(action: Callable[[Redis], Awaitable[int]]) -> int:
     async def go() -> int:
-        async with Redis.from_url(get_settings().effective_redis_url) as redis:
+        async with redis_client(get_settings().effective_redis_url) as redis:
             return await action(redis)
 
     return asyncio.run(go())

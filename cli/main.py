@@ -36,12 +36,11 @@ def _run_worker(_: argparse.Namespace) -> int:
 
 
 def _demo_key(redis_url: str) -> str:
-    from redis.asyncio import Redis
-
     from api.keys import create_key
+    from settings.redis_url import redis_client
 
     async def go() -> str:
-        async with Redis.from_url(redis_url) as redis:
+        async with redis_client(redis_url) as redis:
             key, _ = await create_key(redis, name="demo", tier="pro")
             return key
 

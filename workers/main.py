@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from router.catalog import RuntimeCatalog
 from settings import Settings, get_settings
 from settings.catalog import load_catalog
+from settings.redis_url import sentinel_target
 from workers.batches import run_batches
 from workers.jobs import WorkerState, chat_completion
 from workers.protocol import ARQ_JOB_FUNCTION, WAKE_CHANNEL, control_channel, worker_heartbeat_key
@@ -151,6 +152,15 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
         await client.aclose()
 
 
+def arq_redis_settings(url: str) -> RedisSettings:
+    """arq's connection settings for a plain or a redis+sentinel:// URL."""
+    target = sentinel_target(url)
+    if target is None:
+        return RedisSettings.from_dsn(url)
+    return RedisSettings(host=target.sentinels, sentinel=True, sentinel_master=target.service, database=target.db,
+                         username=target.username, password=target.password)
+
+
 def build_worker(settings: Settings | None = None) -> FreeferenceWorker:
     """A worker configured from settings (one per process)."""
     settings = settings or get_settings()
@@ -162,7 +172,7 @@ def build_worker(settings: Settings | None = None) -> FreeferenceWorker:
         settings=settings,
         worker_id=worker_id,
         queue_name=settings.queue_name,
-        redis_settings=RedisSettings.from_dsn(settings.effective_redis_url),
+        redis_settings=arq_redis_settings(settings.effective_redis_url),
         max_jobs=settings.worker_max_jobs,
         poll_delay=settings.worker_fallback_poll_s,
         keep_result=0,
