@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import openai
 import orjson
 import pytest
 
@@ -174,6 +175,15 @@ def test_limits_reset_when_their_window_does(gateway_factory: GatewayFactory) ->
     time.sleep(wait_ms / 1000 + 0.05)
     again = asyncio.run(_burst_one(short, key, 2))
     assert [r.status_code for r in again] == [200, 200]
+
+    # The stock SDK reads retry-after-ms, waits for the window to end and then succeeds.
+    sdk_key = short.create_key("free", rpm=1)
+    sdk = openai.OpenAI(base_url=short.url(0) + "/v1", api_key=sdk_key, max_retries=3, timeout=30)
+    _same_window(2, 1.0)
+    sdk.chat.completions.create(model="auto", messages=MESSAGES, max_tokens=1)
+    raw = sdk.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES, max_tokens=1)
+    assert raw.status_code == 200 and raw.retries_taken >= 1
+    assert raw.headers["x-ratelimit-remaining-requests"] == "0"
 
 
 async def _burst_one(gateway: Gateway, key: str, n: int) -> list[httpx.Response]:
