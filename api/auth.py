@@ -5,6 +5,7 @@ looked up as a Redis key name, so response time does not depend on how much of a
 matches. The master key is the one secret compared directly, with hmac.compare_digest.
 """
 
+import hashlib
 import hmac
 
 from fastapi import Request
@@ -40,7 +41,11 @@ def is_master_key(settings: Settings, token: str) -> bool:
     """Constant-time comparison with the configured master key (False when none is set)."""
     if settings.master_key is None:
         return False
-    return hmac.compare_digest(token.encode(), settings.master_key.get_secret_value().encode())
+    # Digests of both sides have equal length, so not even the master key's length leaks
+    # (compare_digest returns at once on a length mismatch).
+    presented = hashlib.sha256(token.encode()).digest()
+    expected = hashlib.sha256(settings.master_key.get_secret_value().encode()).digest()
+    return hmac.compare_digest(presented, expected)
 
 
 async def authenticate(request: Request, settings: Settings) -> KeyRecord:
