@@ -13,12 +13,12 @@ import time
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,10 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from workers.protocol import (
     LIVE_DEPLOYMENTS_KEY,
     WORKER_HEARTBEAT_PREFIX,
-    AttemptFailure,
     DeploymentHealth,
-    RouteInfo,
-    WorkerTimings,
     deployment_health_key,
 )
 
@@ -41,15 +38,6 @@ _OVERHEAD_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 
 BREAKER_STATES = ("closed", "half_open", "open", "cooling", "gone")
 # Set by a route or middleware on a refusal it makes itself, so the limit is named in metrics.
 LIMIT_HEADER = "x-freeference-limit"
-
-
-class _Outcome(BaseModel):
-    """The parts of a done / error event that metrics need (the completion itself is skipped)."""
-
-    model_config = ConfigDict(extra="ignore")
-    route: RouteInfo | None = None
-    failures: list[AttemptFailure] = Field(default_factory=list)
-    timings: WorkerTimings | None = None
 
 
 class Metrics:
@@ -75,6 +63,9 @@ class Metrics:
         self.upstream_attempts = Counter("freeference_upstream_attempts",
                                          "Upstream attempts by provider and outcome (ok or the failure reason).",
                                          ["provider", "outcome"], registry=r)
+        self.job_errors = Counter("freeference_job_errors",
+                                  "Jobs that ended in an error event (streams: in-band), by status and code.",
+                                  ["status", "code"], registry=r)
         self.rejections = Counter("freeference_rate_limit_rejections",
                                   "Requests refused by a protective limit (429 / 503).", ["limit"], registry=r)
         self.inflight_requests = Gauge("freeference_inflight_requests", "Requests being served by this process.",
@@ -83,6 +74,20 @@ class Metrics:
                                       registry=r)
         self.cluster = ClusterCollector()
         r.register(self.cluster)
+        # labels() costs microseconds per call; the label sets are few (routes, models, providers).
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def child(self, family: Any, *labels: str) -> Any:
+        """family.labels(*labels), cached."""
+        key = (family._name, *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = family.labels(*labels)
+        return found
+
+    def attempt(self, provider: str, outcome: str) -> Any:
+        """The upstream-attempts counter of one provider and outcome."""
+        return self.child(self.upstream_attempts, provider, outcome)
 
 
 @dataclass(slots=True)
@@ -116,17 +121,28 @@ def note_event(event_type: str, payload: bytes) -> None:
         return
     if event_type not in ("done", "error"):
         return
+    # orjson and plain lookups, not a pydantic model: a non-streaming done event carries the
+    # whole completion, and validating it again here would cost more than all other metrics.
     try:
-        outcome = _Outcome.model_validate_json(payload)
-    except ValidationError:
+        event = orjson.loads(payload)
+        _account(obs.metrics, event_type, event)
+    except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+        log.warning("metrics: unreadable %s event", event_type)
+
+
+def _account(m: "Metrics", event_type: str, event: dict[str, Any]) -> None:
+    for failure in event.get("failures") or ():
+        m.attempt(failure["provider"], failure["reason"]).inc()
+    if event_type == "error":
+        m.job_errors.labels(str(event.get("status")), (event.get("error") or {}).get("code") or "").inc()
         return
-    attempts = obs.metrics.upstream_attempts
-    for failure in outcome.failures:
-        attempts.labels(failure.provider, failure.reason).inc()
-    if event_type == "done" and outcome.route is not None:
-        attempts.labels(outcome.route.provider, "ok").inc()
-        if outcome.timings is not None:
-            obs.upstream_s = outcome.timings.upstream_ms / 1000
+    route = event.get("route")
+    if route:
+        m.attempt(route["provider"], "ok").inc()
+    timings = event.get("timings")
+    obs = _CURRENT.get()
+    if timings and obs is not None:
+        obs.upstream_s = float(timings["upstream_ms"]) / 1000
 
 
 class MetricsMiddleware:
@@ -182,14 +198,14 @@ class MetricsMiddleware:
         def header(name: bytes) -> str:
             return labels.get(name, b"").decode("latin-1")
 
-        m.requests.labels(route, scope.get("method", ""), str(status), header(b"x-freeference-intent"),
-                          header(b"x-freeference-model"), header(b"x-freeference-provider")).inc()
-        m.duration.labels(route, "true" if stream else "false").observe(now - obs.started_s)
+        m.child(m.requests, route, scope.get("method", ""), str(status), header(b"x-freeference-intent"),
+                header(b"x-freeference-model"), header(b"x-freeference-provider")).inc()
+        m.child(m.duration, route, "true" if stream else "false").observe(now - obs.started_s)
         if first_body_s is not None:
             m.first_token.observe(first_body_s - obs.started_s)
         if obs.upstream_s is not None and status == 200:
             seen_s = (first_body_s if stream and first_body_s is not None else now) - obs.started_s
-            m.overhead.labels("first_token" if stream else "complete").observe(max(seen_s - obs.upstream_s, 0.0))
+            m.child(m.overhead, "first_token" if stream else "complete").observe(max(seen_s - obs.upstream_s, 0.0))
         if status in (429, 503):
             limit = header(LIMIT_HEADER.encode())
             if not limit and status == 429:

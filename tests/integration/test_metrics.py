@@ -111,3 +111,19 @@ def test_logs_are_json_with_the_request_id_and_no_key(shared_gateway: Gateway, u
     assert all({"ts", "level", "logger", "msg"} <= r.keys() for r in records)
     assert key not in logs
     assert "Say hello" not in logs
+
+
+def test_job_errors_are_counted_by_code(shared_gateway: Gateway, upstream: FakeUpstream, key: str) -> None:
+    for model in ("general-best", "general-backup", "coder", "reasoner"):
+        upstream.set_default(model, {"status": 500})
+    before = scrape(shared_gateway)
+    response = httpx.post(shared_gateway.base_url + "/v1/chat/completions", timeout=30,
+                          headers={"Authorization": f"Bearer {key}"}, json={"messages": MESSAGES, "max_tokens": 3})
+    assert response.status_code == 502
+    after = scrape(shared_gateway)
+    failed = {"status": "502", "code": "upstream_failed"}
+    assert total(after, "freeference_job_errors_total", **failed) - total(
+        before, "freeference_job_errors_total", **failed) == 1
+    answered = {"route": "/v1/chat/completions", "status": "502"}
+    assert total(after, "freeference_requests_total", **answered) - total(
+        before, "freeference_requests_total", **answered) == 1
