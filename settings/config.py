@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     worker_fallback_poll_s: float = Field(default=0.5, gt=0)
     worker_heartbeat_s: float = Field(default=1.0, gt=0)
     worker_heartbeat_ttl_s: float = Field(default=3.0, gt=0)
+    # How often a worker checks that the API processes of its running jobs are still there.
+    worker_caller_check_s: float = Field(default=2.0, gt=0)
     # SIGTERM lets in-flight streams finish for this long before the worker exits.
     worker_drain_s: float = Field(default=30.0, ge=0)
 

@@ -48,6 +48,8 @@ class WorkerState:
     catalog: RuntimeCatalog
     executor: FailoverExecutor
     running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # job id → its reply channel, so the worker can stop jobs whose API process is gone.
+    callers: dict[str, str] = field(default_factory=dict)
 
 
 class CallerGone(Exception):
@@ -100,6 +102,7 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
         return
     inner = asyncio.create_task(_run(job, state, Publisher(redis, job)))
     state.running[job.job_id] = inner
+    state.callers[job.job_id] = job.reply_channel
     try:
         await inner
     except asyncio.CancelledError:
@@ -108,6 +111,7 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
         log.info("job %s cancelled: the client went away", job.job_id)
     finally:
         state.running.pop(job.job_id, None)
+        state.callers.pop(job.job_id, None)
 
 
 async def _run(job: ChatJob, state: WorkerState, out: Publisher) -> None:

@@ -59,7 +59,8 @@ class FreeferenceWorker(Worker):
         if self.on_startup:
             await self.on_startup(self.ctx)
         self._background = [asyncio.create_task(self._listen(), name="wake-listener"),
-                            asyncio.create_task(self._heartbeat(), name="heartbeat")]
+                            asyncio.create_task(self._heartbeat(), name="heartbeat"),
+                            asyncio.create_task(self._watch_callers(), name="caller-watch")]
         # Batch lines are leased from Redis by this task, never queued in arq (docs/batches.md).
         self._background.append(asyncio.create_task(run_batches(self.pool, self.ctx["state"]), name="batches"))
         log.info("worker %s ready (max_jobs=%d)", self.worker_id, self.max_jobs)
@@ -117,6 +118,27 @@ class FreeferenceWorker(Worker):
             with contextlib.suppress(*_REDIS_DOWN):
                 await self.pool.set(key, info, px=ttl_ms)
             await asyncio.sleep(self.settings.worker_heartbeat_s)
+
+    async def _watch_callers(self) -> None:
+        # A job learns that its API process died when a PUBLISH reaches nobody, but a job that
+        # publishes nothing for a while (non-streaming, or waiting on a slow first token) would
+        # keep its upstream call running. One PUBSUB NUMSUB for all reply channels catches those.
+        while True:
+            await asyncio.sleep(self.settings.worker_caller_check_s)
+            state: WorkerState = self.ctx["state"]
+            channels = sorted(set(state.callers.values()))
+            if not channels:
+                continue
+            try:
+                counts = {name.decode() if isinstance(name, bytes) else name: n
+                          for name, n in await self.pool.pubsub_numsub(*channels)}
+            except _REDIS_DOWN:
+                continue  # the jobs' own publishes fail too, which ends them
+            for job_id, channel in list(state.callers.items()):
+                task = state.running.get(job_id)
+                if counts.get(channel) == 0 and task is not None:
+                    log.info("job %s stopped: nobody listens on its reply channel", job_id)
+                    task.cancel()
 
     async def close(self) -> None:
         for task in self._background:

@@ -1,7 +1,9 @@
 """Crash behaviour with real processes: a worker SIGKILLed or SIGTERMed mid-request, an API killed mid-stream."""
 
+import contextlib
 import signal
 import subprocess
+import threading
 import time
 
 import openai
@@ -82,8 +84,6 @@ def test_worker_sigkill_before_answer_reruns_on_the_other_worker(gateway: Gatewa
             result["error"] = exc
         result["at"] = time.monotonic()
 
-    import threading
-
     thread = threading.Thread(target=call, daemon=True)
     thread.start()
     victim, _ = _busiest(gateway, 1)
@@ -132,3 +132,37 @@ def test_api_killed_mid_stream_leaves_no_upstream_call(gateway_factory, upstream
     assert entry["chunks_sent"] < 100
     upstream.set_default("general-best", None)
     _assert_serves(gateway, key)  # replica 0 and the worker carry on
+
+
+def test_api_killed_during_a_silent_job_stops_the_upstream_call(gateway_factory, upstream: FakeUpstream) -> None:
+    # A non-streaming job publishes nothing until its answer is whole: the worker must still
+    # notice that nobody waits for it any more (its reply channel has no subscriber).
+    gateway = gateway_factory(workers=1, apis=2)
+    key = gateway.create_key("free")
+    upstream.set_default("general-best", {"token_interval_s": 0.2})  # 100 tokens: 20 s upstream
+
+    def call() -> None:
+        with contextlib.suppress(openai.APIError):
+            gateway.client(key, replica=1, timeout=30).chat.completions.create(
+                model="auto", messages=MESSAGES, max_tokens=100)
+
+    threading.Thread(target=call, daemon=True).start()
+    wait_for(lambda: upstream.requests("general-best") and
+             upstream.requests("general-best")[0].get("chunks_sent", 0) > 0, 15, "the upstream call to start")
+    gateway.apis[1].kill()
+    wait_for(lambda: upstream.requests("general-best")[0].get("outcome") == "client_disconnected", 8,
+             "the worker to give up the upstream call")
+    assert upstream.requests("general-best")[0]["chunks_sent"] < 60
+
+
+def test_api_sigterm_lets_open_streams_finish(gateway_factory, upstream: FakeUpstream) -> None:
+    gateway = gateway_factory(workers=1, apis=2)
+    key = gateway.create_key("free")
+    upstream.set_default("general-best", {"token_interval_s": 0.15})
+    probe = StreamProbe(gateway.client(key, replica=1, timeout=30), max_tokens=15).start()
+    wait_for(lambda: probe.first_at is not None, 15, "first token")
+    gateway.apis[1].send_signal(signal.SIGTERM)
+    probe.join(30)
+    assert probe.error is None, probe.error
+    assert probe.pieces == reply_tokens("general-best", 15)
+    assert gateway.apis[1].wait(timeout=15) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal after draining
