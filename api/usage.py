@@ -6,11 +6,13 @@ billed as tokens. The same pipelined write corrects the tokens-per-minute counte
 admission from the estimate to the real total (a failure refunds the estimate).
 """
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
+import anyio
 from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -97,6 +99,13 @@ class UsageRecorder:
             raise
         except OpenAIError:  # deadline, no worker
             await self.failed()
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            # The caller went away mid-answer. The request still happened; its real token count
+            # never arrives, so the admission estimate stands.
+            if not self.recorded:
+                with anyio.CancelScope(shield=True):
+                    await self._write(self._model, 0, 0, failure=False, tokens_delta=0)
             raise
         finally:
             await events.aclose()

@@ -1,6 +1,7 @@
 """/admin/keys, /admin/usage and `freeference keys …` against real processes."""
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -132,3 +133,22 @@ def test_cli_manages_keys_and_shows_usage(gateway: Gateway) -> None:
     assert revoked.returncode == 0 and mine["id"] in revoked.stdout
     assert _chat(gateway, key).status_code == 401
     assert run_cli("keys", "revoke", "key_does_not_exist", env=env).returncode == 1
+
+
+def test_usage_counts_a_request_the_caller_abandoned(gateway: Gateway, upstream: FakeUpstream) -> None:
+    created = _admin(gateway, "POST", "/keys", json={"name": "quitter", "tier": "free"}).json()
+    upstream.script("general-best", {"token_interval_s": 0.3})
+    with httpx.stream("POST", gateway.base_url + "/v1/chat/completions", timeout=20,
+                      headers={"Authorization": f"Bearer {created['key']}"},
+                      json={"messages": MESSAGES, "max_tokens": 40, "stream": True}) as streamed:
+        assert streamed.status_code == 200
+        next(line for line in streamed.iter_lines() if line.startswith("data: {"))
+    # Left after the first chunk: the request is counted, under the model that was answering.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        usage = _admin(gateway, "GET", f"/keys/{created['id']}/usage").json()
+        if usage["total"]["requests"]:
+            break
+        time.sleep(0.1)
+    assert usage["days"][0]["models"] == {
+        "general-best": {"requests": 1, "failures": 0, "prompt_tokens": 0, "completion_tokens": 0}}
