@@ -14,6 +14,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -48,8 +49,9 @@ async def _ignore_chunk(_: dict[str, Any]) -> None:
 class BatchRunner:
     """Runs batch lines on one worker process, next to its live jobs."""
 
-    def __init__(self, redis: Redis, state: WorkerState) -> None:
+    def __init__(self, redis: Redis, state: WorkerState, accepting: Callable[[], bool]) -> None:
         self._state = state
+        self._accepting = accepting  # False once the worker drains for shutdown
         self._settings = state.settings
         self._store = BatchStore(redis, state.worker_id)
         self._lines: dict[str, dict[int, asyncio.Task[None]]] = {}  # batch id → idx → task
@@ -130,7 +132,7 @@ class BatchRunner:
         # The pacing limit follows the event loop's lag (workers/batch_pacing.py), and live
         # requests running here take batch slots one for one: live work always comes first.
         free = self._pacing.limit - self.in_flight - len(self._state.running)
-        if not runnable or free <= 0:
+        if not runnable or free <= 0 or not self._accepting():
             return
         self._turn = (self._turn + 1) % len(runnable)
         order = runnable[self._turn:] + runnable[:self._turn]
@@ -222,6 +224,7 @@ class BatchRunner:
             await asyncio.wait(tasks, timeout=2.0)
 
 
-async def run_batches(redis: Redis, state: WorkerState) -> None:
-    """Entry point for workers/main.py: the batch runner of this worker process."""
-    await BatchRunner(redis, state).run()
+async def run_batches(redis: Redis, state: WorkerState, accepting: Callable[[], bool]) -> None:
+    """Entry point for workers/main.py: the batch runner of this worker process (`accepting`
+    turns False while the worker drains: lines in flight finish, no new ones are leased)."""
+    await BatchRunner(redis, state, accepting).run()

@@ -62,7 +62,8 @@ class FreeferenceWorker(Worker):
                             asyncio.create_task(self._heartbeat(), name="heartbeat"),
                             asyncio.create_task(self._watch_callers(), name="caller-watch")]
         # Batch lines are leased from Redis by this task, never queued in arq (docs/batches.md).
-        self._background.append(asyncio.create_task(run_batches(self.pool, self.ctx["state"]), name="batches"))
+        self._background.append(asyncio.create_task(
+            run_batches(self.pool, self.ctx["state"], lambda: self.allow_pick_jobs), name="batches"))
         log.info("worker %s ready (max_jobs=%d)", self.worker_id, self.max_jobs)
         backoff_s = 0.05
         while True:
