@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     max_inflight_requests: int = Field(default=1000, ge=0)  # chat requests in flight per API process
     max_streams_per_key: int = Field(default=128, ge=0)  # open streams per key, across all replicas
     default_capability: str = "text-basic"
+    # Route model-less requests by the prompt's intent; off → always default_capability.
+    classify_intent: bool = True
 
     # Queue and deadlines
     queue_name: str = "ff:queue"

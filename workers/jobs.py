@@ -17,6 +17,7 @@ from router.catalog import Deployment, RuntimeCatalog
 from router.errors import ContentRejected, ContextTooLong, RequestRejected, UpstreamError
 from router.failover import AllFailed, FailoverExecutor, MidStreamFailure, RunState
 from router.health import HealthSnapshot
+from router.intent import classify_request
 from router.select import NoCandidates, NoneAvailable, NothingFits, candidate_groups, estimate_tokens, rank
 from settings import Settings
 from settings.catalog import Intent
@@ -79,8 +80,13 @@ def _intent_for(job: ChatJob, catalog: RuntimeCatalog, settings: Settings) -> tu
         if cap_intent is not None:
             return cap_intent, f"capability {job.requested_model}"
         return "general", "pinned model"
-    default_intent = catalog.intent_of_capability(settings.default_capability) or "general"
-    return default_intent, f"default capability {settings.default_capability}"
+    if not settings.classify_intent:
+        default_intent = catalog.intent_of_capability(settings.default_capability) or "general"
+        return default_intent, f"default capability {settings.default_capability}"
+    body = job.body
+    result = classify_request(body.get("messages") or [], has_tools=bool(body.get("tools") or body.get("functions")),
+                              response_format=body.get("response_format"))
+    return result.intent, f"{result.reason} (confidence {result.confidence:.2f})"
 
 
 async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
