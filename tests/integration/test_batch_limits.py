@@ -53,7 +53,7 @@ def test_limits_validation_and_expiry(gateway_factory: GatewayFactory, upstream:
     upstream.set_default("*", {"delay_s": 0.5})
     slow = client.files.create(file=("slow.jsonl", io.BytesIO(batch_jsonl(40))), purpose="batch")
     batch = client.batches.create(input_file_id=slow.id, endpoint="/v1/chat/completions", completion_window="24h")
-    assert batch.expires_at - batch.created_at == 3
+    assert batch.expires_at is not None and batch.expires_at - batch.created_at == 3
     done = wait_batch(client, batch.id, {"expired", "completed"}, timeout_s=30)
     assert done.status == "expired" and done.expired_at
     output = ([json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
