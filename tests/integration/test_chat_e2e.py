@@ -157,3 +157,28 @@ def test_upstream_failure_is_502_with_details(shared_gateway: Gateway, upstream:
     assert error["code"] == "upstream_failed"
     assert "fake-a" in error["message"]
     assert "sk-secret" not in error["message"]
+
+
+@pytest.mark.parametrize(("prompt", "intent", "model"), [
+    ("Write a Python function that parses ISO 8601 dates and add unit tests.", "code", "coder"),
+    ("A train leaves at 3pm going 80 km/h; another leaves at 4pm at 100 km/h. When does the second catch up?",
+     "reasoning", "reasoner"),
+    ("Write a short, warm birthday message for my grandmother.", "general", "general-best"),
+])
+def test_model_less_requests_route_by_intent(shared_gateway: Gateway, upstream: FakeUpstream, key: str, prompt: str,
+                                             intent: str, model: str) -> None:
+    raw = shared_gateway.client(key).chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": prompt}])
+    assert raw.headers["x-freeference-intent"] == intent
+    assert raw.headers["x-freeference-intent-reason"]
+    assert raw.parse().model == model
+    assert upstream.requests()[-1]["model"] == model
+
+
+def test_route_hint_overrides_the_classifier(shared_gateway: Gateway, upstream: FakeUpstream, key: str) -> None:
+    raw = shared_gateway.client(key).chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "Write a haiku about autumn."}],
+        extra_body={"route": {"intent": "code"}})
+    assert raw.headers["x-freeference-intent"] == "code"
+    assert raw.parse().model == "coder"
+    assert "route" not in upstream.requests()[-1]["body"]
