@@ -9,7 +9,7 @@ heartbeat key expired back to the queue. Key names: workers/protocol.py.
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 from redis.asyncio import Redis
@@ -51,6 +51,8 @@ if status ~= 'in_progress' and status ~= 'cancelling' then return -2 end
 if redis.call('HGET', KEYS[3], ARGV[4]) == ARGV[5] then redis.call('HDEL', KEYS[3], ARGV[4]) end
 if redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2]) == 0 then return -1 end
 redis.call('HINCRBY', KEYS[1], ARGV[3], 1)
+redis.call('HINCRBY', KEYS[1], 'input_tokens', ARGV[6])
+redis.call('HINCRBY', KEYS[1], 'output_tokens', ARGV[7])
 local c = redis.call('HMGET', KEYS[1], 'completed', 'failed', 'total')
 return tonumber(c[3]) - tonumber(c[1]) - tonumber(c[2])
 """
@@ -172,11 +174,13 @@ class BatchStore:
         return [(int(flat[i]), BatchLine.model_validate_json(flat[i + 1])) for i in range(0, len(flat), 2)]
 
     async def record(self, batch_id: str, idx: int, custom_id: str, line: bytes,
-                     kind: Literal["completed", "failed"]) -> int:
-        """Record a line's result once; returns lines left (-1 duplicate, -2 batch closed)."""
+                     kind: Literal["completed", "failed"], usage: dict[str, Any] | None = None) -> int:
+        """Record a line's result (and its token usage) once; returns lines left (-1 duplicate,
+        -2 batch closed)."""
         value = b"%d %s %s" % (idx, b"o" if kind == "completed" else b"e", line)
+        tokens = [int((usage or {}).get(name) or 0) for name in ("prompt_tokens", "completion_tokens")]
         keys = [batch_key(batch_id), batch_part_key(batch_id, "results"), batch_part_key(batch_id, "leases")]
-        left: int = await self._record(keys=keys, args=[custom_id, value, kind, idx, self.worker_id])
+        left: int = await self._record(keys=keys, args=[custom_id, value, kind, idx, self.worker_id, *tokens])
         return left
 
     async def release(self, batch_id: str, idx: int, retry_max_attempts: int = 0) -> int:

@@ -189,7 +189,7 @@ class BatchRunner:
                 left = await self._store.record(batch_id, idx, line.custom_id, result, "failed")
             else:
                 result = output_line(line.custom_id, request_id, 200, done.completion)
-                left = await self._store.record(batch_id, idx, line.custom_id, result, "completed")
+                left = await self._store.record(batch_id, idx, line.custom_id, result, "completed", done.usage)
             if left == 0:
                 self._slot_freed.set()  # the next tick finalizes
             return

@@ -209,4 +209,11 @@ def batch_object(spec: BatchSpec, fields: dict[str, str]) -> dict[str, Any]:
         "request_counts": {"total": int(fields.get("total", 0)), "completed": int(fields.get("completed", 0)),
                            "failed": int(fields.get("failed", 0))},
         "metadata": spec.metadata,
+        "usage": _usage(int(fields.get("input_tokens", 0)), int(fields.get("output_tokens", 0))),
     }
+
+
+def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    """Token usage summed over the batch's completed lines, in OpenAI's batch usage shape."""
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens,
+            "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}

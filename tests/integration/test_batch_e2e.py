@@ -54,6 +54,9 @@ def test_sdk_drives_the_whole_flow(shared_gateway: Gateway, upstream: FakeUpstre
     assert done.request_counts is not None
     assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (23, 20, 3)
     assert done.in_progress_at and done.finalizing_at and done.completed_at
+    # Token usage is summed over the completed lines (the fake answers 4 tokens each).
+    assert done.usage is not None and done.usage.output_tokens == 20 * 4
+    assert done.usage.input_tokens > 0 and done.usage.total_tokens == done.usage.input_tokens + 80
     output = _lines(client, done.output_file_id)
     errors = _lines(client, done.error_file_id)
     assert [line["custom_id"] for line in output] == [f"ok-{i}" for i in range(20)]

@@ -45,9 +45,10 @@ async def test_each_result_is_recorded_once_and_the_batch_finalizes(redis: FakeR
     leased = await worker.claim(spec.id, 10, cap=10)
     assert [(idx, line.custom_id) for idx, line in leased] == [(0, "c0"), (1, "c1"), (2, "c2")]
     assert await worker.claim(spec.id, 10, cap=10) == []
-    assert await worker.record(spec.id, 0, "c0", output_line("c0", "r", 200, {"ok": 0}), "completed") == 2
-    # A second run of the same line (e.g. after a lease was lost) changes nothing.
-    assert await worker.record(spec.id, 0, "c0", output_line("c0", "r", 200, {"ok": 1}), "completed") == -1
+    usage = {"prompt_tokens": 7, "completion_tokens": 3}
+    assert await worker.record(spec.id, 0, "c0", output_line("c0", "r", 200, {"ok": 0}), "completed", usage) == 2
+    # A second run of the same line (e.g. after a lease was lost) changes nothing, usage included.
+    assert await worker.record(spec.id, 0, "c0", output_line("c0", "r", 200, {"ok": 1}), "completed", usage) == -1
     assert await worker.record(spec.id, 2, "c2", output_line("c2", "r", 502, {"error": {}}), "failed") == 1
     assert not await worker.begin_finalize(spec.id)  # one line still running
     assert await worker.record(spec.id, 1, "c1", output_line("c1", "r", 200, {"ok": 1}), "completed") == 0
@@ -58,6 +59,8 @@ async def test_each_result_is_recorded_once_and_the_batch_finalizes(redis: FakeR
     batch = await api_store.get_batch(redis, "key_a", spec.id)
     assert batch["status"] == "completed"
     assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+    assert (batch["usage"]["input_tokens"], batch["usage"]["output_tokens"], batch["usage"]["total_tokens"]) == (
+        7, 3, 10)
     output = (await api_store.file_content(redis, "key_a", batch["output_file_id"])).splitlines()
     errors = (await api_store.file_content(redis, "key_a", batch["error_file_id"])).splitlines()
     assert [orjson.loads(x)["custom_id"] for x in output] == ["c0", "c1"]
