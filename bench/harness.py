@@ -94,7 +94,9 @@ def running_stack(workers: int = 2, keep_logs: bool = False, **env: str) -> Iter
         wait_http(fake.root + "/_control/requests")
         catalog_path = log_dir / "catalog.yaml"
         catalog_path.write_text(catalog_yaml(fake.url))
-        gateway = Gateway(redis_url=redis_url, env=base_env(redis_url, catalog_path, **env), log_dir=log_dir)
+        # The 100-streams scenario holds 100 streams on one key: above the default per-key cap (64).
+        settings = {"FREEFERENCE_MAX_STREAMS_PER_KEY": "1000", **env}
+        gateway = Gateway(redis_url=redis_url, env=base_env(redis_url, catalog_path, **settings), log_dir=log_dir)
         for _ in range(workers):
             gateway.start_worker()
         gateway.start_api()
@@ -173,6 +175,14 @@ def stream_contents(raw: bytes) -> tuple[list[str], bool]:
     return pieces, done
 
 
+def _error_code(body: bytes) -> str:
+    """The OpenAI error code of an error body, for failure reports (never the message text)."""
+    try:
+        return str(orjson.loads(body)["error"]["code"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return "(no OpenAI error body)"
+
+
 async def timed_call(client: httpx.AsyncClient, target: Target, stream: bool, max_tokens: int) -> float:
     """Seconds to the whole answer (non-streaming) or to the first SSE event (streaming).
 
@@ -186,7 +196,7 @@ async def timed_call(client: httpx.AsyncClient, target: Target, stream: bool, ma
         response = await client.post(target.url, content=body, headers=target.headers)
         elapsed = time.perf_counter() - started
         if response.status_code != 200:
-            raise BadAnswer(f"HTTP {response.status_code}")
+            raise BadAnswer(f"HTTP {response.status_code} {_error_code(response.content)}")
         content = orjson.loads(response.content)["choices"][0]["message"]["content"]
         if content != "".join(expected):
             raise BadAnswer("wrong completion content")
@@ -195,7 +205,7 @@ async def timed_call(client: httpx.AsyncClient, target: Target, stream: bool, ma
     received = bytearray()
     async with client.stream("POST", target.url, content=body, headers=target.headers) as response:
         if response.status_code != 200:
-            raise BadAnswer(f"HTTP {response.status_code}")
+            raise BadAnswer(f"HTTP {response.status_code} {_error_code(await response.aread())}")
         async for raw in response.aiter_raw():
             if first_event_s is None and b"data:" in raw:
                 first_event_s = time.perf_counter() - started

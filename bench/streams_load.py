@@ -42,6 +42,10 @@ SETTLE_S = 1.0
 STOP_BEFORE_END_S = 0.7
 
 
+class NoProbes(Exception):
+    """Not one probe per path succeeded while the streams ran: the round measured nothing."""
+
+
 async def _long_stream(client: httpx.AsyncClient, stack: Stack, tokens: int) -> float:
     _, via = targets(stack)
     return await timed_call(client, via, True, tokens)
@@ -66,15 +70,15 @@ async def one_round(stack: Stack, streams: int, tokens: int, interval_s: float) 
         cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
         window_start = time.monotonic()
         ttft: dict[str, list[float]] = {"direct": [], "gateway": []}
-        probe_failures = 0
+        probe_failures: list[str] = []
         i = 0
         while time.monotonic() < window_end and not any(t.done() for t in tasks):
             target = (direct, via)[i % 2]
             i += 1
             try:
                 ttft[target.name].append(await timed_call(probe_client, target, True, PROBE_TOKENS))
-            except (BadAnswer, httpx.HTTPError):
-                probe_failures += 1
+            except (BadAnswer, httpx.HTTPError) as exc:
+                probe_failures.append(f"{target.name}: {exc!r}")
         window_s = time.monotonic() - window_start
         cpu_after = {role: cpu_seconds(pid) for role, pid in pids.items()}
         all_in_flight = not any(t.done() for t in tasks)
@@ -84,13 +88,16 @@ async def one_round(stack: Stack, streams: int, tokens: int, interval_s: float) 
     seen = await asyncio.to_thread(upstream_calls, stack.fake)
     sent = {"direct": len(ttft["direct"]) + 1, "gateway": len(ttft["gateway"]) + 1 + streams}
     cpu_pct = {role: round(100 * (cpu_after[role] - cpu_before[role]) / window_s, 1) for role in pids}
+    if not ttft["direct"] or not ttft["gateway"]:
+        raise NoProbes(f"no probe got through while the streams ran: {probe_failures[:3]} "
+                           f"(long streams: {[repr(b) for b in broken[:3]]})")
     d99, g99 = percentile(ttft["direct"], 99), percentile(ttft["gateway"], 99)
     d50, g50 = percentile(ttft["direct"], 50), percentile(ttft["gateway"], 50)
     return {
         "streams": streams, "streams_complete_in_order": len(stream_ttft),
         "stream_failures": [repr(b) for b in broken[:5]], "all_in_flight_during_window": all_in_flight,
         "window_s": round(window_s, 2), "probes_direct": len(ttft["direct"]), "probes_gateway": len(ttft["gateway"]),
-        "probe_failures": probe_failures,
+        "probe_failures": len(probe_failures), "probe_failure_examples": probe_failures[:3],
         "probe_ttft_direct_p50_ms": round(d50 * 1000, 2), "probe_ttft_direct_p99_ms": round(d99 * 1000, 2),
         "probe_ttft_gateway_p50_ms": round(g50 * 1000, 2), "probe_ttft_gateway_p99_ms": round(g99 * 1000, 2),
         "added_ttft_p50_ms": round((g50 - d50) * 1000, 2), "added_ttft_p99_ms": round((g99 - d99) * 1000, 2),
@@ -109,7 +116,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         return round(statistics.median(r[key] for r in rounds), 2)
 
     return {
-        "rounds": len(rounds),
+        "rounds": len(rounds),  # rounds that measured something (failed rounds are printed)
         "added_ttft_p50_ms": med("added_ttft_p50_ms"), "added_ttft_p99_ms": med("added_ttft_p99_ms"),
         "added_ttft_p99_range_ms": [min(r["added_ttft_p99_ms"] for r in rounds),
                                     max(r["added_ttft_p99_ms"] for r in rounds)],
@@ -127,7 +134,11 @@ async def run(stack: Stack, rounds: int = 3, streams: int = 100, tokens: int = 2
     print(f"\n{streams} streams × {tokens} tokens at {1 / interval_s:.0f} tokens/s, probes alongside:", flush=True)
     results = []
     for i in range(rounds):
-        result = await one_round(stack, streams, tokens, interval_s)
+        try:
+            result = await one_round(stack, streams, tokens, interval_s)
+        except NoProbes as exc:
+            print(f"  round {i + 1}: FAILED: {exc} (load {load_average()})", flush=True)
+            continue
         results.append(result)
         print(f"  round {i + 1}: added TTFT p50/p99 {result['added_ttft_p50_ms']:.2f}/"
               f"{result['added_ttft_p99_ms']:.2f} ms (gateway {result['probe_ttft_gateway_p50_ms']:.2f}/"
@@ -137,6 +148,8 @@ async def run(stack: Stack, rounds: int = 3, streams: int = 100, tokens: int = 2
               f"lost/dup {result['lost_or_duplicated']}, CPU % of a core {result['cpu_pct_of_one_core']}, "
               f"burst TTFT p50/max {result['burst_ttft_p50_ms']}/{result['burst_ttft_max_ms']} ms, "
               f"load {result['load_before']} → {result['load_after']}", flush=True)
+    if not results:
+        return {"rounds": [], "summary": None}
     summary = summarize(results)
     print(f"  summary (median of {rounds} rounds): {summary}", flush=True)
     return {"rounds": results, "summary": summary}
