@@ -150,7 +150,6 @@ class HealthStore:
         self._redis = redis
         self.tuning = tuning
         self._failure = redis.register_script(_RECORD_FAILURE)
-        self._success = redis.register_script(_RECORD_SUCCESS)
 
     async def snapshot(self, deployments: Iterable[Deployment]) -> HealthSnapshot:
         """Health of every deployment and every key of their providers: one pipelined round trip."""
@@ -180,9 +179,11 @@ class HealthStore:
                              quota: Mapping[str, str | int] | None, api_key: str | None) -> None:
         """Close the breaker, fold the latency into the EWMA, store quota headers: one round trip."""
         keys = [deployment_health_key(deployment.key), deployment_probe_key(deployment.key)]
-        args = [latency_ms if latency_ms is not None else -1, self.tuning.ewma_alpha, _HEALTH_TTL_MS]
+        args = [str(latency_ms if latency_ms is not None else -1), str(self.tuning.ewma_alpha), str(_HEALTH_TTL_MS)]
         async with self._redis.pipeline(transaction=False) as pipe:
-            await self._success(keys=keys, args=args, client=pipe)
+            # EVAL, not a Script object: redis-py checks a pipeline's scripts with SCRIPT EXISTS
+            # first, which would be a second round trip on every success.
+            pipe.eval(_RECORD_SUCCESS, len(keys), *keys, *args)
             if quota and api_key:
                 key_state = upstream_key_state_key(deployment.provider.id, key_fingerprint(api_key))
                 pipe.hset(key_state, mapping=dict(quota))

@@ -79,9 +79,8 @@ async def test_half_open_probe_is_claimed_once_and_failed_probes_double_the_cool
     d = deployments["best"]
     redis = store._redis
     cooldowns = []
-    for _ in range(3):
-        await redis.hset(deployment_health_key(d.key), "fails", 5)
-    await redis.hset(deployment_health_key(d.key), mapping={"open_until_ms": 1, "cooldown_ms": 1000})
+    # An open breaker whose cooldown (1 s) has lapsed.
+    await redis.hset(deployment_health_key(d.key), mapping={"fails": 5, "open_until_ms": 1, "cooldown_ms": 1000})
     assert (await _health(store, d)).state(now_ms()) == "half_open"
     for _ in range(4):
         claims = await asyncio.gather(*(store.claim_probe(d) for _ in range(5)))
