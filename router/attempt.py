@@ -6,6 +6,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from router.catalog import Deployment
 from router.errors import StreamBroken, UpstreamError
 from router.providers.openai_compat import OpenAICompatProvider
@@ -105,7 +107,7 @@ async def stream_attempt(provider: OpenAICompatProvider, deployment: Deployment,
         if not finished:
             raise
     finally:
-        with contextlib.suppress(Exception):  # closing a broken upstream stream may raise anything
+        with contextlib.suppress(httpx.HTTPError, OSError, UpstreamError):  # closing a broken stream
             await items.aclose()  # type: ignore[attr-defined]
     if not finished:
         raise StreamBroken("upstream stream ended before the answer was complete")

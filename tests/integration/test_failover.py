@@ -70,7 +70,7 @@ def test_long_retry_after_fails_over_at_once_and_cools(gateway: Gateway, upstrea
     assert answer.headers["x-freeference-attempts"] == "2"
     assert answer.usage is not None and answer.usage.completion_tokens == 8
     assert len(upstream.requests(BEST)) == 1
-    assert upstream.requests(BACKUP)[0]["t"] - upstream.requests(BEST)[0]["t"] < 1.0
+    assert upstream.requests(BACKUP)[0]["t"] - upstream.requests(BEST)[0]["t"] < 2.0  # no wait
     # Cooling is shared: the next request (maybe on the other worker) skips the primary.
     again = ask(gateway, key, stream)
     assert again.model == BACKUP and again.headers["x-freeference-attempts"] == "1"
@@ -101,7 +101,7 @@ def test_server_error_one_quick_retry_then_failover(gateway: Gateway, upstream: 
     assert answer.headers["x-freeference-attempts"] == "3"
     t = times(upstream, BEST)
     assert len(t) == 2
-    assert 0.1 <= t[1] - t[0] < 2.0
+    assert 0.1 <= t[1] - t[0] < 3.0
     assert len(upstream.requests(BACKUP)) == 1
 
 
