@@ -166,33 +166,32 @@ class BatchRunner:
             self._slot_freed.set()
 
     async def _run_and_record(self, batch_id: str, idx: int, line: BatchLine) -> None:
+        """Run one line through the live routing path; record its result or re-queue it."""
         settings = self._settings
-        while True:
-            request_id = "req_" + uuid.uuid4().hex
-            job = line.job.model_copy(update={
-                "job_id": uuid.uuid4().hex, "request_id": request_id,
-                "deadline_unix_ms": int((time.time() + settings.request_timeout_s) * 1000)})
-            run = RunState()
-            try:
-                done = await execute(job, self._state, run, _ignore_route, _ignore_chunk)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # every failure kind is mapped to a status; see error_event
-                event = error_event(exc, run)
-                if event.status in _RETRYABLE_STATUS:
-                    await asyncio.sleep(min(event.retry_after_s or 0.5, _MAX_RETRY_WAIT_S))
-                    again = await self._store.release(batch_id, idx, settings.batch_line_max_attempts)
-                    if again != 0:  # re-queued (1) or the lease went to another worker (-1)
-                        return
-                body: Any = {"error": event.error.model_dump()}
-                result = output_line(line.custom_id, request_id, event.status, body)
-                left = await self._store.record(batch_id, idx, line.custom_id, result, "failed")
-            else:
-                result = output_line(line.custom_id, request_id, 200, done.completion)
-                left = await self._store.record(batch_id, idx, line.custom_id, result, "completed", done.usage)
-            if left == 0:
-                self._slot_freed.set()  # the next tick finalizes
-            return
+        request_id = "req_" + uuid.uuid4().hex
+        job = line.job.model_copy(update={
+            "job_id": uuid.uuid4().hex, "request_id": request_id,
+            "deadline_unix_ms": int((time.time() + settings.request_timeout_s) * 1000)})
+        run = RunState()
+        try:
+            done = await execute(job, self._state, run, _ignore_route, _ignore_chunk)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every failure kind is mapped to a status; see error_event
+            event = error_event(exc, run)
+            if event.status in _RETRYABLE_STATUS:
+                await asyncio.sleep(min(event.retry_after_s or 0.5, _MAX_RETRY_WAIT_S))
+                again = await self._store.release(batch_id, idx, settings.batch_line_max_attempts)
+                if again != 0:  # re-queued (1) or the lease went to another worker (-1)
+                    return
+            body: Any = {"error": event.error.model_dump()}
+            result = output_line(line.custom_id, request_id, event.status, body)
+            left = await self._store.record(batch_id, idx, line.custom_id, result, "failed")
+        else:
+            result = output_line(line.custom_id, request_id, 200, done.completion)
+            left = await self._store.record(batch_id, idx, line.custom_id, result, "completed", done.usage)
+        if left == 0:
+            self._slot_freed.set()  # the next tick finalizes
 
     def _cancel_lines(self, batch_id: str) -> None:
         for task in self._lines.get(batch_id, {}).values():

@@ -6,6 +6,7 @@ import json
 import signal
 import time
 
+import openai
 import pytest
 
 from tests.conftest import GatewayFactory
@@ -48,3 +49,28 @@ def test_worker_sigkill_and_api_restart_mid_batch(gateway_factory: GatewayFactor
     assert (done.request_counts.completed, done.request_counts.failed) == (LINES, 0)
     # The killed worker's in-flight lines ran again elsewhere (at least once each).
     assert len(upstream.requests()) >= LINES
+
+
+def test_failing_line_is_retried_then_recorded_once(gateway_factory: GatewayFactory, upstream: FakeUpstream) -> None:
+    # Breakers never open here, so every attempt of a line costs the same upstream calls as a
+    # live request does.
+    gateway = gateway_factory(workers=1, FREEFERENCE_BREAKER_FAILURE_THRESHOLD="1000",
+                              FREEFERENCE_BATCH_LINE_MAX_ATTEMPTS="3")
+    client = gateway.client(gateway.create_key("free"))
+    upstream.set_default("*", {"status": 500})
+    with pytest.raises(openai.APIStatusError) as live:
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x"}])
+    assert live.value.status_code == 502
+    per_attempt = len(upstream.requests())
+    assert per_attempt >= 1
+
+    uploaded = client.files.create(file=("in.jsonl", io.BytesIO(batch_jsonl(1))), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    done = wait_batch(client, batch.id, {"completed"}, timeout_s=60)
+    assert (done.request_counts.completed, done.request_counts.failed) == (0, 1)
+    [line] = [json.loads(x) for x in client.files.content(done.error_file_id).text.splitlines()]
+    assert line["custom_id"] == "req-0" and line["response"]["status_code"] == 502
+    assert line["response"]["body"]["error"]["code"] == "upstream_failed"
+    # Three attempts of the line, each as many calls as the live request made.
+    assert len(upstream.requests()) == per_attempt * 4
