@@ -26,8 +26,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from workers.protocol import (
     LIVE_DEPLOYMENTS_KEY,
     WORKER_HEARTBEAT_PREFIX,
+    WORKERS_KEY,
     DeploymentHealth,
     deployment_health_key,
+    worker_heartbeat_key,
 )
 
 log = logging.getLogger("freeference.metrics")
@@ -237,24 +239,21 @@ class ClusterCollector(Collector):
         snap = ClusterSnapshot(inflight_jobs=inflight_jobs)
         try:
             snap.queue_depth = int(await redis.zcard(queue_name))
-            heartbeats = [k async for k in redis.scan_iter(match=WORKER_HEARTBEAT_PREFIX + "*", count=1000)]
+            infos = await live_worker_infos(redis)
             deployments = sorted(d.decode() for d in await redis.hkeys(LIVE_DEPLOYMENTS_KEY))  # type: ignore[misc]
             async with redis.pipeline(transaction=False) as pipe:
-                for key in heartbeats:
-                    pipe.get(key)
                 for deployment in deployments:
                     pipe.hgetall(deployment_health_key(deployment))
-                results = await pipe.execute()
+                healths = await pipe.execute()
             snap.redis_up = True
         except (RedisError, OSError) as exc:
             log.warning("metrics: redis unavailable at scrape (%s)", type(exc).__name__)
             self.snapshot = snap
             return
-        infos = [r for r in results[: len(heartbeats)] if r]
         snap.workers = len(infos)
         snap.worker_jobs = sum(_running(raw) for raw in infos)
         now_ms = int(time.time() * 1000)
-        for deployment, raw in zip(deployments, results[len(heartbeats):], strict=True):
+        for deployment, raw in zip(deployments, healths, strict=True):
             snap.breakers[deployment] = DeploymentHealth.from_hash(raw).state(now_ms)
         self.snapshot = snap
 
@@ -275,6 +274,23 @@ class ClusterCollector(Collector):
             for candidate in BREAKER_STATES:
                 family.add_metric([deployment, candidate], 1.0 if candidate == state else 0.0)
         yield family
+
+
+async def live_worker_infos(redis: Redis) -> list[bytes]:
+    """Heartbeat payloads of the live workers, from the workers' sorted set (no keyspace scan;
+    SCAN only when the set is empty, for workers older than it)."""
+    now_ms = int(time.time() * 1000)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zremrangebyscore(WORKERS_KEY, "-inf", now_ms)
+        pipe.zrangebyscore(WORKERS_KEY, now_ms, "+inf")
+        _, ids = await pipe.execute()
+    if ids:
+        keys = [worker_heartbeat_key(worker.decode()) for worker in ids]
+    else:
+        keys = [k async for k in redis.scan_iter(match=WORKER_HEARTBEAT_PREFIX + "*", count=1000)]
+    if not keys:
+        return []
+    return [info for info in await redis.mget(keys) if info]
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:

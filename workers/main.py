@@ -5,6 +5,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 from typing import Any
 
@@ -23,7 +24,7 @@ from settings.catalog import load_catalog
 from settings.redis_url import sentinel_target
 from workers.batches import run_batches
 from workers.jobs import WorkerState, chat_completion
-from workers.protocol import ARQ_JOB_FUNCTION, WAKE_CHANNEL, control_channel, worker_heartbeat_key
+from workers.protocol import ARQ_JOB_FUNCTION, WAKE_CHANNEL, WORKERS_KEY, control_channel, worker_heartbeat_key
 from workers.routing import build_executor, start_refresher, stop_refresher
 
 log = logging.getLogger("freeference.worker")
@@ -117,7 +118,10 @@ class FreeferenceWorker(Worker):
             state: WorkerState = self.ctx["state"]
             info = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(), "running": len(state.running)})
             with contextlib.suppress(*_REDIS_DOWN):
-                await self.pool.set(key, info, px=ttl_ms)
+                async with self.pool.pipeline(transaction=False) as pipe:
+                    pipe.set(key, info, px=ttl_ms)
+                    pipe.zadd(WORKERS_KEY, {self.worker_id: int(time.time() * 1000) + ttl_ms})
+                    await pipe.execute()
             await asyncio.sleep(self.settings.worker_heartbeat_s)
 
     async def _watch_callers(self) -> None:
@@ -147,6 +151,7 @@ class FreeferenceWorker(Worker):
         if self._pool is not None:
             with contextlib.suppress(*_REDIS_DOWN):
                 await self.pool.delete(worker_heartbeat_key(self.worker_id))
+                await self.pool.zrem(WORKERS_KEY, self.worker_id)
         await super().close()
 
 

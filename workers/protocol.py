@@ -25,6 +25,9 @@ KEY_PREFIX = "ff:"
 # the arq queue at once instead of after its poll delay.
 WAKE_CHANNEL = "ff:wake"
 WORKER_HEARTBEAT_PREFIX = "ff:worker:"
+# Sorted set worker id → heartbeat expiry (unix ms), beside the heartbeat keys, so readiness
+# and metrics find the live workers without scanning the whole keyspace.
+WORKERS_KEY = "ff:workers"
 ARQ_JOB_FUNCTION = "chat_completion"
 
 

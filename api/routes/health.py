@@ -6,8 +6,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from api.deps import RedisDep, SettingsDep
-from api.metrics import Metrics
-from workers.protocol import WORKER_HEARTBEAT_PREFIX
+from api.metrics import Metrics, live_worker_infos
 
 router = APIRouter()
 
@@ -23,7 +22,7 @@ async def readyz(request: Request, redis: RedisDep) -> JSONResponse:
     """Ready when Redis answers, the reply channel is subscribed and a worker heart-beats."""
     try:
         await redis.ping()
-        workers = [k async for k in redis.scan_iter(match=WORKER_HEARTBEAT_PREFIX + "*", count=100)]
+        workers = await live_worker_infos(redis)
     except (RedisError, OSError):
         return JSONResponse({"status": "unavailable", "redis": False, "workers": 0}, status_code=503)
     hub_ok = request.app.state.hub.connected
