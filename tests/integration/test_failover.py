@@ -115,7 +115,17 @@ def test_server_error_once_is_retried_on_the_same_model(gateway: Gateway, upstre
     assert upstream.requests(BACKUP) == []
 
 
-@pytest.mark.parametrize("fault", [{"silence": True}, {"first_token_delay_s": 30}], ids=["connect", "first-token"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_connection_refused_is_retried_once_then_fails_over(gateway: Gateway, upstream: FakeUpstream, key: str,
+                                                            stream: bool) -> None:
+    answer = ask(gateway, key, stream, model="code")
+    assert (answer.content, answer.model) == (expected("coder"), "coder")
+    assert answer.headers["x-freeference-attempts"] == "3"  # refused, refused again after a backoff, coder
+    assert answer.elapsed_s < 5
+    assert [r["model"] for r in upstream.requests()] == ["coder"]
+
+
+@pytest.mark.parametrize("fault", [{"silence": True}, {"first_token_delay_s": 30}], ids=["no-headers", "first-token"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_timeouts_fail_over_without_retrying_the_silent_route(gateway: Gateway, upstream: FakeUpstream, key: str,
                                                               stream: bool, fault: dict) -> None:

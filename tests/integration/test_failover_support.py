@@ -7,6 +7,7 @@ from typing import Any
 import yaml
 from redis import Redis
 
+from cli.embedded_redis import free_port
 from tests.support.processes import Gateway
 
 KEY_1 = "sk-fake-a-0123456789"  # FAKE_A_KEY in base_env
@@ -32,13 +33,17 @@ FAST_ENV = {
 
 
 def failover_catalog(upstream_url: str, refresh_models_s: float = 0, idle_s: float = 4) -> str:
-    """best (8k, prefill) > backup (32k, prefill) > small (4k, no prefill) for general."""
+    """best (8k, prefill) > backup (32k, prefill) > small (4k, no prefill) > coder for general;
+    for code, code-refused (on a port where nothing listens) > coder."""
     timeout = {"connect_s": 1, "first_token_s": 1.5, "idle_s": idle_s, "total_s": 20}
     providers = [
         {"id": "fake-a", "base_url": upstream_url, "api_keys_env": ["FAKE_A_KEY", "FAKE_A_KEY_2"],
          "timeout": timeout, "refresh_models_s": refresh_models_s},
         {"id": "fake-b", "base_url": upstream_url, "requires_key": False, "timeout": timeout,
          "refresh_models_s": refresh_models_s},
+        # Nothing listens there: every connection is refused.
+        {"id": "fake-dead", "base_url": f"http://127.0.0.1:{free_port()}/v1", "requires_key": False,
+         "timeout": timeout},
     ]
     models = [
         {"id": "general-best", "provider": "fake-a", "upstream_name": "general-best", "context_window": 8192,
@@ -50,6 +55,8 @@ def failover_catalog(upstream_url: str, refresh_models_s: float = 0, idle_s: flo
          "capabilities": ["chat"], "scores": {"general": 0.7, "code": 0.3}},
         {"id": "coder", "provider": "fake-a", "upstream_name": "coder", "context_window": 16384,
          "capabilities": ["chat", "code"], "scores": {"code": 0.9, "general": 0.6}},
+        {"id": "code-refused", "provider": "fake-dead", "upstream_name": "code-refused", "context_window": 16384,
+         "capabilities": ["chat", "code"], "scores": {"code": 0.95}},
     ]
     capabilities = {"text-basic": {"name": "General Chat Model", "intent": "general"},
                     "code": {"name": "Code Model", "intent": "code"}}
