@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     # Batches (docs/batches.md). Files live in Redis: the upload limit is also a memory budget.
     batch_upload_max_bytes: int = Field(default=200 * 1024 * 1024, gt=0)  # OpenAI's limit
     batch_max_lines: int = Field(default=50_000, gt=0)  # OpenAI's limit
+    # Bytes of files one key may hold (uploads + batch results); uploads past it are refused.
+    batch_storage_max_bytes_per_key: int = Field(default=1024**3, gt=0)
     batch_window_s: float = Field(default=86_400.0, gt=0)  # what completion_window "24h" means
     # Lines in flight per worker process; each live request the worker runs takes one of these slots.
     batch_worker_concurrency: int = Field(default=32, ge=1)

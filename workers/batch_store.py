@@ -24,6 +24,7 @@ from workers.protocol import (
     batch_part_key,
     file_content_key,
     file_meta_key,
+    owner_file_bytes_key,
     owner_files_key,
     worker_heartbeat_key,
 )
@@ -268,6 +269,8 @@ class BatchStore:
                     pipe.set(file_meta_key(record.id), record.model_dump_json())
                     pipe.set(file_content_key(record.id), b"\n".join(lines) + b"\n")
                     pipe.zadd(owner_files_key(spec.owner), {record.id: now})
+                    # Results count against the quota but are never refused: the work is done.
+                    pipe.incrby(owner_file_bytes_key(spec.owner), record.bytes)
                     fields[f"{kind}_file_id"] = record.id
                 if unrun:
                     pipe.hincrby(batch_key(batch_id), "failed", len(unrun))

@@ -279,6 +279,11 @@ def owner_files_key(owner: str) -> str:
     return f"ff:files:{owner}"
 
 
+def owner_file_bytes_key(owner: str) -> str:
+    """Bytes of all files one key holds (uploads and batch results), for its storage quota."""
+    return f"ff:files:{owner}:bytes"
+
+
 def batch_key(batch_id: str) -> str:
     """Hash: `spec` (BatchSpec JSON) plus mutable fields (status, timestamps, counts, …)."""
     return f"ff:batch:{batch_id}"

@@ -19,6 +19,7 @@ from workers.protocol import (
     file_content_key,
     file_meta_key,
     owner_batches_key,
+    owner_file_bytes_key,
     owner_files_key,
 )
 
@@ -45,6 +46,18 @@ redis.call('SADD', KEYS[2], ARGV[2])
 return 'cancelling'
 """
 
+# Store an upload and count it against the owner's quota, or refuse it, in one step:
+# returns -(bytes in use + 1) when it does not fit.
+_CREATE_FILE_LUA = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return -(used + 1) end
+redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[4])
+redis.call('ZADD', KEYS[4], ARGV[5], ARGV[6])
+return used + tonumber(ARGV[1])
+"""
+
 _TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
                "cancelled_at")
 
@@ -64,15 +77,20 @@ def file_object(record: FileRecord) -> dict[str, Any]:
             "status_details": None, "expires_at": None}
 
 
-async def create_file(redis: Redis, owner: str, filename: str, purpose: str, content: bytes) -> FileRecord:
-    """Store an uploaded file (metadata, bytes and the owner's index in one transaction)."""
+async def create_file(redis: Redis, owner: str, filename: str, purpose: str, content: bytes,
+                      quota_bytes: int) -> FileRecord:
+    """Store an uploaded file and its owner's index, within the owner's storage quota."""
     record = FileRecord(id="file-" + secrets.token_hex(12), owner=owner, bytes=len(content), created_at=_now(),
                         filename=filename, purpose=purpose)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(file_meta_key(record.id), record.model_dump_json())
-        pipe.set(file_content_key(record.id), content)
-        pipe.zadd(owner_files_key(owner), {record.id: record.created_at})
-        await pipe.execute()
+    create = redis.register_script(_CREATE_FILE_LUA)
+    keys = [owner_file_bytes_key(owner), file_meta_key(record.id), file_content_key(record.id),
+            owner_files_key(owner)]
+    stored = await create(keys=keys, args=[len(content), quota_bytes, record.model_dump_json(), content,
+                                           record.created_at, record.id])
+    if stored < 0:
+        raise OpenAIError(400, f"Storing this file would exceed your file storage limit of {quota_bytes} bytes "
+                               f"({-stored - 1} in use); delete files you have collected.",
+                          code="storage_limit_exceeded", param="file")
     return record
 
 
@@ -96,11 +114,13 @@ async def file_content(redis: Redis, owner: str, file_id: str) -> bytes:
 
 async def delete_file(redis: Redis, owner: str, file_id: str) -> None:
     """Delete the caller's file (running batches hold their own copy of the lines)."""
-    await get_file(redis, owner, file_id)
+    record = await get_file(redis, owner, file_id)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(file_meta_key(file_id), file_content_key(file_id))
         pipe.zrem(owner_files_key(owner), file_id)
-        await pipe.execute()
+        _, removed = await pipe.execute()
+    if removed:  # only the delete that removed it gives its bytes back (deletes may race)
+        await redis.decrby(owner_file_bytes_key(owner), record.bytes)
 
 
 async def list_files(redis: Redis, owner: str, purpose: str | None, limit: int, after: str | None,

@@ -31,7 +31,8 @@ async def upload_file(key: CurrentKey, redis: RedisDep, settings: SettingsDep,
     content = await _read_limited(file, settings.batch_upload_max_bytes)
     if not content.strip():
         raise invalid_request("The file is empty.", param="file")
-    record = await store.create_file(redis, key.id, file.filename or "upload.jsonl", purpose, content)
+    record = await store.create_file(redis, key.id, file.filename or "upload.jsonl", purpose, content,
+                                     settings.batch_storage_max_bytes_per_key)
     return store.file_object(record)
 
 

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.integration
 def test_limits_validation_and_expiry(gateway_factory: GatewayFactory, upstream: FakeUpstream) -> None:
     gateway = gateway_factory(workers=1, FREEFERENCE_BATCH_UPLOAD_MAX_BYTES="20000",
                               FREEFERENCE_BATCH_MAX_LINES="50", FREEFERENCE_BATCH_WINDOW_S="3",
-                              FREEFERENCE_BATCH_WORKER_CONCURRENCY="2")
+                              FREEFERENCE_BATCH_WORKER_CONCURRENCY="2",
+                              FREEFERENCE_BATCH_STORAGE_MAX_BYTES_PER_KEY="100000")
     key = gateway.create_key("free")
     client = gateway.client(key)
 
@@ -64,3 +65,14 @@ def test_limits_validation_and_expiry(gateway_factory: GatewayFactory, upstream:
     assert {e["error"]["code"] for e in errors} == {"batch_expired"}
     assert done.request_counts.completed == len(output) < 40
     assert done.request_counts.failed == len(errors)
+
+    # The key's storage quota (100 kB here) covers uploads and results: past it uploads are
+    # refused until the key deletes what it has collected.
+    uploads = []
+    with pytest.raises(openai.BadRequestError) as refused:
+        for _ in range(10):
+            uploads.append(client.files.create(file=("f.jsonl", io.BytesIO(b"x" * 15_000)), purpose="batch"))
+    assert refused.value.body["code"] == "storage_limit_exceeded"
+    assert 1 <= len(uploads) < 7
+    client.files.delete(uploads[0].id)
+    assert client.files.create(file=("f.jsonl", io.BytesIO(b"x" * 15_000)), purpose="batch").bytes == 15_000

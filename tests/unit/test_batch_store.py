@@ -157,3 +157,24 @@ async def test_interrupted_validation_fails_and_cleans_up(redis: FakeRedis) -> N
     batch = await api_store.get_batch(redis, "key_a", spec.id)
     assert batch["status"] == "failed" and batch["errors"]["data"][0]["code"] == "validation_interrupted"
     assert not await redis.exists(batch_part_key(spec.id, "lines"))
+
+
+async def test_storage_quota_counts_uploads_and_results(redis: FakeRedis) -> None:
+    first = await api_store.create_file(redis, "key_a", "a.jsonl", "batch", b"x" * 600, quota_bytes=1000)
+    with pytest.raises(api_store.OpenAIError) as refused:
+        await api_store.create_file(redis, "key_a", "b.jsonl", "batch", b"x" * 500, quota_bytes=1000)
+    assert refused.value.status == 400 and refused.value.body.code == "storage_limit_exceeded"
+    assert "600 in use" in refused.value.body.message
+    assert [f.id for f in (await api_store.list_files(redis, "key_a", None, 10, None, "desc"))[0]] == [first.id]
+    # Another key has its own quota; deleting gives the bytes back (once, even if deletes race).
+    await api_store.create_file(redis, "key_b", "b.jsonl", "batch", b"x" * 900, quota_bytes=1000)
+    await api_store.delete_file(redis, "key_a", first.id)
+    await api_store.create_file(redis, "key_a", "b.jsonl", "batch", b"x" * 900, quota_bytes=1000)
+    # Batch results count too (never refused: the work is done), so later uploads see them.
+    spec = await _started(redis, 1)
+    worker = await _alive(redis, "w")
+    await worker.claim(spec.id, 1, cap=10)
+    await worker.record(spec.id, 0, "c0", b"y" * 99, "completed")
+    assert await worker.begin_finalize(spec.id) and await worker.finalize(spec, stop="")
+    with pytest.raises(api_store.OpenAIError):
+        await api_store.create_file(redis, "key_a", "c.jsonl", "batch", b"x" * 1, quota_bytes=1000)
