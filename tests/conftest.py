@@ -63,6 +63,26 @@ def _isolated(redis_url: str, db: int) -> str:
     return redis_url.rsplit("/", 1)[0] + f"/{db}"
 
 
+def _start_gateway(started: list[Gateway], redis_url: str, fake_upstream: FakeUpstream, tmp: Path, workers: int,
+                   apis: int, catalog: str | None, wait: bool, env: dict[str, str]) -> Gateway:
+    """Start a gateway in its own database; it joins `started` first so a failed start is stopped too."""
+    db_url = _isolated(redis_url, 2 + next(_next_db) % 14)
+    flush(db_url)
+    catalog_path = tmp / f"catalog-{len(started)}.yaml"
+    catalog_path.write_text(catalog or catalog_yaml(fake_upstream.url))
+    log_dir = tmp / f"logs-{len(started)}"
+    log_dir.mkdir()
+    gateway = Gateway(redis_url=db_url, env=base_env(db_url, catalog_path, **env), log_dir=log_dir)
+    started.append(gateway)
+    for _ in range(workers):
+        gateway.start_worker()
+    for _ in range(apis):
+        gateway.start_api()
+    if wait and workers:
+        gateway.wait_ready(workers)
+    return gateway
+
+
 @pytest.fixture
 def gateway_factory(redis_url: str, fake_upstream: FakeUpstream, tmp_path: Path) -> Iterator[GatewayFactory]:
     """create(workers=2, apis=1, catalog=None, env={}) → a running Gateway; stopped afterwards."""
@@ -70,22 +90,8 @@ def gateway_factory(redis_url: str, fake_upstream: FakeUpstream, tmp_path: Path)
 
     def create(workers: int = 2, apis: int = 1, catalog: str | None = None, wait: bool = True,
                **env: str) -> Gateway:
-        db_url = _isolated(redis_url, 2 + next(_next_db) % 14)
-        flush(db_url)
         fake_upstream.reset()
-        catalog_path = tmp_path / f"catalog-{len(started)}.yaml"
-        catalog_path.write_text(catalog or catalog_yaml(fake_upstream.url))
-        log_dir = tmp_path / f"logs-{len(started)}"
-        log_dir.mkdir()
-        gateway = Gateway(redis_url=db_url, env=base_env(db_url, catalog_path, **env), log_dir=log_dir)
-        started.append(gateway)
-        for _ in range(workers):
-            gateway.start_worker()
-        for _ in range(apis):
-            gateway.start_api()
-        if wait and workers:
-            gateway.wait_ready(workers)
-        return gateway
+        return _start_gateway(started, redis_url, fake_upstream, tmp_path, workers, apis, catalog, wait, env)
 
     yield create
     for gateway in started:
@@ -118,21 +124,7 @@ def module_gateway_factory(redis_url: str, fake_upstream: FakeUpstream,
     tmp = tmp_path_factory.mktemp("module-gateway")
 
     def create(workers: int = 2, apis: int = 1, catalog: str | None = None, **env: str) -> Gateway:
-        db_url = _isolated(redis_url, 2 + next(_next_db) % 14)
-        flush(db_url)
-        catalog_path = tmp / f"catalog-{len(started)}.yaml"
-        catalog_path.write_text(catalog or catalog_yaml(fake_upstream.url))
-        log_dir = tmp / f"logs-{len(started)}"
-        log_dir.mkdir()
-        gateway = Gateway(redis_url=db_url, env=base_env(db_url, catalog_path, **env), log_dir=log_dir)
-        started.append(gateway)
-        for _ in range(workers):
-            gateway.start_worker()
-        for _ in range(apis):
-            gateway.start_api()
-        if workers:
-            gateway.wait_ready(workers)
-        return gateway
+        return _start_gateway(started, redis_url, fake_upstream, tmp, workers, apis, catalog, True, env)
 
     yield create
     for gateway in started:
