@@ -17,6 +17,7 @@ and memory at the end of warm-up, at the end, and its slope.
 
 import argparse
 import asyncio
+import os
 import random
 import time
 from collections import Counter
@@ -26,9 +27,18 @@ from pathlib import Path
 import httpx
 import orjson
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.fake_upstream import reply_tokens
-from bench.harness import AUTO_MODEL, BadAnswer, load_average, percentile, running_stack, stream_contents
+from bench.harness import (
+    AUTO_MODEL,
+    BadAnswer,
+    cpu_seconds,
+    load_average,
+    percentile,
+    running_stack,
+    stream_contents,
+)
 
 FAULTS = (
     {"status": 503},
@@ -49,6 +59,7 @@ class Results:
     tokens: int = 0
     faults_injected: int = 0
     errors: list[str] = field(default_factory=list)
+    hops: list[str] = field(default_factory=list)  # the gateway's own histograms, from /metrics
 
 
 def rss_mb(pid: int) -> float:
@@ -148,14 +159,16 @@ async def sample_memory(pids: dict[str, int], every_s: float, stop_at: float,
 
 def soak(args: argparse.Namespace) -> str:
     """Start the stack (outside any event loop: key creation runs its own), then drive it."""
-    with running_stack(workers=2, keep_logs=True, FREEFERENCE_REQUEST_TIMEOUT_S="60") as stack:
+    # Production defaults for the deadlines (the test environment shortens them).
+    with running_stack(workers=2, keep_logs=True, FREEFERENCE_REQUEST_TIMEOUT_S="60",
+                       FREEFERENCE_PICKUP_TIMEOUT_S="5") as stack:
         stack.gateway.start_api()
         stack.gateway.wait_ready(2)
         # Paced tokens so streams stay open (hundreds in flight at once); 20 clients per key.
         stack.fake.set_default(AUTO_MODEL, {"token_interval_s": args.token_interval_ms / 1000})
         keys = [stack.gateway.create_key("pro", name=f"soak-{k}") for k in range(max(args.clients // 20, 1))]
         urls = [stack.gateway.url(r) for r in range(2)]
-        pids = {k: v for k, v in stack.pids().items() if k != "fake"}
+        pids = stack.pids()
         return uvloop.run(drive(args, urls, keys, stack.fake.root, pids, str(stack.log_dir)))
 
 
@@ -166,12 +179,55 @@ async def drive(args: argparse.Namespace, urls: list[str], keys: list[str], fake
     started = time.monotonic()
     stop_at = started + args.duration_s
     load_before = load_average()
+    cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()} | {"soak client": _own_cpu_s()}
     await asyncio.gather(
         *(client_loop(i, urls, keys, args, stop_at, results) for i in range(args.clients)),
         inject_faults(fake_root, args.fault_every_s, stop_at, results),
-        sample_memory(pids, args.sample_s, stop_at + 1, samples),
+        sample_memory({k: v for k, v in pids.items() if k != "fake"}, args.sample_s, stop_at + 1, samples),
     )
-    return report(args, results, samples, time.monotonic() - started, load_before, log_dir)
+    elapsed = time.monotonic() - started
+    results.hops = await gateway_hops(urls)
+    cpu_after = {role: cpu_seconds(pid) for role, pid in pids.items()} | {"soak client": _own_cpu_s()}
+    cpu_share = {role: (cpu_after[role] - cpu_before[role]) / elapsed for role in cpu_before}
+    return report(args, results, samples, elapsed, load_before, log_dir, cpu_share)
+
+
+def _own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+HOPS = (("queue wait (enqueue → worker accepted)", "freeference_queue_wait_seconds", ()),
+        ("gateway overhead, non-streaming", "freeference_gateway_overhead_seconds", (("kind", "complete"),)),
+        ("gateway overhead, first token", "freeference_gateway_overhead_seconds", (("kind", "first_token"),)))
+
+
+async def gateway_hops(urls: list[str]) -> list[str]:
+    """p50/p99 (histogram bucket bounds) of where the gateway's time went, over both replicas."""
+    buckets: dict[tuple[str, tuple[tuple[str, str], ...]], dict[float, float]] = {}
+    async with httpx.AsyncClient(timeout=10) as client:
+        for url in urls:
+            text = (await client.get(url + "/metrics")).text
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name.endswith("_bucket"):
+                        labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+                        into = buckets.setdefault((sample.name.removesuffix("_bucket"), labels), {})
+                        bound = float(sample.labels["le"])
+                        into[bound] = into.get(bound, 0.0) + sample.value
+    lines = []
+    for title, name, labels in HOPS:
+        cumulative = sorted(buckets.get((name, labels), {}).items())
+        if not cumulative or not cumulative[-1][1]:
+            continue
+        count = cumulative[-1][1]
+
+        def bound(q: float, cumulative: list[tuple[float, float]] = cumulative, count: float = count) -> str:
+            le = next(b for b, c in cumulative if c >= q * count)
+            return "> 1 s" if le == float("inf") else f"≤ {le * 1000:g} ms"
+
+        lines.append(f"- {title}: p50 {bound(0.5)}, p99 {bound(0.99)} ({count:.0f} requests)")
+    return lines
 
 
 def _ms(values: list[float], q: float) -> str:
@@ -179,7 +235,7 @@ def _ms(values: list[float], q: float) -> str:
 
 
 def report(args: argparse.Namespace, r: Results, samples: dict[str, list[tuple[float, float]]], elapsed: float,
-           load_before: str, log_dir: str) -> str:
+           load_before: str, log_dir: str, cpu_share: dict[str, float]) -> str:
     total = sum(r.outcomes.values())
     lines = [
         f"Soak: {args.clients} clients ({args.stream_share:.0%} streaming, {args.tokens} tokens, "
@@ -192,6 +248,8 @@ def report(args: argparse.Namespace, r: Results, samples: dict[str, list[tuple[f
         f"- non-streaming answer p50/p99: {_ms(r.complete_s, 50)}/{_ms(r.complete_s, 99)} ms",
         f"- streaming first token p50/p99: {_ms(r.first_token_s, 50)}/{_ms(r.first_token_s, 99)} ms; "
         f"whole stream p50/p99: {_ms(r.stream_s, 50)}/{_ms(r.stream_s, 99)} ms",
+        *r.hops,
+        "- CPU (cores) over the run: " + ", ".join(f"{role} {share:.2f}" for role, share in sorted(cpu_share.items())),
         "",
         "| process | RSS after warm-up (MB) | RSS at end (MB) | max (MB) | slope after warm-up (MB/min) |",
         "|---|---|---|---|---|",
