@@ -111,6 +111,8 @@ class FailoverExecutor:
                 try:
                     api_key = self._rotation.pick(deployment, health)
                 except NoUsableKey:
+                    if probe:
+                        await self._release_probe(deployment)  # let a worker with a key probe it
                     break
                 if restart is not None:
                     restart()
@@ -155,6 +157,14 @@ class FailoverExecutor:
             return await self._health.claim_probe(deployment)
         except (RedisError, OSError):
             return False
+
+    async def _release_probe(self, deployment: Deployment) -> None:
+        if self._health is None:
+            return
+        try:
+            await self._health.release_probe(deployment)
+        except (RedisError, OSError) as exc:
+            log.warning("could not release the probe of %s: %s", deployment.key, type(exc).__name__)
 
     async def _succeeded(self, deployment: Deployment, api_key: str | None, first_chunk_ms: float | None,
                          headers: Any) -> None:

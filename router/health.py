@@ -175,6 +175,10 @@ class HealthStore:
                                         px=int(self.tuning.probe_ttl_s * 1000))
         return bool(claimed)
 
+    async def release_probe(self, deployment: Deployment) -> None:
+        """Give up a probe claim without trying (the claim would otherwise last probe_ttl_s)."""
+        await self._redis.delete(deployment_probe_key(deployment.key))
+
     async def record_success(self, deployment: Deployment, latency_ms: float | None,
                              quota: Mapping[str, str | int] | None, api_key: str | None) -> None:
         """Close the breaker, fold the latency into the EWMA, store quota headers: one round trip."""
