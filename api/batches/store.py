@@ -58,6 +58,14 @@ redis.call('ZADD', KEYS[4], ARGV[5], ARGV[6])
 return used + tonumber(ARGV[1])
 """
 
+# Delete a file and give its bytes back to the quota, once even if two deletes race.
+_DELETE_FILE_LUA = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DECRBY', KEYS[4], ARGV[2])
+return 1
+"""
+
 _TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
                "cancelled_at")
 
@@ -115,12 +123,9 @@ async def file_content(redis: Redis, owner: str, file_id: str) -> bytes:
 async def delete_file(redis: Redis, owner: str, file_id: str) -> None:
     """Delete the caller's file (running batches hold their own copy of the lines)."""
     record = await get_file(redis, owner, file_id)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.delete(file_meta_key(file_id), file_content_key(file_id))
-        pipe.zrem(owner_files_key(owner), file_id)
-        _, removed = await pipe.execute()
-    if removed:  # only the delete that removed it gives its bytes back (deletes may race)
-        await redis.decrby(owner_file_bytes_key(owner), record.bytes)
+    delete = redis.register_script(_DELETE_FILE_LUA)
+    await delete(keys=[owner_files_key(owner), file_meta_key(file_id), file_content_key(file_id),
+                       owner_file_bytes_key(owner)], args=[file_id, record.bytes])
 
 
 async def list_files(redis: Redis, owner: str, purpose: str | None, limit: int, after: str | None,
