@@ -127,3 +127,23 @@ def test_job_errors_are_counted_by_code(shared_gateway: Gateway, upstream: FakeU
     answered = {"route": "/v1/chat/completions", "status": "502"}
     assert total(after, "freeference_requests_total", **answered) - total(
         before, "freeference_requests_total", **answered) == 1
+
+
+def test_log_lines_mask_keys_and_carry_the_request_id() -> None:
+    import logging
+
+    from cli.logging_setup import JsonFormatter
+    from workers.protocol import REQUEST_ID
+
+    token = REQUEST_ID.set("req-unit-1")
+    try:
+        record = logging.LogRecord("freeference.test", logging.WARNING, __file__, 1,
+                                   "upstream said: Authorization: Bearer sk-live-0123456789abcdef for ff-%s",
+                                   ("abcdefghijklmnop1234",), None)
+        line = json.loads(JsonFormatter().format(record))
+    finally:
+        REQUEST_ID.reset(token)
+    assert line["request_id"] == "req-unit-1"
+    assert line["level"] == "WARNING" and line["logger"] == "freeference.test"
+    assert "sk-live" not in line["msg"] and "abcdefghijklmnop1234" not in line["msg"]
+    assert line["msg"].count("[redacted]") == 2
