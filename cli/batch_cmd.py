@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from workers.protocol import BATCH_TERMINAL as TERMINAL
+
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
-TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
 
 class ApiError(Exception):

@@ -17,6 +17,7 @@ from redis.exceptions import WatchError
 
 from workers.protocol import (
     BATCH_ACTIVE_KEY,
+    BATCH_TERMINAL,
     BatchLine,
     BatchSpec,
     FileRecord,
@@ -161,7 +162,7 @@ class BatchStore:
         views: list[BatchView] = []
         for batch_id, row in zip(ids, rows, strict=True):
             spec_raw, status, stop, finalizer, total, completed, failed = (v.decode() if v else "" for v in row)
-            if not spec_raw or status in ("failed", "completed", "expired", "cancelled"):
+            if not spec_raw or status in BATCH_TERMINAL:
                 await self._redis.srem(BATCH_ACTIVE_KEY, batch_id)  # type: ignore[misc]
                 continue
             remaining = int(total or 0) - int(completed or 0) - int(failed or 0)
