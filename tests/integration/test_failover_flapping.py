@@ -14,6 +14,7 @@ pytestmark = pytest.mark.integration
 BEST, BACKUP = "general-best", "general-backup"
 OUTAGE_S = 6.0
 TRICKLE_S = 0.1
+MIN_REQUESTS = 25
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +32,19 @@ def test_outage_is_served_by_the_fallback_and_traffic_returns_after_recovery(gat
     upstream.set_default(BEST, {"status": 503})
     outage_started = time.time()
     served_during_outage = []
-    while time.time() - outage_started < OUTAGE_S:
+    # At least OUTAGE_S and MIN_REQUESTS, however slow the machine is today.
+    while time.time() - outage_started < OUTAGE_S or len(served_during_outage) < MIN_REQUESTS:
         answer = ask(gateway, key, stream=len(served_during_outage) % 2 == 1)
         served_during_outage.append(answer.model)
         time.sleep(TRICKLE_S)
+    outage_s = time.time() - outage_started
     # Every caller got an answer, from the fallback, while the primary was down.
     assert set(served_during_outage) == {BACKUP}
     hits = sorted(r["t"] for r in upstream.requests(BEST))
     # Probed, not hammered: without a breaker every request would try the primary twice.
-    assert len(served_during_outage) >= 20
-    assert len(hits) <= 12, len(hits)
+    # The first request's two attempts opened it; then at most one probe per cooldown (>= 0.5 s,
+    # then >= 1 s): never a probe per request.
+    assert len(hits) <= 3 + outage_s, (len(hits), outage_s)
     assert len(hits) < len(served_during_outage) / 2
     # After the breaker opened, the primary saw single probes spaced by the (growing) cooldown.
     probes = hits[2:]
