@@ -1,6 +1,7 @@
 """Admission checks on the model a caller names (the worker does the actual routing)."""
 
-from api.errors import OpenAIError
+from api.errors import OpenAIError, invalid_request
+from api.schemas import ChatCompletionRequest
 from settings.catalog import CatalogFile
 from workers.protocol import Tier
 
@@ -33,3 +34,15 @@ def check_model_reference(catalog: CatalogFile, name: str, tier: Tier, param: st
         code="model_not_found",
         param=param,
     )
+
+
+def check_chat_request(catalog: CatalogFile, body: ChatCompletionRequest, tier: Tier, max_messages: int) -> None:
+    """Admission checks shared by live requests and batch lines: message count, model, fallbacks."""
+    if len(body.messages) > max_messages:
+        raise invalid_request(f"Too many messages: at most {max_messages}.", param="messages")
+    requested = normalize_model(body.model)
+    if requested is not None:
+        check_model_reference(catalog, requested, tier)
+    for i, fallback in enumerate(body.models or []):
+        if normalize_model(fallback) is not None:
+            check_model_reference(catalog, fallback, tier, param=f"models[{i}]")

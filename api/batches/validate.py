@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 
 from api.errors import OpenAIError
-from api.modelref import check_model_reference, normalize_model
+from api.modelref import check_chat_request, normalize_model
 from api.schemas import GATEWAY_FIELDS, parse_chat_request
 from settings import Settings
 from settings.catalog import CatalogFile
@@ -118,20 +118,12 @@ def _chat_job(raw: dict[str, Any], owner: Owner, catalog: CatalogFile, settings:
     if body.stream:
         raise OpenAIError(400, "Streaming is not supported in batch requests.", code="invalid_request",
                           param="stream")
-    if len(body.messages) > settings.max_messages:
-        raise OpenAIError(400, f"Too many messages: at most {settings.max_messages}.", code="invalid_request",
-                          param="messages")
-    requested = normalize_model(body.model)
-    if requested is not None:
-        check_model_reference(catalog, requested, owner.tier)
-    for i, fallback in enumerate(body.models or []):
-        if normalize_model(fallback) is not None:
-            check_model_reference(catalog, fallback, owner.tier, param=f"models[{i}]")
+    check_chat_request(catalog, body, owner.tier, settings.max_messages)
     # job_id, request_id and the deadline are set again for every run of the line.
     return ChatJob(
         job_id=uuid.uuid4().hex, request_id="", reply_channel="",
         body={k: v for k, v in raw.items() if k not in GATEWAY_FIELDS and k != "stream"},
-        stream=False, requested_model=requested, fallback_models=list(body.models or []),
+        stream=False, requested_model=normalize_model(body.model), fallback_models=list(body.models or []),
         intent_hint=body.route.intent if body.route else None,
         key_id=owner.key_id, tier=owner.tier, deadline_unix_ms=int(time.time() * 1000),
     )

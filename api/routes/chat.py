@@ -14,9 +14,9 @@ from fastapi.responses import Response, StreamingResponse
 from api.admission import Admitted
 from api.deps import CatalogDep, DispatcherDep, SettingsDep
 from api.dispatch import Dispatcher, JobHandle, WorkerLost
-from api.errors import OpenAIError, invalid_request
+from api.errors import OpenAIError
 from api.keys import KeyRecord
-from api.modelref import check_model_reference, normalize_model
+from api.modelref import check_chat_request, normalize_model
 from api.relay import Event
 from api.schemas import GATEWAY_FIELDS, ChatCompletionRequest, parse_chat_request
 from api.usage import UsageRecorder
@@ -117,14 +117,7 @@ async def chat_completions(
 async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, settings: Settings,
                     dispatcher: Dispatcher, catalog: CatalogFile) -> Response:
     body, raw = parse_chat_request(await request.body())
-    if len(body.messages) > settings.max_messages:
-        raise invalid_request(f"Too many messages: at most {settings.max_messages}.", param="messages")
-    requested = normalize_model(body.model)
-    if requested is not None:
-        check_model_reference(catalog, requested, key.tier)
-    for i, fallback in enumerate(body.models or []):
-        if normalize_model(fallback) is not None:
-            check_model_reference(catalog, fallback, key.tier, param=f"models[{i}]")
+    check_chat_request(catalog, body, key.tier, settings.max_messages)
 
     job = _build_job(request, key.id, key.tier, body, raw, settings.request_timeout_s)
     await request.app.state.stream_limiter.acquire(request, key.id, job)  # 429 past the key's open streams
