@@ -5,8 +5,8 @@
 Per round: the fake upstream is told to pace `general-best` at 20 tokens/s
 (`token_interval_s: 0.05`); 100 streaming requests with `max_tokens: 200` go through the
 gateway at once (about 10 s each). While they are all in flight, probe requests to another
-model (`coder`, unpaced) alternate between the fake directly and the gateway, one at a time,
-and their time-to-first-token is recorded. Every long stream must bring back all 200
+model (`coder`, unpaced) alternate between the fake directly and the gateway, one at a time
+and at most 40 a second, and their time-to-first-token is recorded. Every long stream must bring back all 200
 numbered tokens in order and then [DONE]; the fake's request log must show exactly one
 upstream call per request (none lost, none run twice). Redis CPU is read from
 /proc/<pid>/stat over the window in which all streams are in flight.
@@ -40,6 +40,9 @@ PROBE_TOKENS = 16
 # Probing starts once every long stream has had time to start, and stops before the first ends.
 SETTLE_S = 1.0
 STOP_BEFORE_END_S = 0.7
+# Probes start at most this often (20/s per path), so the Redis CPU measured in the window is
+# the streams' and not whatever rate a closed loop of probes happens to reach.
+PROBE_EVERY_S = 0.025
 
 
 class NoProbes(Exception):
@@ -73,6 +76,7 @@ async def one_round(stack: Stack, streams: int, tokens: int, interval_s: float) 
         probe_failures: list[str] = []
         i = 0
         while time.monotonic() < window_end and not any(t.done() for t in tasks):
+            await asyncio.sleep(max(window_start + i * PROBE_EVERY_S - time.monotonic(), 0))
             target = (direct, via)[i % 2]
             i += 1
             try:
