@@ -13,7 +13,10 @@ import httpx
 import orjson
 from arq import func
 from arq.connections import RedisSettings, create_pool
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import Worker
+from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -28,6 +31,21 @@ from workers.protocol import ARQ_JOB_FUNCTION, WAKE_CHANNEL, WORKERS_KEY, contro
 from workers.routing import build_executor, start_refresher, stop_refresher
 
 log = logging.getLogger("freeference.worker")
+
+# KEYS[1] the queue. ARGV: in-progress key prefix, now (ms), in-progress TTL (ms), job ids...
+# Returns {id, score, ...} of the jobs this worker now owns (due, and not in progress elsewhere).
+_CLAIM_LUA = """
+local out = {}
+for i = 4, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) <= tonumber(ARGV[2])
+     and redis.call('SET', ARGV[1] .. ARGV[i], '1', 'PX', ARGV[3], 'NX') then
+    out[#out + 1] = ARGV[i]
+    out[#out + 1] = score
+  end
+end
+return out
+"""
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -48,6 +66,7 @@ class FreeferenceWorker(Worker):
         self.settings = settings
         self.worker_id = worker_id
         self._wake = asyncio.Event()
+        self._claim: AsyncScript | None = None
         self._background: list[asyncio.Task[None]] = []
 
     async def main(self) -> None:
@@ -79,6 +98,29 @@ class FreeferenceWorker(Worker):
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """Claim every startable job of this poll in one Lua call, then start them.
+
+        arq claims job by job (WATCH, EXISTS, ZSCORE, MULTI/EXEC: four round trips each, in
+        sequence), which caps pickup at a few hundred jobs a second and made the queue wait grow
+        to seconds under a burst (bench/soak.py). The script does the same checks and sets the
+        same in-progress key (SET NX, so two workers never both claim a job) for all of them.
+        """
+        free = self.max_jobs - self.job_counter
+        if free <= 0 or not job_ids:
+            return
+        if self._claim is None:
+            self._claim = self.pool.register_script(_CLAIM_LUA)
+        claimed = await self._claim(keys=[self.queue_name], args=[
+            in_progress_key_prefix, timestamp_ms(), int(self.in_progress_timeout_s * 1000), *job_ids[:free]])
+        for job_id_b, score in zip(claimed[::2], claimed[1::2], strict=True):
+            await self.sem.acquire()
+            self.job_counter += 1
+            job_id = job_id_b.decode()
+            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
 
     async def _listen(self) -> None:
         control = control_channel(self.worker_id)
