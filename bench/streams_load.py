@@ -6,9 +6,9 @@ Per round: the fake upstream is told to pace `general-best` at 20 tokens/s
 (`token_interval_s: 0.05`); 100 streaming requests with `max_tokens: 200` go through the
 gateway at once (about 10 s each). While they are all in flight, probe requests to another
 model (`coder`, unpaced) alternate between the fake directly and the gateway, one at a time
-and at most 40 a second, and their time-to-first-token is recorded. Every long stream must bring back all 200
-numbered tokens in order and then [DONE]; the fake's request log must show exactly one
-upstream call per request (none lost, none run twice). Redis CPU is read from
+and at most 40 a second, and their time-to-first-token is recorded. Every long stream must
+bring back all 200 numbered tokens in order and then [DONE]; the fake's request log must
+show exactly one upstream call per request (none lost, none run twice). Redis CPU is read from
 /proc/<pid>/stat over the window in which all streams are in flight.
 """
 
