@@ -31,7 +31,7 @@ def test_outage_is_served_by_the_fallback_and_traffic_returns_after_recovery(gat
     upstream.reset()
     upstream.set_default(BEST, {"status": 503})
     outage_started = time.time()
-    served_during_outage = []
+    served_during_outage: list[str] = []
     # At least OUTAGE_S and MIN_REQUESTS, however slow the machine is today.
     while time.time() - outage_started < OUTAGE_S or len(served_during_outage) < MIN_REQUESTS:
         answer = ask(gateway, key, stream=len(served_during_outage) % 2 == 1)

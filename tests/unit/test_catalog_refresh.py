@@ -110,7 +110,7 @@ async def test_vanished_model_leaves_rotation_and_comes_back(demo: RuntimeCatalo
         assert await coder_state() == "closed"
         await refresher.publish_live()
         live = {k.decode(): LiveDeployment.model_validate_json(v)
-                for k, v in (await redis.hgetall(LIVE_DEPLOYMENTS_KEY)).items()}
+                for k, v in (await redis.hgetall(LIVE_DEPLOYMENTS_KEY)).items()}  # type: ignore[misc]
         assert set(live) == {d.key for d in demo.deployments}
         assert live[coder.key].model == "sim/coder"
     await redis.aclose()

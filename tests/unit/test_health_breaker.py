@@ -80,7 +80,7 @@ async def test_half_open_probe_is_claimed_once_and_failed_probes_double_the_cool
     redis = store._redis
     cooldowns = []
     # An open breaker whose cooldown (1 s) has lapsed.
-    await redis.hset(deployment_health_key(d.key), mapping={"fails": 5, "open_until_ms": 1, "cooldown_ms": 1000})
+    await redis.hset(deployment_health_key(d.key), mapping={"fails": 5, "open_until_ms": 1, "cooldown_ms": 1000})  # type: ignore[misc]
     assert (await _health(store, d)).state(now_ms()) == "half_open"
     for _ in range(4):
         claims = await asyncio.gather(*(store.claim_probe(d) for _ in range(5)))
@@ -89,7 +89,8 @@ async def test_half_open_probe_is_claimed_once_and_failed_probes_double_the_cool
         health = await _health(store, d)
         cooldowns.append(health.cooldown_ms)
         assert health.state(now_ms()) == "open"
-        await redis.hset(deployment_health_key(d.key), "open_until_ms", 1)  # let it lapse again
+        # Let it lapse again.
+        await redis.hset(deployment_health_key(d.key), "open_until_ms", 1)  # type: ignore[misc]
     assert cooldowns == [2000, 4000, 4000, 4000]  # doubles, capped at max_cooldown_s
     assert await store.claim_probe(d)
     await store.record_success(d, 50.0, None, None)
