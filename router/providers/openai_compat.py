@@ -31,12 +31,6 @@ _POLICY_MARKERS = ("content_policy", "content policy", "content_filter", "safety
                    "flagged", "responsible ai")
 
 
-@dataclass
-class Completion:
-    body: dict[str, Any]
-    headers: Mapping[str, str]
-
-
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait, from Retry-After (seconds or HTTP date) or retry-after-ms."""
     ms = headers.get("retry-after-ms")
@@ -119,34 +113,6 @@ class OpenAICompatProvider:
         return httpx.Timeout(connect=min(t.connect_s, budget_s), read=min(t.total_s, budget_s),
                              write=min(t.connect_s, budget_s), pool=min(t.connect_s, budget_s))
 
-    async def complete(self, deployment: Deployment, body: dict[str, Any], api_key: str | None,
-                       budget_s: float) -> Completion:
-        """A non-streaming call, bounded by the provider's total timeout and the budget."""
-        timeout = self._timeout(deployment, budget_s)
-        try:
-            async with asyncio.timeout(min(deployment.provider.config.timeout.total_s, budget_s)):
-                response = await self._client.post(self._url(deployment), content=orjson.dumps(body),
-                                                    headers=self._headers(deployment, api_key), timeout=timeout)
-        except TimeoutError:
-            raise UpstreamTimeout("upstream did not answer in time", phase="total") from None
-        except httpx.ConnectTimeout:
-            raise UpstreamTimeout("connect timeout", phase="connect") from None
-        except httpx.TimeoutException:
-            raise UpstreamTimeout("upstream did not answer in time", phase="total") from None
-        except httpx.ConnectError:
-            raise UpstreamConnectError("connection refused or unreachable") from None
-        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError):
-            raise UpstreamServerError("connection reset by upstream") from None
-        if response.status_code >= 300:
-            raise error_for_status(response.status_code, response.content, response.headers)
-        try:
-            data = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
-            raise StreamBroken("upstream sent a malformed completion") from None
-        if not isinstance(data, dict) or "error" in data or not data.get("choices"):
-            raise StreamBroken("upstream sent a completion without choices")
-        return Completion(data, response.headers)
-
     async def stream(self, deployment: Deployment, body: dict[str, Any], api_key: str | None,
                      budget_s: float) -> AsyncIterator["StreamItem"]:
         """Yield parsed chunks; raises typed errors for faults, timeouts and cuts."""
@@ -208,6 +174,7 @@ async def _parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, 
             continue  # blank separators, ": keep-alive" comments, event: lines
         data = line[5:].strip()
         if data == "[DONE]":
+            await _finish_body(lines, loop.time() + _DRAIN_S)
             yield StreamItem(done=True)
             return
         seen_data = True
@@ -224,3 +191,17 @@ async def _parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, 
             message, _code = _error_text(orjson.dumps(chunk))
             raise StreamBroken(f"upstream reported an error mid-stream: {message}")
         yield StreamItem(chunk=chunk)
+
+
+# Reading the body to its end after [DONE] lets httpx return the connection to its pool; a
+# response closed with unread bytes (even the chunked terminator) costs a new TCP connection.
+_DRAIN_S = 0.5
+
+
+async def _finish_body(lines: AsyncIterator[str], drain_by: float) -> None:
+    try:
+        async with asyncio.timeout_at(drain_by):
+            async for _ in lines:
+                pass
+    except (TimeoutError, httpx.HTTPError):
+        pass  # the answer is complete; only connection reuse is lost
