@@ -222,11 +222,11 @@ async def gateway_hops(urls: list[str]) -> list[str]:
             continue
         count = cumulative[-1][1]
 
-        def bound(q: float, cumulative: list[tuple[float, float]] = cumulative, count: float = count) -> str:
+        def upper_bound(q: float, cumulative: list[tuple[float, float]] = cumulative, count: float = count) -> str:
             le = next(b for b, c in cumulative if c >= q * count)
             return "> 1 s" if le == float("inf") else f"≤ {le * 1000:g} ms"
 
-        lines.append(f"- {title}: p50 {bound(0.5)}, p99 {bound(0.99)} ({count:.0f} requests)")
+        lines.append(f"- {title}: p50 {upper_bound(0.5)}, p99 {upper_bound(0.99)} ({count:.0f} requests)")
     return lines
 
 
