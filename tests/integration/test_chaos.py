@@ -125,7 +125,9 @@ def test_random_failures_never_truncate_or_hang(gateway: Gateway, upstream: Fake
         else:
             assert kind in ("whole", "in-band-error"), kind
     assert outcomes["whole"] >= REQUESTS * 0.5
-    # The faults really happened: more upstream attempts than requests, many of them faulty.
+    # The faults really happened: failover made more upstream attempts than there were whole
+    # answers, and many attempts were faulty. (Not "more attempts than requests": when breakers
+    # open fast, many requests are answered 503 without any attempt, which is the policy.)
     seen = upstream.requests()
-    assert len(seen) > REQUESTS
+    assert len(seen) > outcomes["whole"]
     assert sum(1 for r in seen if r["fault"]) >= REQUESTS * 0.3
