@@ -16,6 +16,7 @@ from fastapi import Depends, Request
 from redis.asyncio import Redis
 
 from api.auth import MASTER_RECORD, bearer_token, is_master_key, unauthorized
+from api.deps import current_settings
 from api.keys import KeyRecord, hash_key, key_id_for_digest
 from api.ratelimit import (
     CHARGE_LUA,
@@ -27,7 +28,7 @@ from api.ratelimit import (
     limit_headers,
     rate_limited,
 )
-from settings import Settings, get_settings
+from settings import Settings
 from workers.protocol import API_KEY_LAST_USED, api_key_record_key
 
 DAY_S = 86_400
@@ -129,7 +130,7 @@ class Gatekeeper:
         return record, decide(resolved, reply[5:], now)
 
 
-async def admit(request: Request, settings: Annotated[Settings, Depends(get_settings)]) -> Admission:
+async def admit(request: Request, settings: Annotated[Settings, Depends(current_settings)]) -> Admission:
     """FastAPI dependency: 401 for a bad key, 429 over a limit, else the Admission."""
     token = bearer_token(request)
     now = time.time()

@@ -29,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         conf = current_settings()
+        app.state.settings = conf
         app.state.catalog = load_catalog(conf.catalog)
         redis = redis_client(conf.effective_redis_url, health_check_interval=10,
                              socket_keepalive=True, retry_on_timeout=True)

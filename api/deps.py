@@ -8,23 +8,33 @@ from redis.asyncio import Redis
 from api.auth import authenticate
 from api.dispatch import Dispatcher
 from api.keys import KeyRecord
-from settings import Settings, get_settings
+from settings import Settings
 from settings.catalog import CatalogFile
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+# Every dependency here is `async def`: FastAPI runs plain `def` dependencies in a thread pool,
+# which cost three thread hand-offs per request (docs/performance.md).
 
 
-def _redis(request: Request) -> Redis:
+async def current_settings(request: Request) -> Settings:
+    """The app's settings, resolved once in its lifespan (get_settings() or its override)."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(current_settings)]
+
+
+async def _redis(request: Request) -> Redis:
     redis: Redis = request.app.state.redis
     return redis
 
 
-def _dispatcher(request: Request) -> Dispatcher:
+async def _dispatcher(request: Request) -> Dispatcher:
     dispatcher: Dispatcher = request.app.state.dispatcher
     return dispatcher
 
 
-def _catalog(request: Request) -> CatalogFile:
+async def _catalog(request: Request) -> CatalogFile:
     catalog: CatalogFile = request.app.state.catalog
     return catalog
 
