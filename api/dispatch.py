@@ -75,7 +75,7 @@ class Dispatcher:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.psetex(job_key_prefix + job.job_id, ttl_ms, payload)
             pipe.zadd(self._settings.queue_name, {job.job_id: now_ms})
-            pipe.publish(WAKE_CHANNEL, b"1")
+            pipe.publish(WAKE_CHANNEL, job.job_id.encode())  # woken workers claim it by id, no scan
             await pipe.execute()
         note_submitted()
         return handle

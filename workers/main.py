@@ -66,6 +66,9 @@ class FreeferenceWorker(Worker):
         self.settings = settings
         self.worker_id = worker_id
         self._wake = asyncio.Event()
+        # Job ids named by wake messages since the last claim; None = an id-less wake (scan).
+        self._woken_ids: list[bytes] = []
+        self._scan_requested = True
         self._claim: AsyncScript | None = None
         self._background: list[asyncio.Task[None]] = []
 
@@ -86,10 +89,21 @@ class FreeferenceWorker(Worker):
             run_batches(self.pool, self.ctx["state"], lambda: self.allow_pick_jobs), name="batches"))
         log.info("worker %s ready (max_jobs=%d)", self.worker_id, self.max_jobs)
         backoff_s = 0.05
+        last_scan = 0.0
         while True:
             self._wake.clear()
+            woken, self._woken_ids = self._woken_ids, []
             try:
-                await self._poll_iteration()
+                # A wake names its job, so claim it directly (one script call) instead of
+                # scanning the queue first. A full arq poll iteration (scan, task reaping, arq's
+                # health beat) still runs on id-less wakes and at least every poll_delay.
+                due = time.monotonic() - last_scan >= self.poll_delay_s
+                if woken and self.allow_pick_jobs and not (due or self._scan_requested):
+                    await self.start_jobs(woken)
+                else:
+                    self._scan_requested = False
+                    last_scan = time.monotonic()
+                    await self._poll_iteration()
                 backoff_s = 0.05
             except _REDIS_DOWN as exc:
                 log.warning("redis unavailable (%s); retrying in %.2fs", type(exc).__name__, backoff_s)
@@ -130,7 +144,8 @@ class FreeferenceWorker(Worker):
             try:
                 await pubsub.subscribe(WAKE_CHANNEL, control)
                 backoff_s = 0.05
-                self._wake.set()  # anything enqueued while we were not listening
+                self._scan_requested = True  # anything enqueued while we were not listening
+                self._wake.set()
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
                     if message is None:
@@ -138,6 +153,7 @@ class FreeferenceWorker(Worker):
                     if message["channel"] == control.encode():
                         self._handle_control(message["data"])
                     else:
+                        self._woken_ids.append(message["data"])
                         self._wake.set()
             except _REDIS_DOWN:
                 await asyncio.sleep(backoff_s)
