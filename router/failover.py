@@ -8,7 +8,7 @@ answer, so a cut is retried from scratch and a truncated completion is never ret
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -62,6 +62,7 @@ class FailoverExecutor:
         self._health = health
         self._tuning = tuning
         self._sleep = sleep
+        self._bookkeeping: set[asyncio.Task[None]] = set()
 
     async def snapshot(self, deployments: Sequence[Deployment]) -> HealthSnapshot:
         """Shared health of the candidates; an empty snapshot when Redis cannot tell."""
@@ -140,7 +141,8 @@ class FailoverExecutor:
                         break  # waiting would eat the deadline: fail over instead
                     await self._sleep(wait_s)
                     continue
-                await self._succeeded(deployment, api_key, result.first_chunk_ms, result.headers)
+                # Recording success must not delay the answer: the caller's done event goes first.
+                self._in_background(self._succeeded(deployment, api_key, result.first_chunk_ms, result.headers))
                 return deployment
         if last is None:
             # Nothing was tried: every candidate was being probed by another worker or had no
@@ -149,6 +151,16 @@ class FailoverExecutor:
         if visible and state.chunks_sent > 0:
             raise MidStreamFailure(last)
         raise AllFailed(last)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._bookkeeping.add(task)  # a reference, so the task is not garbage-collected mid-flight
+        task.add_done_callback(self._bookkeeping.discard)
+
+    async def settle(self) -> None:
+        """Wait for background health writes (tests, shutdown)."""
+        while self._bookkeeping:
+            await asyncio.gather(*self._bookkeeping)
 
     async def _claim_probe(self, deployment: Deployment) -> bool:
         if self._health is None:
