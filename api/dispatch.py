@@ -7,7 +7,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import orjson
-from arq.constants import job_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix
 from arq.jobs import serialize_job
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -28,6 +28,17 @@ from workers.protocol import (
 )
 
 log = logging.getLogger("freeference.dispatch")
+
+
+# KEYS: in-progress key, queue, job key. ARGV: job id.
+_WITHDRAW_LUA = """
+if redis.call('SET', KEYS[1], 'withdrawn', 'NX', 'PX', 60000) then
+  redis.call('ZREM', KEYS[2], ARGV[1])
+  redis.call('DEL', KEYS[3])
+  return 1
+end
+return 0
+"""
 
 
 class WorkerLost(Exception):
@@ -62,9 +73,14 @@ class Dispatcher:
         self._redis = redis
         self._hub = hub
         self._settings = settings
+        self._withdraw_script = redis.register_script(_WITHDRAW_LUA)
 
     async def submit(self, job: ChatJob) -> JobHandle:
         """Register for replies, then enqueue (arq's own job format) and wake the workers."""
+        # A job enqueued while the reply subscription is down would lose its events.
+        if not await self._hub.ready(timeout_s=2.0):
+            raise OpenAIError(503, "The gateway lost its connection to Redis; please retry.",
+                              code="store_unavailable", headers={"Retry-After": "1"})
         handle = JobHandle(job=job, queue=self._hub.register(job.job_id))
         now_ms = int(time.time() * 1000)
         payload = serialize_job(ARQ_JOB_FUNCTION, (job.model_dump(mode="json"),), {}, 1, now_ms,
@@ -72,11 +88,15 @@ class Dispatcher:
         ttl_ms = max(job.deadline_unix_ms - now_ms, 1000) + 60_000
         # One round trip instead of arq's WATCH/MULTI: job ids are fresh uuids, so the
         # "already exists" check in ArqRedis.enqueue_job cannot fire.
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.psetex(job_key_prefix + job.job_id, ttl_ms, payload)
-            pipe.zadd(self._settings.queue_name, {job.job_id: now_ms})
-            pipe.publish(WAKE_CHANNEL, job.job_id.encode())  # woken workers claim it by id, no scan
-            await pipe.execute()
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.psetex(job_key_prefix + job.job_id, ttl_ms, payload)
+                pipe.zadd(self._settings.queue_name, {job.job_id: now_ms})
+                pipe.publish(WAKE_CHANNEL, job.job_id.encode())  # woken workers claim it by id, no scan
+                await pipe.execute()
+        except BaseException:
+            self._hub.unregister(job.job_id)
+            raise
         note_submitted()
         return handle
 
@@ -90,7 +110,10 @@ class Dispatcher:
             silence_s = pickup_by - time.monotonic() if handle.worker_id is None else settings.worker_liveness_check_s
             wait_s = min(silence_s, deadline.remaining_s() + 2.0)
             try:
-                event_type, payload = await asyncio.wait_for(handle.queue.get(), timeout=max(wait_s, 0))
+                if handle.queue.empty():
+                    event_type, payload = await asyncio.wait_for(handle.queue.get(), timeout=max(wait_s, 0))
+                else:  # a stream in full flow: no timer and no task per event
+                    event_type, payload = handle.queue.get_nowait()
             except TimeoutError:
                 if deadline.remaining_s() + 2.0 <= 0:
                     raise OpenAIError(504, "The request exceeded its deadline.", code="timeout") from None
@@ -119,12 +142,17 @@ class Dispatcher:
                 return
 
     async def _withdraw(self, handle: JobHandle) -> bool:
-        """Take a job that nobody started off the queue; False if a worker got it meanwhile."""
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self._settings.queue_name, handle.job.job_id)
-            pipe.delete(job_key_prefix + handle.job.job_id)
-            removed, _ = await pipe.execute()
-        return bool(removed)
+        """Take a job that nobody started off the queue; False if a worker got it meanwhile.
+
+        Workers claim with SET NX on arq's in-progress key (workers/main.py), so taking that key
+        first is what makes the withdrawal and a claim mutually exclusive.
+        """
+        job_id = handle.job.job_id
+        withdrawn = await self._withdraw_script(
+            keys=[in_progress_key_prefix + job_id, self._settings.queue_name, job_key_prefix + job_id], args=[job_id])
+        if withdrawn:
+            handle.finished = True
+        return bool(withdrawn)
 
     async def release(self, handle: JobHandle) -> None:
         """Forget the job; if it is still running (client left), tell its worker to stop."""

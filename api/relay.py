@@ -8,6 +8,7 @@ import time
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from workers.protocol import reply_channel, split_event
@@ -40,6 +41,16 @@ class ReplyHub:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+
+    async def ready(self, timeout_s: float) -> bool:
+        """True once the reply channel is subscribed (waits up to timeout_s for a resubscribe)."""
+        if self.connected:
+            return True
+        try:
+            await asyncio.wait_for(self._subscribed.wait(), timeout=timeout_s)
+        except TimeoutError:
+            return False
+        return self.connected
 
     def register(self, job_id: str) -> asyncio.Queue[Event]:
         queue: asyncio.Queue[Event] = asyncio.Queue()
@@ -75,10 +86,11 @@ class ReplyHub:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
                     if message is not None and message["type"] == "message":
                         self._dispatch(message["data"])
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
                 # Redis restarted or the network blinked: resubscribe. Events published in the
                 # gap are lost, so every waiter is told at once (LOST) instead of hanging.
                 self.connected = False
+                self._subscribed.clear()
                 for queue in self._queues.values():
                     queue.put_nowait(LOST)
                 log.warning("reply channel lost (%s); resubscribing in %.2fs", type(exc).__name__, backoff_s)

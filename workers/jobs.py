@@ -234,9 +234,11 @@ async def _stream(state: WorkerState, run: RunState, candidates: list[Deployment
                   on_chunk: OnChunk) -> DoneEvent:
     caller_options = body.get("stream_options")
     wants_usage = isinstance(caller_options, dict) and bool(caller_options.get("include_usage"))
-    if caller_options is None:
-        # Ask for usage anyway (accounting needs it); the usage-only chunk is not forwarded.
-        body["stream_options"] = {"include_usage": True}
+    if not wants_usage:
+        # Ask for usage anyway (billing and tokens-per-minute need it, even when the caller said
+        # include_usage: false); the usage-only chunk is not forwarded to such a caller.
+        options = caller_options if isinstance(caller_options, dict) else {}
+        body["stream_options"] = {**options, "include_usage": True}
 
     async def on_start(deployment: Deployment, attempts: int) -> None:
         await on_route(_route(deployment, run, intent, why, attempts))

@@ -66,7 +66,7 @@ class FreeferenceWorker(Worker):
         self.settings = settings
         self.worker_id = worker_id
         self._wake = asyncio.Event()
-        # Job ids named by wake messages since the last claim; None = an id-less wake (scan).
+        # Job ids named by wake messages since the last claim (each wake names its job).
         self._woken_ids: list[bytes] = []
         self._scan_requested = True
         self._claim: AsyncScript | None = None
@@ -158,12 +158,16 @@ class FreeferenceWorker(Worker):
             except _REDIS_DOWN:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
+            except RedisError as exc:  # e.g. NOPERM: keep listening rather than fall back to polling
+                log.error("wake listener error (%s); resubscribing", type(exc).__name__)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     def _handle_control(self, data: bytes) -> None:
-        verb, _, job_id = data.decode().partition(" ")
+        verb, _, job_id = data.decode(errors="replace").partition(" ")
         state: WorkerState = self.ctx["state"]
         task = state.running.get(job_id)
         if verb == "cancel" and task is not None:
@@ -233,6 +237,9 @@ async def _startup(ctx: dict[str, Any]) -> None:
 
 async def _shutdown(ctx: dict[str, Any]) -> None:
     await stop_refresher(ctx.get("refresher"))
+    state: WorkerState | None = ctx.get("state")
+    if state is not None:
+        await state.executor.settle()  # health writes still in flight, before Redis closes
     client: httpx.AsyncClient | None = ctx.get("http")
     if client is not None:
         await client.aclose()

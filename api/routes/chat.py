@@ -72,6 +72,8 @@ async def _next_event(events: AsyncGenerator[Event, None], disconnected: asyncio
     if nxt in done:
         return nxt.result()
     nxt.cancel()
+    # Let the cancellation land: the generator must have stopped before anyone closes it.
+    await asyncio.wait({nxt})
     return None
 
 
@@ -127,8 +129,7 @@ async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, sett
             handle = await dispatcher.submit(job)
             try:
                 return await _respond(handle, dispatcher, disconnected, usage)
-            except WorkerLost:
-                await dispatcher.release(handle)
+            except WorkerLost:  # _respond already released the job
                 if attempt == MAX_WORKER_LOSS_RETRIES:
                     raise OpenAIError(502, "The worker handling this request stopped; please retry.",
                                       code="worker_lost", headers={"Retry-After": "1"}) from None

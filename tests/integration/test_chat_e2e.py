@@ -182,3 +182,23 @@ def test_route_hint_overrides_the_classifier(shared_gateway: Gateway, upstream: 
     assert raw.headers["x-freeference-intent"] == "code"
     assert raw.parse().model == "coder"
     assert "route" not in upstream.requests()[-1]["body"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_leaving_before_first_token_cancels_the_job(shared_gateway: Gateway, upstream: FakeUpstream,
+                                                           key: str, stream: bool) -> None:
+    upstream.script("general-best", {"first_token_delay_s": 3})
+    body = {"messages": MESSAGES, "stream": stream, "max_tokens": 5}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(shared_gateway.base_url + "/v1/chat/completions", json=body,
+                   headers={"Authorization": f"Bearer {key}"}, timeout=httpx.Timeout(10, read=0.5))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        seen = upstream.requests("general-best")
+        if seen and seen[0].get("outcome") == "client_disconnected":
+            break
+        time.sleep(0.1)
+    assert upstream.requests("general-best")[0].get("outcome") == "client_disconnected"
+    # The gateway stays healthy and logged no unhandled error for the departure.
+    assert httpx.get(shared_gateway.base_url + "/healthz", timeout=5).status_code == 200
+    assert "unhandled error" not in shared_gateway.logs()
