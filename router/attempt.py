@@ -80,6 +80,13 @@ async def stream_attempt(provider: OpenAICompatProvider, deployment: Deployment,
     started = loop.time()
     result = AttemptResult(headers={}, first_chunk_ms=None)
     finished = False
+    requested_n = upstream_body.get("n")
+    choices_wanted = requested_n if isinstance(requested_n, int) and requested_n > 0 else 1
+    finished_choices: set[int] = set()
+    # Content-less openers ({"role": "assistant", "content": ""}) wait for the first real chunk:
+    # forwarding one would commit the stream, and failover before the first token must stay
+    # invisible to the caller.
+    held: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
     items = provider.stream(deployment, upstream_body, api_key, budget_s)
     try:
         async for item in items:
@@ -94,12 +101,21 @@ async def stream_attempt(provider: OpenAICompatProvider, deployment: Deployment,
             if result.first_chunk_ms is None:
                 result.first_chunk_ms = (loop.time() - started) * 1000
             choices = [c for c in chunk.get("choices") or [] if isinstance(c, dict)]
-            finished = finished or any(c.get("finish_reason") for c in choices)
+            # Whole only when every requested choice has finished ("error" is OpenRouter's
+            # in-band failure, not an ending).
+            finished_choices.update(c.get("index", 0) for c in choices
+                                    if c.get("finish_reason") and c.get("finish_reason") != "error")
+            finished = len(finished_choices) >= choices_wanted
             if chunk.get("usage"):
                 state.usage = chunk["usage"]
-            if continuing and _role_only(choices):
+            if _role_only(choices) and (continuing or state.chunks_sent == 0):
+                if not continuing:
+                    held.append((chunk, choices))
                 continue
             if choices or forward_usage_chunk:
+                for held_chunk, held_choices in held:
+                    await _forward(deployment, held_chunk, held_choices, state, on_start, on_chunk)
+                held.clear()
                 await _forward(deployment, chunk, choices, state, on_start, on_chunk)
             if finished and not choices and chunk.get("usage"):
                 break  # usage comes last: finalize now, do not wait for a [DONE] that may not come

@@ -20,9 +20,11 @@ class NoCandidates(Exception):
 class NoneAvailable(NoCandidates):
     """Every candidate is cooling down, open or gone; the earliest is back in `retry_after_s`."""
 
-    def __init__(self, retry_after_s: float) -> None:
+    def __init__(self, retry_after_s: float, wait_known: bool = True) -> None:
         super().__init__(f"all candidates unavailable for {retry_after_s:.1f}s")
         self.retry_after_s = retry_after_s
+        # False when nothing says any candidate comes back (all gone): waiting cannot help.
+        self.wait_known = wait_known
 
 
 class NothingFits(NoCandidates):
@@ -108,7 +110,7 @@ def rank(groups: Sequence[Sequence[Deployment]], intent: Intent, health: HealthS
 
         ranked.extend(sorted(usable, key=sort_key))
     if not ranked:
-        raise NoneAvailable(max(min(waits_ms, default=5000) / 1000, 1.0))
+        raise NoneAvailable(max(min(waits_ms, default=5000) / 1000, 1.0), wait_known=bool(waits_ms))
     return ranked
 
 

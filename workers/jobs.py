@@ -194,7 +194,7 @@ async def _ranked(state: WorkerState, groups: list[list[Deployment]], intent: In
     try:
         return health, rank(groups, intent, health, needed_tokens)
     except NoneAvailable as exc:
-        if exc.retry_after_s > min(state.settings.short_retry_after_max_s, budget_s() - 1):
+        if not exc.wait_known or exc.retry_after_s > min(state.settings.short_retry_after_max_s, budget_s() - 1):
             raise
         await asyncio.sleep(exc.retry_after_s + random.uniform(0, 0.2))  # jitter: no thundering herd
     health = await state.executor.snapshot(deployments)

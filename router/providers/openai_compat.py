@@ -27,6 +27,7 @@ from router.providers.sanitize import sanitize
 
 _CONTEXT_MARKERS = ("context_length", "context length", "maximum context", "too many tokens",
                     "prompt is too long", "reduce the length")
+_BAD_KEY_MARKERS = ("api_key_invalid", "api key not valid", "invalid api key", "invalid_api_key")
 _POLICY_MARKERS = ("content_policy", "content policy", "content_filter", "safety", "moderation",
                    "flagged", "responsible ai")
 
@@ -71,12 +72,18 @@ def error_for_status(status: int, body: bytes, headers: Mapping[str, str]) -> Up
     """Map a non-2xx upstream response to its typed failure."""
     message, code = _error_text(body)
     lowered = f"{code} {message}".lower()
-    if status == 429:
+    if status == 429 or (status == 413 and "rate_limit" in lowered):  # Groq: tokens-per-minute as 413
         return RateLimited(message, retry_after_s=parse_retry_after(headers))
-    if status in (401, 403):
+    if any(m in lowered for m in _POLICY_MARKERS) and status in (400, 403, 422):
+        # OpenRouter answers moderation blocks with 403: a refusal, not a bad key of ours.
+        return ContentRejected(message, status=400)
+    if status in (401, 402, 403) or any(m in lowered for m in _BAD_KEY_MARKERS):
+        # 402: the key is out of credits; Gemini reports an invalid key as 400 API_KEY_INVALID.
         return UpstreamAuthFailed(message, status=status)
-    if status == 404:
+    if status == 404 or "decommissioned" in lowered:
         return ModelUnavailable(message, status=status)
+    if status == 408:
+        return UpstreamTimeout(message, phase="total")
     if status in (400, 413, 422):
         if any(m in lowered for m in _CONTEXT_MARKERS):
             return ContextTooLong(message, status=400)
@@ -134,9 +141,16 @@ class OpenAICompatProvider:
             raise UpstreamConnectError("connection refused or unreachable") from None
         except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError, httpx.TimeoutException):
             raise UpstreamServerError("connection reset by upstream") from None
+        except httpx.HTTPError as exc:  # e.g. a base URL without a scheme: this route cannot work
+            raise UpstreamConnectError(f"cannot reach the provider ({type(exc).__name__})") from None
         try:
             if response.status_code >= 300:
-                raise error_for_status(response.status_code, await response.aread(), response.headers)
+                try:
+                    async with asyncio.timeout_at(min(started + t.connect_s + t.first_token_s, end_by)):
+                        error_body = await response.aread()
+                except (TimeoutError, httpx.HTTPError):
+                    error_body = b""  # the status alone decides
+                raise error_for_status(response.status_code, error_body, response.headers)
             yield StreamItem(headers=response.headers)
             async for item in _parse_sse(response, loop, started, t.first_token_s, t.idle_s, end_by):
                 yield item
@@ -168,7 +182,7 @@ async def _parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, 
         except TimeoutError:
             phase = "total" if loop.time() >= end_by else ("idle" if seen_data else "first_token")
             raise UpstreamTimeout(f"upstream stream stalled ({phase})", phase=phase) from None
-        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.TimeoutException):
+        except httpx.HTTPError:  # read error, protocol error, decoding error, read timeout
             raise StreamBroken("upstream connection was cut mid-stream") from None
         if not line.startswith("data:"):
             continue  # blank separators, ": keep-alive" comments, event: lines

@@ -202,3 +202,17 @@ def test_client_leaving_before_first_token_cancels_the_job(shared_gateway: Gatew
     # The gateway stays healthy and logged no unhandled error for the departure.
     assert httpx.get(shared_gateway.base_url + "/healthz", timeout=5).status_code == 200
     assert "unhandled error" not in shared_gateway.logs()
+
+
+def test_cut_after_the_role_opener_fails_over_invisibly(shared_gateway: Gateway, upstream: FakeUpstream,
+                                                        key: str) -> None:
+    # The fake's first frame is {"role": "assistant", "content": ""}; the cut comes before any
+    # token, so the caller must get one whole answer from the fallback, not an in-band error.
+    upstream.script("general-best", {"cut_after": 1})
+    raw = shared_gateway.client(key).chat.completions.with_raw_response.create(
+        model="auto", messages=MESSAGES, max_tokens=6, stream=True)
+    served = raw.headers["x-freeference-model"]
+    pieces = [c.choices[0].delta.content or "" for c in raw.parse() if c.choices]
+    assert served == "general-backup"
+    assert "".join(pieces) == "".join(reply_tokens(served, 6))
+    assert [r["model"] for r in upstream.requests()] == ["general-best", "general-backup"]
