@@ -72,12 +72,6 @@ class RuntimeCatalog:
         cap = self.file.capabilities.get(capability)
         return cap.intent if cap else None
 
-    def capability_for_intent(self, intent: Intent) -> str | None:
-        for cap_id, cap in self.file.capabilities.items():
-            if cap.intent == intent:
-                return cap_id
-        return None
-
     def by_model_id(self, model_id: str) -> list[Deployment]:
         return [d for d in self.deployments if d.model.id == model_id]
 

@@ -196,7 +196,7 @@ class FailoverExecutor:
         effect = POLICY[outcome].health
         try:
             if effect == "failure":
-                if await self._health.record_failure(deployment):
+                if await self._health.record_failure(deployment, probe=probe):
                     log.warning("circuit breaker opened for %s", deployment.key)
             elif effect in ("cool_retry_after", "cool_default"):
                 await self._health.cool(deployment, cooling_s(outcome, exc, self._tuning))

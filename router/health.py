@@ -23,16 +23,16 @@ from workers.protocol import (
 # Health hashes outlive any cooldown by far; the TTL only collects deployments that were removed.
 _HEALTH_TTL_MS = 7 * 24 * 3600 * 1000
 
-# KEYS: health hash, probe key. ARGV: now_ms, threshold, base_ms, max_ms, ttl_ms.
-# A failure while the breaker is open (a request that started before it opened) only counts;
-# a failure after the cooldown lapsed is a failed probe: reopen for twice as long.
+# KEYS: health hash, probe key. ARGV: now_ms, threshold, base_ms, max_ms, ttl_ms, is_probe (1/0).
+# A failure while the breaker is open, or after it lapsed from a request that is not the probe
+# (it started before the breaker opened), only counts; a failed probe reopens for twice as long.
 _RECORD_FAILURE = """
 local now = tonumber(ARGV[1])
 local fails = redis.call('HINCRBY', KEYS[1], 'fails', 1)
 local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until_ms') or '0')
 local cooldown = tonumber(redis.call('HGET', KEYS[1], 'cooldown_ms') or '0')
 local opened = 0
-if open_until > 0 and open_until <= now then
+if open_until > 0 and open_until <= now and ARGV[6] == '1' then
   cooldown = math.min(math.max(cooldown * 2, tonumber(ARGV[3])), tonumber(ARGV[4]))
   opened = 1
 elseif open_until == 0 and fails >= tonumber(ARGV[2]) then
@@ -194,13 +194,13 @@ class HealthStore:
                 pipe.pexpire(key_state, _HEALTH_TTL_MS)
             await pipe.execute()
 
-    async def record_failure(self, deployment: Deployment) -> bool:
-        """Count a failure; True when this failure opened (or reopened) the breaker."""
+    async def record_failure(self, deployment: Deployment, probe: bool = True) -> bool:
+        """Count a failure; True when this failure opened (or, being the probe, reopened) the breaker."""
         t = self.tuning
         keys = [deployment_health_key(deployment.key), deployment_probe_key(deployment.key)]
         _fails, opened, _cooldown = await self._failure(
             keys=keys, args=[now_ms(), t.failure_threshold, int(t.cooldown_s * 1000),
-                             int(t.max_cooldown_s * 1000), _HEALTH_TTL_MS])
+                             int(t.max_cooldown_s * 1000), _HEALTH_TTL_MS, int(probe)])
         return bool(opened)
 
     async def cool(self, deployment: Deployment, seconds: float) -> None:

@@ -51,12 +51,6 @@ def candidate_groups(catalog: RuntimeCatalog, requested: str | None, intent: Int
     return groups
 
 
-def candidates_for(catalog: RuntimeCatalog, requested: str | None, intent: Intent,
-                   fallbacks: Sequence[str] = ()) -> list[Deployment]:
-    """Ordered candidates for a model reference (None → the intent), then explicit fallbacks."""
-    return [d for group in candidate_groups(catalog, requested, intent, fallbacks) for d in group]
-
-
 def _resolve(catalog: RuntimeCatalog, name: str | None, intent: Intent) -> list[Deployment]:
     if name is None or name in ("", "auto"):
         return catalog.for_intent(intent)

@@ -189,3 +189,19 @@ def test_everything_cooling_is_none_available_with_the_soonest_retry(deployments
     with pytest.raises(NoneAvailable) as info:
         rank([list(deployments.values())], "general", snap, 10)
     assert info.value.retry_after_s == pytest.approx(4.0)
+
+
+async def test_stale_failures_do_not_extend_a_lapsed_breaker(store: HealthStore,
+                                                             deployments: dict[str, Deployment]) -> None:
+    # Requests that started before the breaker opened may fail after it lapsed; only the probe's
+    # failure may reopen it for twice as long.
+    d = deployments["best"]
+    for _ in range(3):
+        await store.record_failure(d)
+    await asyncio.sleep(TUNING.cooldown_s + 0.05)  # the breaker lapses: half-open
+    assert not await store.record_failure(d, probe=False)
+    assert (await _health(store, d)).state(now_ms()) == "half_open"
+    assert await store.record_failure(d, probe=True)
+    health = await _health(store, d)
+    assert health.state(now_ms()) == "open"
+    assert health.cooldown_ms == int(TUNING.cooldown_s * 2000)
