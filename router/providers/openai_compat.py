@@ -198,7 +198,7 @@ async def _parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, 
         except orjson.JSONDecodeError:
             yield StreamItem(malformed=True)
             continue
-        if not isinstance(chunk, dict):
+        if not isinstance(chunk, dict) or not _well_formed(chunk):
             yield StreamItem(malformed=True)
             continue
         if "error" in chunk:
@@ -219,3 +219,27 @@ async def _finish_body(lines: AsyncIterator[str], drain_by: float) -> None:
                 pass
     except (TimeoutError, httpx.HTTPError):
         pass  # the answer is complete; only connection reuse is lost
+
+
+def _well_formed(chunk: dict[str, Any]) -> bool:
+    """The shapes the executor and the assembler rely on; anything else is skipped as malformed."""
+    choices = chunk.get("choices", [])
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict) or not isinstance(choice.get("index", 0), int):
+            return False
+        delta = choice.get("delta")
+        if delta is None:
+            continue
+        if not isinstance(delta, dict) or not isinstance(delta.get("content") or "", str):
+            return False
+        calls = delta.get("tool_calls") or []
+        if not isinstance(calls, list):
+            return False
+        for call in calls:
+            if not isinstance(call, dict) or not isinstance(call.get("function") or {}, dict):
+                return False
+            if not isinstance((call.get("function") or {}).get("arguments") or "", str):
+                return False
+    return True

@@ -56,3 +56,20 @@ def test_secrets_in_upstream_messages_are_redacted() -> None:
     error = error_for_status(401, _body("bad key sk-abcdefghijklmnopqrstuvwxyz0123 for Bearer gsk_secret"), {})
     assert "sk-abcdef" not in error.message
     assert "gsk_secret" not in error.message
+
+
+@pytest.mark.parametrize(("chunk", "ok"), [
+    ({"choices": [{"index": 0, "delta": {"content": "hi"}}]}, True),
+    ({"choices": [], "usage": {"total_tokens": 3}}, True),
+    ({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}}]}, True),
+    ({"choices": "nope"}, False),
+    ({"choices": [{"index": "0", "delta": {}}]}, False),
+    ({"choices": [{"index": 0, "delta": "text"}]}, False),
+    ({"choices": [{"index": 0, "delta": {"content": 5}}]}, False),
+    ({"choices": [{"index": 0, "delta": {"tool_calls": [{"function": {"arguments": {"a": 1}}}]}}]}, False),
+    ({"choices": [{"index": 0, "delta": {"tool_calls": ["x"]}}]}, False),
+])
+def test_chunk_shapes(chunk: dict, ok: bool) -> None:
+    from router.providers.openai_compat import _well_formed
+
+    assert _well_formed(chunk) is ok
