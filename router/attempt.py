@@ -80,8 +80,9 @@ async def stream_attempt(provider: OpenAICompatProvider, deployment: Deployment,
     started = loop.time()
     result = AttemptResult(headers={}, first_chunk_ms=None)
     finished = False
-    requested_n = upstream_body.get("n")
-    choices_wanted = requested_n if isinstance(requested_n, int) and requested_n > 0 else 1
+    # Indices of the choices seen, and of those that finished. Counting against the seen ones,
+    # not against `n`: many OpenAI-compatible servers ignore n and stream a single choice.
+    seen_choices: set[int] = set()
     finished_choices: set[int] = set()
     # Content-less openers ({"role": "assistant", "content": ""}) wait for the first real chunk:
     # forwarding one would commit the stream, and failover before the first token must stay
@@ -101,11 +102,12 @@ async def stream_attempt(provider: OpenAICompatProvider, deployment: Deployment,
             if result.first_chunk_ms is None:
                 result.first_chunk_ms = (loop.time() - started) * 1000
             choices = [c for c in chunk.get("choices") or [] if isinstance(c, dict)]
-            # Whole only when every requested choice has finished ("error" is OpenRouter's
-            # in-band failure, not an ending).
+            # Whole only when every choice seen has finished ("error" is OpenRouter's in-band
+            # failure, not an ending).
+            seen_choices.update(c.get("index", 0) for c in choices)
             finished_choices.update(c.get("index", 0) for c in choices
                                     if c.get("finish_reason") and c.get("finish_reason") != "error")
-            finished = len(finished_choices) >= choices_wanted
+            finished = bool(seen_choices) and seen_choices <= finished_choices
             if chunk.get("usage"):
                 state.usage = chunk["usage"]
             if _role_only(choices) and (continuing or state.chunks_sent == 0):
