@@ -22,7 +22,7 @@ from api.dispatch import WorkerLost
 from api.errors import OpenAIError
 from api.ratelimit import counter_ttl_ms
 from api.relay import Event
-from workers.protocol import DoneEvent, StartEvent, usage_key
+from workers.protocol import DoneEvent, RouteInfo, StartEvent, usage_key
 
 log = logging.getLogger("freeference.usage")
 
@@ -75,6 +75,9 @@ class UsageRecorder:
         self._chunks_seen = False
         self._jobs = 0
         self.recorded = False
+        # The parsed start route and done event, so the route relaying them does not parse again.
+        self.route: RouteInfo | None = None
+        self.done: DoneEvent | None = None
 
     async def watch(self, events: AsyncGenerator[Event, None],
                     requested_model: str | None) -> AsyncGenerator[Event, None]:
@@ -84,11 +87,13 @@ class UsageRecorder:
         try:
             async for event_type, payload in events:
                 if event_type == "start":
-                    self._model = StartEvent.model_validate_json(payload).route.model
+                    self.route = StartEvent.model_validate_json(payload).route
+                    self._model = self.route.model
                 elif event_type == "chunk":
                     self._chunks_seen = True
                 elif event_type == "done":
-                    await self.succeeded(DoneEvent.model_validate_json(payload))
+                    self.done = DoneEvent.model_validate_json(payload)
+                    await self.succeeded(self.done)
                 elif event_type == "error":
                     await self.failed()
                 yield event_type, payload

@@ -22,7 +22,7 @@ from api.schemas import GATEWAY_FIELDS, ChatCompletionRequest, parse_chat_reques
 from api.usage import UsageRecorder
 from settings import Settings
 from settings.catalog import CatalogFile
-from workers.protocol import ChatJob, DoneEvent, ErrorEvent, RouteInfo, StartEvent
+from workers.protocol import ChatJob, DoneEvent, ErrorEvent, RouteInfo
 
 router = APIRouter()
 
@@ -155,11 +155,11 @@ async def _respond(handle: JobHandle, dispatcher: Dispatcher, disconnected: asyn
                 return Response(status_code=499)
             event_type, payload = event
             if event_type == "start":
-                route = StartEvent.model_validate_json(payload).route
+                route = usage.route
             elif event_type == "error":
                 raise _error_from_event(payload)
             elif event_type == "done":
-                done = DoneEvent.model_validate_json(payload)
+                done = usage.done or DoneEvent.model_validate_json(payload)  # usage.watch parsed it already
                 headers = _route_headers(handle.job.request_id, done.route)
                 if handle.job.stream:  # a stream with no chunk at all is still a stream
                     return StreamingResponse(_single(b"data: [DONE]\n\n"), media_type="text/event-stream",
