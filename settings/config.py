@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     breaker_probe_ttl_s: float = Field(default=30.0, gt=0)  # a probe claim lapses if its worker died
     # A 429 whose Retry-After is at most this is waited out and retried once; longer → fail over.
     short_retry_after_max_s: float = Field(default=5.0, ge=0)
+    # A request whose candidates are all cooling, open or being probed waits up to this long in
+    # total for the soonest to come back before it is answered 503 no_models_available.
+    availability_wait_max_s: float = Field(default=5.0, ge=0)
     rate_limit_cooldown_s: float = Field(default=10.0, gt=0)  # cooling after a 429 without Retry-After
     retry_backoff_s: float = Field(default=0.2, gt=0)  # base of the jittered 5xx / reset retry wait
     rate_limit_backoff_s: float = Field(default=0.5, gt=0)  # base of the jittered 429 backoff

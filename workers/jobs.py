@@ -168,37 +168,63 @@ async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnR
 
     intent, why = _intent_for(job, state.catalog, state.settings)
     groups = candidate_groups(state.catalog, job.requested_model, intent, job.fallback_models)
+    deployments = [d for group in groups for d in group]
     body = dict(job.body)
+    needed_tokens = estimate_tokens(body)
+    wants_usage = _ask_for_usage(body, job.stream)
+    waited_s = 0.0
     async with asyncio.timeout(budget_s()):
-        health, ranked = await _ranked(state, groups, intent, body, budget_s)
-        if job.stream:
-            return await _stream(state, run, ranked, health, body, budget_s, intent, why, on_start, on_chunk)
-        # Non-streaming requests stream upstream too (stall detection, no truncated answers).
+        while True:
+            health = await state.executor.snapshot(deployments)
+            try:
+                ranked = rank(groups, intent, health, needed_tokens)
+                if job.stream:
+                    return await _stream(state, run, ranked, health, body, budget_s, intent, why, on_start, on_chunk,
+                                         wants_usage)
+                completion, served = await state.executor.complete(ranked, body, run, health, budget_s)
+                return DoneEvent(route=_route(served, run, intent, why), usage=completion.get("usage"),
+                                 completion=completion)
+            except NoneAvailable as exc:
+                wait_s = _availability_wait_s(exc, waited_s, state.settings.availability_wait_max_s, budget_s())
+                if wait_s is None:
+                    raise
+                await asyncio.sleep(wait_s)
+                waited_s += wait_s
+
+
+def _ask_for_usage(body: dict[str, Any], stream: bool) -> bool:
+    """Make the upstream call stream with usage; True when the caller asked for the usage chunk.
+
+    Non-streaming requests stream upstream too (stall detection, no truncated answers). Usage is
+    asked for even when the caller said include_usage: false, because billing and tokens per
+    minute need it; the usage-only chunk is then not forwarded to such a caller.
+    """
+    caller_options = body.get("stream_options")
+    if not stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-        completion, served = await state.executor.complete(ranked, body, run, health, budget_s)
-        route = _route(served, run, intent, why)
-        return DoneEvent(route=route, usage=completion.get("usage"), completion=completion)
+        return True
+    wants_usage = isinstance(caller_options, dict) and bool(caller_options.get("include_usage"))
+    if not wants_usage:
+        options = caller_options if isinstance(caller_options, dict) else {}
+        body["stream_options"] = {**options, "include_usage": True}
+    return wants_usage
 
 
-async def _ranked(state: WorkerState, groups: list[list[Deployment]], intent: Intent, body: dict[str, Any],
-                  budget_s: Callable[[], float]) -> tuple[HealthSnapshot, list[Deployment]]:
-    """Candidates that may be tried now, from one read of the shared health.
+def _availability_wait_s(exc: NoneAvailable, waited_s: float, max_wait_s: float, budget_s: float) -> float | None:
+    """How long to wait before ranking again when no candidate may be tried now (None: answer 503).
 
-    When every candidate is cooling for only a short while, wait for the soonest once instead
-    of refusing: a one-second Retry-After should not become a 503 for everyone in that second.
+    Every candidate cooling, open or being probed by another worker for a second or two should not
+    become a 503 for everyone in that second: wait for the soonest to come back, jittered so the
+    waiters do not return as one herd, for at most `max_wait_s` in total and never into the
+    deadline. A candidate that is gone, or a longer outage, is answered at once.
     """
-    deployments = [d for group in groups for d in group]
-    needed_tokens = estimate_tokens(body)
-    health = await state.executor.snapshot(deployments)
-    try:
-        return health, rank(groups, intent, health, needed_tokens)
-    except NoneAvailable as exc:
-        if not exc.wait_known or exc.retry_after_s > min(state.settings.short_retry_after_max_s, budget_s() - 1):
-            raise
-        await asyncio.sleep(exc.retry_after_s + random.uniform(0, 0.2))  # jitter: no thundering herd
-    health = await state.executor.snapshot(deployments)
-    return health, rank(groups, intent, health, needed_tokens)
+    if not exc.wait_known:
+        return None
+    wait_s = exc.retry_after_s + random.uniform(0, 0.2)
+    if waited_s + wait_s > max_wait_s or wait_s > budget_s - 1:
+        return None
+    return wait_s
 
 
 def error_event(exc: BaseException, run: RunState) -> ErrorEvent:
@@ -231,15 +257,7 @@ def error_event(exc: BaseException, run: RunState) -> ErrorEvent:
 
 async def _stream(state: WorkerState, run: RunState, candidates: list[Deployment], health: HealthSnapshot,
                   body: dict[str, Any], budget_s: Callable[[], float], intent: Intent, why: str, on_route: OnRoute,
-                  on_chunk: OnChunk) -> DoneEvent:
-    caller_options = body.get("stream_options")
-    wants_usage = isinstance(caller_options, dict) and bool(caller_options.get("include_usage"))
-    if not wants_usage:
-        # Ask for usage anyway (billing and tokens-per-minute need it, even when the caller said
-        # include_usage: false); the usage-only chunk is not forwarded to such a caller.
-        options = caller_options if isinstance(caller_options, dict) else {}
-        body["stream_options"] = {**options, "include_usage": True}
-
+                  on_chunk: OnChunk, wants_usage: bool) -> DoneEvent:
     async def on_start(deployment: Deployment, attempts: int) -> None:
         await on_route(_route(deployment, run, intent, why, attempts))
 

@@ -293,6 +293,24 @@ def test_everything_cooling_is_503_with_retry_after_then_502_names_attempts(gate
     assert len(upstream.requests()) == 4
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_everything_cooling_briefly_is_waited_for_not_503(gateway: Gateway, upstream: FakeUpstream, key: str,
+                                                          stream: bool) -> None:
+    # A Retry-After of 3 s is too long to wait on one model (short max is 2 s), so the first
+    # caller fails over through all four and gets a 502; the next caller finds every model
+    # cooling for about 3 s, which is within the availability wait: it waits and is served.
+    for model in (BEST, BACKUP, SMALL, "coder"):
+        upstream.script(model, {"status": 429, "retry_after": 3})
+    with pytest.raises(openai.APIStatusError) as failed:
+        ask(gateway, key, stream=False)
+    assert failed.value.status_code == 502
+    answer = ask(gateway, key, stream)
+    assert (answer.content, answer.model) == (expected(BEST), BEST)
+    best = upstream.requests(BEST)
+    assert len(best) == 2 and best[1]["t"] - best[0]["t"] >= 3.0  # never before the Retry-After
+    assert len(upstream.requests()) == 5
+
+
 def test_explicit_fallbacks_are_tried_in_order(gateway: Gateway, upstream: FakeUpstream, key: str) -> None:
     pro = gateway.create_key("pro")
     upstream.script(SMALL, {"status": 400, "context_length": True})
