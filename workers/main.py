@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.catalog import RuntimeCatalog
+from router.providers.transport import upstream_client
 from settings import Settings, get_settings
 from settings.catalog import load_catalog
 from settings.redis_url import sentinel_target
@@ -226,7 +227,7 @@ async def _startup(ctx: dict[str, Any]) -> None:
     catalog = RuntimeCatalog.build(load_catalog(settings.catalog))
     catalog.log_summary()
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30)
-    client = httpx.AsyncClient(limits=limits, follow_redirects=False)
+    client = upstream_client(limits)
     ctx["http"] = client
     ctx["state"] = WorkerState(
         worker_id=ctx["worker_id"], settings=settings, catalog=catalog,
