@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api.admission import Gatekeeper
+from api.background import BackgroundWrites
 from api.backpressure import InflightLimitMiddleware, StreamLimiter
 from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
@@ -40,9 +41,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.dispatcher = Dispatcher(redis, hub, conf)
         app.state.gatekeeper = Gatekeeper(redis, conf)
         app.state.stream_limiter = StreamLimiter(redis, conf.max_streams_per_key)
+        app.state.background = BackgroundWrites()
         try:
             yield
         finally:
+            await app.state.background.drain(timeout_s=5)
             await hub.stop()
             await redis.aclose()
 

@@ -3,13 +3,15 @@
 The worker's `done` event carries the served model and the provider's usage; an `error` event
 (or a lost worker, or a deadline) is a failure: counted as a request and a failure, never
 billed as tokens. The same pipelined write corrects the tokens-per-minute counter charged at
-admission from the estimate to the real total (a failure refunds the estimate).
+admission from the estimate to the real total (a failure refunds the estimate). A success is
+written beside the answer, not before it: the caller does not wait for a Redis round trip that
+only bookkeeping needs.
 """
 
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Sequence
 from typing import Any
 
 import anyio
@@ -18,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from api.admission import Admission
+from api.background import BackgroundWrites
 from api.dispatch import WorkerLost
 from api.errors import OpenAIError
 from api.ratelimit import counter_ttl_ms
@@ -67,8 +70,10 @@ def _int(usage: dict[str, Any] | None, field: str) -> int:
 class UsageRecorder:
     """Records one chat request's outcome exactly once."""
 
-    def __init__(self, redis: Redis, admission: Admission, retention_days: int) -> None:
+    def __init__(self, redis: Redis, admission: Admission, retention_days: int,
+                 background: BackgroundWrites | None = None) -> None:
         self._redis = redis
+        self._background = background
         self._admission = admission
         self._model = "auto"
         self._retention_s = retention_days * _DAY_S
@@ -93,7 +98,12 @@ class UsageRecorder:
                     self._chunks_seen = True
                 elif event_type == "done":
                     self.done = DoneEvent.model_validate_json(payload)
-                    await self.succeeded(self.done)
+                    if self._background is None:
+                        await self.succeeded(self.done)
+                    else:
+                        write = self._bill_success(self.done)
+                        if write is not None:
+                            self._background.spawn(write)
                 elif event_type == "error":
                     await self.failed()
                 yield event_type, payload
@@ -117,11 +127,16 @@ class UsageRecorder:
 
     async def succeeded(self, done: DoneEvent) -> None:
         """Bill the served model with the provider's usage; correct tokens-per-minute."""
+        write = self._bill_success(done)
+        if write is not None:
+            await write
+
+    def _bill_success(self, done: DoneEvent) -> Coroutine[Any, Any, None] | None:
         usage = done.usage
         prompt, completion = _int(usage, "prompt_tokens"), _int(usage, "completion_tokens")
         actual = _int(usage, "total_tokens") or prompt + completion
         # Without a usage block the estimate stands: better than refunding tokens that were spent.
-        await self._write(done.route.model, prompt, completion, failure=False,
+        return self._bill(done.route.model, prompt, completion, failure=False,
                           tokens_delta=actual - self._admission.token_estimate if usage else 0)
 
     async def failed(self) -> None:
@@ -130,9 +145,23 @@ class UsageRecorder:
             await self._write(self._model, 0, 0, failure=True, tokens_delta=-self._admission.token_estimate)
 
     async def _write(self, model: str, prompt: int, completion: int, *, failure: bool, tokens_delta: int) -> None:
+        write = self._bill(model, prompt, completion, failure=failure, tokens_delta=tokens_delta)
+        if write is not None:
+            await write
+
+    def _bill(self, model: str, prompt: int, completion: int, *, failure: bool,
+              tokens_delta: int) -> Coroutine[Any, Any, None] | None:
+        """The write of this request's one outcome; None when it is already recorded.
+
+        Marked recorded at once (not when the write lands), so a caller leaving while a
+        success is being written cannot record the request a second time.
+        """
         if self.recorded:
-            return
+            return None
         self.recorded = True
+        return self._send(model, prompt, completion, failure=failure, tokens_delta=tokens_delta)
+
+    async def _send(self, model: str, prompt: int, completion: int, *, failure: bool, tokens_delta: int) -> None:
         now = time.time()
         key = usage_key(self._admission.key.id, utc_day(now))
         counts = {"requests": 1, "prompt_tokens": prompt, "completion_tokens": completion, "failures": int(failure)}

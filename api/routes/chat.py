@@ -105,7 +105,8 @@ async def chat_completions(
 ) -> Response:
     """Create a chat completion (OpenAI schema; `model` optional, `stream` for SSE)."""
     # Admission (key + limits) ran as the dependency; every answer carries its x-ratelimit-*.
-    usage = UsageRecorder(request.app.state.redis, admission, settings.usage_retention_days)
+    usage = UsageRecorder(request.app.state.redis, admission, settings.usage_retention_days,
+                          request.app.state.background)
     try:
         response = await _complete(request, admission.key, usage, settings, dispatcher, catalog)
     except OpenAIError as exc:
