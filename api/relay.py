@@ -25,6 +25,7 @@ class ReplyHub:
 
     def __init__(self, redis: Redis, process_id: str) -> None:
         self._redis = redis
+        self.process_id = process_id
         self.channel = reply_channel(process_id)
         self._queues: dict[str, asyncio.Queue[Event]] = {}
         self._task: asyncio.Task[None] | None = None

@@ -23,7 +23,6 @@ from settings import Settings
 from settings.catalog import Intent
 from workers.protocol import (
     REQUEST_ID,
-    AcceptedEvent,
     AttemptFailure,
     ChatJob,
     DoneEvent,
@@ -33,7 +32,7 @@ from workers.protocol import (
     RouteInfo,
     StartEvent,
     WorkerTimings,
-    cancelled_job_key,
+    accepted_payload,
     encode_event,
 )
 
@@ -90,22 +89,18 @@ def _intent_for(job: ChatJob, catalog: RuntimeCatalog, settings: Settings) -> tu
 
 
 async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
-    """arq entry point. Never raises: every outcome becomes a done or error event."""
+    """arq entry point. Never raises: every outcome becomes a done or error event.
+
+    The worker's claim script (workers/main.py) has already taken the job off the queue,
+    skipped it if its caller left before pickup, and announced it to the waiting API process
+    when the job id names that process (`ctx["announced"]`).
+    """
     state: WorkerState = ctx["state"]
     redis: Redis = ctx["redis"]
     job = ChatJob.model_validate(payload)
     REQUEST_ID.set(job.request_id)  # this job's task only: its log lines name the request
-    accepted = encode_event(job.job_id, "accepted",
-                            AcceptedEvent(worker_id=state.worker_id).model_dump_json().encode())
-    # Leaving the queue's sorted set at once keeps every other worker's poll from re-checking
-    # this job for as long as it streams (arq keeps running jobs there until they end).
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zrem(state.settings.queue_name, job.job_id)
-        pipe.exists(cancelled_job_key(job.job_id))
-        pipe.publish(job.reply_channel, accepted)
-        _, cancelled, _ = await pipe.execute()
-    if cancelled:
-        return
+    if not ctx.get("announced"):
+        await redis.publish(job.reply_channel, encode_event(job.job_id, "accepted", accepted_payload(state.worker_id)))
     inner = asyncio.create_task(_run(job, state, Publisher(redis, job)))
     state.running[job.job_id] = inner
     state.callers[job.job_id] = job.reply_channel

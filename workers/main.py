@@ -7,14 +7,16 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Coroutine
 from typing import Any
 
 import httpx
 import orjson
 from arq import func
 from arq.connections import RedisSettings, create_pool
-from arq.constants import in_progress_key_prefix
-from arq.utils import timestamp_ms
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.jobs import SerializationError, deserialize_job_raw
+from arq.utils import ms_to_datetime, timestamp_ms
 from arq.worker import Worker
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -28,21 +30,48 @@ from settings.catalog import load_catalog
 from settings.redis_url import sentinel_target
 from workers.batches import run_batches
 from workers.jobs import WorkerState, chat_completion
-from workers.protocol import ARQ_JOB_FUNCTION, WAKE_CHANNEL, WORKERS_KEY, control_channel, worker_heartbeat_key
+from workers.protocol import (
+    ARQ_JOB_FUNCTION,
+    WAKE_CHANNEL,
+    WORKERS_KEY,
+    accepted_payload,
+    cancelled_job_key,
+    control_channel,
+    reply_channel,
+    worker_heartbeat_key,
+)
 from workers.routing import build_executor, start_refresher, stop_refresher
 
 log = logging.getLogger("freeference.worker")
 
-# KEYS[1] the queue. ARGV: in-progress key prefix, now (ms), in-progress TTL (ms), job ids...
-# Returns {id, score, ...} of the jobs this worker now owns (due, and not in progress elsewhere).
+# Claim and announce jobs in one call. KEYS[1] the queue. ARGV: in-progress key prefix, now (ms),
+# in-progress TTL (ms), job key prefix, cancelled-job key prefix, reply channel prefix, the
+# accepted event's " accepted <payload>" tail, then job ids. For each job that is due and not
+# in progress elsewhere: take it (SET NX, so two workers never both run it), take it off the
+# queue, read its payload, and unless its caller already left, announce it on the reply channel
+# its id names (`<process>.<uuid>`, workers/protocol.new_job_id). Returns
+# {id, score, payload or false, cancelled 0|1, announced 0|1, ...}.
 _CLAIM_LUA = """
 local out = {}
-for i = 4, #ARGV do
-  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+for i = 8, #ARGV do
+  local id = ARGV[i]
+  local score = redis.call('ZSCORE', KEYS[1], id)
   if score and tonumber(score) <= tonumber(ARGV[2])
-     and redis.call('SET', ARGV[1] .. ARGV[i], '1', 'PX', ARGV[3], 'NX') then
-    out[#out + 1] = ARGV[i]
+     and redis.call('SET', ARGV[1] .. id, '1', 'PX', ARGV[3], 'NX') then
+    redis.call('ZREM', KEYS[1], id)
+    local payload = redis.call('GET', ARGV[4] .. id)
+    local cancelled = redis.call('EXISTS', ARGV[5] .. id)
+    local announced = 0
+    local process = string.match(id, '^(%w+)%.')
+    if payload and cancelled == 0 and process then
+      redis.call('PUBLISH', ARGV[6] .. process, id .. ARGV[7])
+      announced = 1
+    end
+    out[#out + 1] = id
     out[#out + 1] = score
+    out[#out + 1] = payload
+    out[#out + 1] = cancelled
+    out[#out + 1] = announced
   end
 end
 return out
@@ -72,6 +101,7 @@ class FreeferenceWorker(Worker):
         self._scan_requested = True
         self._claim: AsyncScript | None = None
         self._background: list[asyncio.Task[None]] = []
+        self._bookkeeping: set[asyncio.Task[None]] = set()
 
     async def main(self) -> None:
         # Same start-up as arq's Worker.main; the loop below replaces its fixed-delay poll.
@@ -115,12 +145,14 @@ class FreeferenceWorker(Worker):
                 await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """Claim every startable job of this poll in one Lua call, then start them.
+        """Claim every startable job of this poll in one Lua call, then run them.
 
         arq claims job by job (WATCH, EXISTS, ZSCORE, MULTI/EXEC: four round trips each, in
         sequence), which caps pickup at a few hundred jobs a second and made the queue wait grow
-        to seconds under a burst (bench/soak.py). The script does the same checks and sets the
-        same in-progress key (SET NX, so two workers never both claim a job) for all of them.
+        to seconds under a burst (bench/soak.py); then each job reads its payload and bumps its
+        try counter (another round trip) before it starts, and the chat job announced itself
+        (one more). The script does all of that for all of them in one round trip, with the same
+        in-progress key arq uses (so arq's job status and the API's withdrawal still apply).
         """
         free = self.max_jobs - self.job_counter
         if free <= 0 or not job_ids:
@@ -128,14 +160,64 @@ class FreeferenceWorker(Worker):
         if self._claim is None:
             self._claim = self.pool.register_script(_CLAIM_LUA)
         claimed = await self._claim(keys=[self.queue_name], args=[
-            in_progress_key_prefix, timestamp_ms(), int(self.in_progress_timeout_s * 1000), *job_ids[:free]])
-        for job_id_b, score in zip(claimed[::2], claimed[1::2], strict=True):
+            in_progress_key_prefix, timestamp_ms(), int(self.in_progress_timeout_s * 1000), job_key_prefix,
+            cancelled_job_key(""), reply_channel(""), b" accepted " + accepted_payload(self.worker_id),
+            *job_ids[:free]])
+        for i in range(0, len(claimed), 5):
+            job_id_b, score, payload, cancelled, announced = claimed[i:i + 5]
+            job_id = job_id_b.decode()
+            if payload is None or cancelled:
+                # Expired (its caller gave up long ago) or its caller left before pickup.
+                self._in_background(self._forget_job(job_id))
+                continue
             await self.sem.acquire()
             self.job_counter += 1
-            job_id = job_id_b.decode()
-            task = self.loop.create_task(self.run_job(job_id, int(float(score))))
+            task = self.loop.create_task(self._run_claimed(job_id, int(float(score)), payload, bool(announced)))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+
+    async def _run_claimed(self, job_id: str, score: int, payload: bytes, announced: bool) -> None:
+        """arq's run_job for a job the claim script has already read: run it, then clean up.
+
+        Interactive jobs run once (max_tries=1, no retry: a second run would repeat tokens the
+        caller has) and keep no result (every outcome went to the caller as an event), so what
+        remains of arq's bookkeeping is the timeout, the counters and deleting the job's keys.
+        """
+        try:
+            name, args, kwargs, _, enqueue_ms = deserialize_job_raw(payload, deserializer=self.job_deserializer)
+            function = self.functions[name]
+        except (SerializationError, KeyError):
+            log.error("job %s cannot run: unreadable payload or unknown function", job_id)
+            self.jobs_failed += 1
+            await asyncio.shield(self._forget_job(job_id))
+            return
+        ctx = {**self.ctx, "job_id": job_id, "job_try": 1, "enqueue_time": ms_to_datetime(enqueue_ms),
+               "score": score, "announced": announced}
+        self.job_tasks[job_id] = task = self.loop.create_task(function.coroutine(ctx, *args, **kwargs))
+        timeout_s = self.job_timeout_s if function.timeout_s is None else function.timeout_s
+        try:
+            await asyncio.wait_for(task, timeout_s)
+            self.jobs_complete += 1
+        except asyncio.CancelledError:
+            self.jobs_failed += 1
+            raise  # the worker is shutting down
+        except Exception:  # the job function never raises for a request's own failures
+            log.exception("job %s failed", job_id)
+            self.jobs_failed += 1
+        finally:
+            self.job_tasks.pop(job_id, None)
+            await asyncio.shield(self._forget_job(job_id))
+
+    async def _forget_job(self, job_id: str) -> None:
+        """Delete a finished job's keys (arq's finish_job with no result kept)."""
+        with contextlib.suppress(*_REDIS_DOWN):  # the keys expire on their own
+            await self.pool.delete(in_progress_key_prefix + job_id, job_key_prefix + job_id,
+                                   retry_key_prefix + job_id)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(work)
+        self._bookkeeping.add(task)  # a reference, so the task is not garbage-collected mid-flight
+        task.add_done_callback(self._bookkeeping.discard)
 
     async def _listen(self) -> None:
         control = control_channel(self.worker_id)

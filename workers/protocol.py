@@ -8,6 +8,7 @@ come first so the API can route a message without parsing it, and a ``chunk`` pa
 OpenAI ``chat.completion.chunk`` JSON itself, written to the SSE stream byte for byte.
 """
 
+import uuid
 from contextvars import ContextVar
 from typing import Any, Literal
 
@@ -31,9 +32,22 @@ WORKERS_KEY = "ff:workers"
 ARQ_JOB_FUNCTION = "chat_completion"
 
 
+REPLY_CHANNEL_PREFIX = "ff:reply:"
+
+
 def reply_channel(process_id: str) -> str:
     """Pub/sub channel on which one API process receives the events of all its jobs."""
-    return f"ff:reply:{process_id}"
+    return f"{REPLY_CHANNEL_PREFIX}{process_id}"
+
+
+def new_job_id(process_id: str) -> str:
+    """A fresh job id that names the API process waiting for it: ``<process_id>.<uuid hex>``.
+
+    The worker's claim script announces the job (the ``accepted`` event) on that process's
+    reply channel in the same call that claims it, without reading the job's payload. The
+    process id must be alphanumeric.
+    """
+    return f"{process_id}.{uuid.uuid4().hex}"
 
 
 def control_channel(worker_id: str) -> str:
@@ -149,6 +163,11 @@ class RouteInfo(_Model):
 
 class AcceptedEvent(_Model):
     worker_id: str
+
+
+def accepted_payload(worker_id: str) -> bytes:
+    """The `accepted` event's payload: which worker runs the job (for liveness and cancels)."""
+    return AcceptedEvent(worker_id=worker_id).model_dump_json().encode()
 
 
 class StartEvent(_Model):

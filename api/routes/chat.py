@@ -2,7 +2,6 @@
 
 import asyncio
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -22,7 +21,7 @@ from api.schemas import GATEWAY_FIELDS, ChatCompletionRequest, parse_chat_reques
 from api.usage import UsageRecorder
 from settings import Settings
 from settings.catalog import CatalogFile
-from workers.protocol import ChatJob, DoneEvent, ErrorEvent, RouteInfo
+from workers.protocol import ChatJob, DoneEvent, ErrorEvent, RouteInfo, new_job_id
 
 router = APIRouter()
 
@@ -81,7 +80,7 @@ def _build_job(request: Request, key_id: str, tier: Any, body: ChatCompletionReq
                timeout_s: float) -> ChatJob:
     forwarded = {k: v for k, v in raw.items() if k not in GATEWAY_FIELDS}
     return ChatJob(
-        job_id=uuid.uuid4().hex,
+        job_id=new_job_id(request.app.state.hub.process_id),
         request_id=request.state.request_id,
         reply_channel=request.app.state.hub.channel,
         body=forwarded,
@@ -134,7 +133,7 @@ async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, sett
                 if attempt == MAX_WORKER_LOSS_RETRIES:
                     raise OpenAIError(502, "The worker handling this request stopped; please retry.",
                                       code="worker_lost", headers={"Retry-After": "1"}) from None
-                job = job.model_copy(update={"job_id": uuid.uuid4().hex})
+                job = job.model_copy(update={"job_id": new_job_id(request.app.state.hub.process_id)})
         raise AssertionError("unreachable")
     finally:
         disconnected.cancel()
