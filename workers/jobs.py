@@ -97,11 +97,12 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     """
     state: WorkerState = ctx["state"]
     redis: Redis = ctx["redis"]
+    health_read = await _prefetch_health(state)
     job = ChatJob.model_validate(payload)
     REQUEST_ID.set(job.request_id)  # this job's task only: its log lines name the request
     if not ctx.get("announced"):
         await redis.publish(job.reply_channel, encode_event(job.job_id, "accepted", accepted_payload(state.worker_id)))
-    inner = asyncio.create_task(_run(job, state, Publisher(redis, job)))
+    inner = asyncio.create_task(_run(job, state, Publisher(redis, job), health_read))
     state.running[job.job_id] = inner
     state.callers[job.job_id] = job.reply_channel
     try:
@@ -113,9 +114,30 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     finally:
         state.running.pop(job.job_id, None)
         state.callers.pop(job.job_id, None)
+        if health_read is not None:
+            health_read.cancel()  # still pending only if the job ended before routing
 
 
-async def _run(job: ChatJob, state: WorkerState, out: Publisher) -> None:
+# Catalogs up to this many deployments have all their health read ahead of routing.
+_PREFETCH_MAX_DEPLOYMENTS = 64
+
+
+async def _prefetch_health(state: WorkerState) -> "asyncio.Task[HealthSnapshot] | None":
+    """Start reading the shared health of every deployment, before the job is parsed and classified.
+
+    Which deployments a request may use is known only after its intent, but the read is one
+    pipelined round trip either way: sent now, it overlaps that CPU work instead of following
+    it. Returns the pending read (None for a catalog too large to read whole every request).
+    """
+    if len(state.catalog.deployments) > _PREFETCH_MAX_DEPLOYMENTS:
+        return None
+    read = asyncio.create_task(state.executor.snapshot(state.catalog.deployments))
+    await asyncio.sleep(0)  # one loop turn: the read's command leaves before the CPU work starts
+    return read
+
+
+async def _run(job: ChatJob, state: WorkerState, out: Publisher,
+               health_read: "asyncio.Task[HealthSnapshot] | None" = None) -> None:
     run = RunState()
     started = time.monotonic()
     first_output_s: float | None = None
@@ -129,7 +151,7 @@ async def _run(job: ChatJob, state: WorkerState, out: Publisher) -> None:
         await out.send("chunk", orjson.dumps(chunk))
 
     try:
-        done = await execute(job, state, run, on_start, on_chunk)
+        done = await execute(job, state, run, on_start, on_chunk, health_read)
     except asyncio.CancelledError:
         raise
     except CallerGone:
@@ -154,8 +176,13 @@ OnRoute = Callable[[RouteInfo], Awaitable[None]]
 OnChunk = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnRoute, on_chunk: OnChunk) -> DoneEvent:
-    """Route and run one chat job (live or batch line); raises the typed failure on error."""
+async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnRoute, on_chunk: OnChunk,
+                  health_read: "asyncio.Task[HealthSnapshot] | None" = None) -> DoneEvent:
+    """Route and run one chat job (live or batch line); raises the typed failure on error.
+
+    `health_read` is a health read already under way (every deployment's); it serves the first
+    ranking, later ones read afresh.
+    """
     deadline_s = job.deadline_unix_ms / 1000
 
     def budget_s() -> float:
@@ -170,7 +197,10 @@ async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnR
     waited_s = 0.0
     async with asyncio.timeout(budget_s()):
         while True:
-            health = await state.executor.snapshot(deployments)
+            if health_read is not None:
+                health, health_read = await health_read, None
+            else:
+                health = await state.executor.snapshot(deployments)
             try:
                 ranked = rank(groups, intent, health, needed_tokens)
                 if job.stream:
