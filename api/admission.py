@@ -145,7 +145,6 @@ async def admit(request: Request, settings: Annotated[Settings, Depends(current_
     return Admission(record, decision, estimate, now)
 
 
-Admitted = Annotated[Admission, Depends(admit)]
 
 
 def random_model_limit(key: KeyRecord, per_hour: int) -> Limit:

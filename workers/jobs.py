@@ -60,10 +60,23 @@ class Publisher:
     def __init__(self, redis: Redis, job: ChatJob) -> None:
         self._redis = redis
         self._job = job
+        self._held: bytes | None = None
+
+    def hold(self, event_type: EventType, payload: bytes) -> None:
+        """Queue an event to go out with the next one (the route goes with the first chunk)."""
+        self._held = encode_event(self._job.job_id, event_type, payload)
 
     async def send(self, event_type: EventType, payload: bytes) -> None:
-        receivers = await self._redis.publish(self._job.reply_channel,
-                                              encode_event(self._job.job_id, event_type, payload))
+        message = encode_event(self._job.job_id, event_type, payload)
+        if self._held is None:
+            receivers = await self._redis.publish(self._job.reply_channel, message)
+        else:
+            # One round trip for both; a pipeline keeps their order.
+            held, self._held = self._held, None
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.publish(self._job.reply_channel, held)
+                pipe.publish(self._job.reply_channel, message)
+                receivers = min(await pipe.execute())
         # PUBLISH answers how many subscribers got the message. Zero means the API process that
         # waits for this job is gone: stop, so no upstream call outlives its caller.
         if receivers == 0 and event_type in ("start", "chunk"):
@@ -143,7 +156,8 @@ async def _run(job: ChatJob, state: WorkerState, out: Publisher,
     first_output_s: float | None = None
 
     async def on_start(route: RouteInfo) -> None:
-        await out.send("start", StartEvent(route=route).model_dump_json().encode())
+        # The route is announced right before the first chunk, so both leave in one round trip.
+        out.hold("start", StartEvent(route=route).model_dump_json().encode())
 
     async def on_chunk(chunk: dict[str, Any]) -> None:
         nonlocal first_output_s
