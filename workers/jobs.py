@@ -21,6 +21,7 @@ from router.intent import classify_request
 from router.select import NoCandidates, NoneAvailable, NothingFits, candidate_groups, estimate_tokens, rank
 from settings import Settings
 from settings.catalog import Intent
+from workers.events import EventPublisher
 from workers.protocol import (
     REQUEST_ID,
     AttemptFailure,
@@ -47,6 +48,7 @@ class WorkerState:
     settings: Settings
     catalog: RuntimeCatalog
     executor: FailoverExecutor
+    events: EventPublisher
     running: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     # job id → its reply channel, so the worker can stop jobs whose API process is gone.
     callers: dict[str, str] = field(default_factory=dict)
@@ -57,8 +59,10 @@ class CallerGone(Exception):
 
 
 class Publisher:
-    def __init__(self, redis: Redis, job: ChatJob) -> None:
-        self._redis = redis
+    """One job's events, on its API process's reply channel, through the worker's publisher."""
+
+    def __init__(self, events: EventPublisher, job: ChatJob) -> None:
+        self._events = events
         self._job = job
         self._held: bytes | None = None
 
@@ -67,16 +71,13 @@ class Publisher:
         self._held = encode_event(self._job.job_id, event_type, payload)
 
     async def send(self, event_type: EventType, payload: bytes) -> None:
-        message = encode_event(self._job.job_id, event_type, payload)
-        if self._held is None:
-            receivers = await self._redis.publish(self._job.reply_channel, message)
-        else:
-            # One round trip for both; a pipeline keeps their order.
-            held, self._held = self._held, None
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.publish(self._job.reply_channel, held)
-                pipe.publish(self._job.reply_channel, message)
-                receivers = min(await pipe.execute())
+        channel = self._job.reply_channel
+        sent = []
+        if self._held is not None:
+            sent.append(self._events.submit(channel, self._held))  # leaves in the same write, first
+            self._held = None
+        sent.append(self._events.submit(channel, encode_event(self._job.job_id, event_type, payload)))
+        receivers = min([await future for future in sent])
         # PUBLISH answers how many subscribers got the message. Zero means the API process that
         # waits for this job is gone: stop, so no upstream call outlives its caller.
         if receivers == 0 and event_type in ("start", "chunk"):
@@ -115,7 +116,7 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     REQUEST_ID.set(job.request_id)  # this job's task only: its log lines name the request
     if not ctx.get("announced"):
         await redis.publish(job.reply_channel, encode_event(job.job_id, "accepted", accepted_payload(state.worker_id)))
-    inner = asyncio.create_task(_run(job, state, Publisher(redis, job), health_read))
+    inner = asyncio.create_task(_run(job, state, Publisher(state.events, job), health_read))
     state.running[job.job_id] = inner
     state.callers[job.job_id] = job.reply_channel
     try:

@@ -29,6 +29,7 @@ from settings import Settings, get_settings
 from settings.catalog import load_catalog
 from settings.redis_url import sentinel_target
 from workers.batches import run_batches
+from workers.events import EventPublisher
 from workers.jobs import WorkerState, chat_completion
 from workers.protocol import (
     ARQ_JOB_FUNCTION,
@@ -311,9 +312,11 @@ async def _startup(ctx: dict[str, Any]) -> None:
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30)
     client = upstream_client(limits)
     ctx["http"] = client
+    events = EventPublisher(ctx["redis"].connection_pool)
+    events.start()
     ctx["state"] = WorkerState(
         worker_id=ctx["worker_id"], settings=settings, catalog=catalog,
-        executor=build_executor(ctx["redis"], client, settings),
+        executor=build_executor(ctx["redis"], client, settings), events=events,
     )
     ctx["refresher"] = start_refresher(ctx["redis"], catalog, client, settings)
 
@@ -323,6 +326,7 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
     state: WorkerState | None = ctx.get("state")
     if state is not None:
         await state.executor.settle()  # health writes still in flight, before Redis closes
+        await state.events.close()
     client: httpx.AsyncClient | None = ctx.get("http")
     if client is not None:
         await client.aclose()

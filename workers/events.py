@@ -1,0 +1,106 @@
+"""One writer for every reply event a worker publishes: a dedicated connection, batched writes."""
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from redis.asyncio import ConnectionPool
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+log = logging.getLogger("freeference.worker")
+
+_Pending = tuple[str, bytes, "asyncio.Future[int]"]
+# A connection unused this long is checked (one non-blocking read) before the next batch.
+_IDLE_CHECK_S = 0.25
+
+
+class EventPublisher:
+    """PUBLISHes for all of this worker's jobs over one connection, in the order they were asked.
+
+    Every chunk of every stream is a PUBLISH. Through the shared pool each one paid for a pool
+    checkout (a lock plus a non-blocking read to check the connection) and a write of its own:
+    a third of a worker's CPU with 100 streams in flight (docs/performance.md). Here one task
+    owns one connection and sends whatever is queued as one write, then hands each caller the
+    number of subscribers that got its message (how a job notices that its API process is gone).
+    Order is kept: a job's events leave in the order it published them.
+    """
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+        self._queue: list[_Pending] = []
+        self._queued = asyncio.Event()
+        self._connection: AbstractConnection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._last_sent = 0.0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="event-publisher")
+
+    def submit(self, channel: str, message: bytes) -> "asyncio.Future[int]":
+        """Queue a PUBLISH of `message`; the future gives the number of subscribers that got it."""
+        if self._task is None or self._task.done():
+            raise RedisConnectionError("the event publisher is not running")
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append((channel, message, future))
+        self._queued.set()
+        return future
+
+    async def publish(self, channel: str, message: bytes) -> int:
+        """PUBLISH `message`; the number of subscribers that received it."""
+        return await self.submit(channel, message)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._connection is not None:
+            await self._pool.release(self._connection)
+            self._connection = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._queued.wait()
+            self._queued.clear()
+            batch, self._queue = self._queue, []
+            if batch:
+                try:
+                    await self._send(batch)
+                except Exception as exc:  # a bug here must fail these callers, not strand every later one
+                    log.exception("event publisher failed")
+                    for _, _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        try:
+            if self._connection is None:
+                self._connection = await self._pool.get_connection()
+            elif time.monotonic() - self._last_sent > _IDLE_CHECK_S:
+                # What the pool does on every checkout, only after a pause: a connection that
+                # sat idle through a Redis restart is reconnected before it loses a batch.
+                await self._pool.ensure_connection(self._connection)
+            connection = self._connection
+            self._last_sent = time.monotonic()
+            # The connection reconnects by itself on the next send after a failure.
+            await connection.send_packed_command(
+                connection.pack_commands([("PUBLISH", channel, message) for channel, message, _ in batch]),
+                check_health=False)
+            for _, _, future in batch:
+                reply = await connection.read_response()
+                if isinstance(reply, Exception):
+                    raise reply
+                if not future.done():  # its job may have been cancelled meanwhile
+                    future.set_result(int(reply))
+        except (RedisError, OSError) as exc:
+            log.warning("publishing %d events failed (%s)", len(batch), type(exc).__name__)
+            if self._connection is not None:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._connection.disconnect()
+            error = exc if isinstance(exc, RedisError) else RedisConnectionError(str(exc))
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
