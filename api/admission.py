@@ -8,12 +8,14 @@ API process, so a revocation or a limit change holds on every replica from the n
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Annotated
 
 import orjson
 from fastapi import Depends, Request
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
 
 from api.auth import MASTER_RECORD, bearer_token, is_master_key, unauthorized
 from api.deps import current_settings
@@ -36,26 +38,67 @@ RANDOM_MODEL_WINDOW_S = 3_600
 
 # KEYS: record, last-used hash, then counters (requests/minute, tokens/minute, requests/day).
 # ARGV: now (unix s), tier defaults JSON {"free": [rpm, tpm, rpd], ...}, 3 TTLs (ms), 3 costs.
-# Returns {0} for an unknown or revoked key, else {1, record JSON, rpm, tpm, rpd, charge()...}.
-_ADMIT = CHARGE_LUA + """
-local raw = redis.call('GET', KEYS[1])
-if not raw then return {0} end
-local record = cjson.decode(raw)
-if record.revoked == true then return {0} end
-redis.call('HSET', KEYS[2], record.id, ARGV[1])
-local defaults = cjson.decode(ARGV[2])[record.tier]
-local own = record.limits
-if type(own) ~= 'table' then own = {} end
-local limits = {}
-for i, name in ipairs({'rpm', 'tpm', 'rpd'}) do
-  local value = own[name]
-  if type(value) ~= 'number' then value = defaults[i] end
-  limits[i] = value
+# admit_key() returns nil for an unknown or revoked key, else
+# {1, record JSON, rpm, tpm, rpd, charge()...} and the decoded record.
+_ADMIT_KEY = CHARGE_LUA + """
+local function admit_key()
+  local raw = redis.call('GET', KEYS[1])
+  if not raw then return nil end
+  local record = cjson.decode(raw)
+  if record.revoked == true then return nil end
+  redis.call('HSET', KEYS[2], record.id, ARGV[1])
+  local defaults = cjson.decode(ARGV[2])[record.tier]
+  local own = record.limits
+  if type(own) ~= 'table' then own = {} end
+  local limits = {}
+  for i, name in ipairs({'rpm', 'tpm', 'rpd'}) do
+    local value = own[name]
+    if type(value) ~= 'number' then value = defaults[i] end
+    limits[i] = value
+  end
+  local ttls = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
+  local costs = {tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])}
+  local out = {1, raw, limits[1], limits[2], limits[3]}
+  for _, v in ipairs(charge(3, limits, ttls, costs)) do out[#out + 1] = v end
+  return out, record
 end
-local ttls = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
-local costs = {tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])}
-local out = {1, raw, limits[1], limits[2], limits[3]}
-for _, v in ipairs(charge(3, limits, ttls, costs)) do out[#out + 1] = v end
+"""
+
+_ADMIT = _ADMIT_KEY + """
+local out = admit_key()
+if not out then return {0} end
+return out
+"""
+
+# Admission and enqueue in one round trip: the job goes on the queue only if the key is valid,
+# within its limits, allowed to pin (ARGV[9] = '1' when the request pins an exact model: pro
+# keys only) and, for a stream, within its open-stream limit. Extra KEYS: job key, queue, the
+# key's stream set. Extra ARGV: pins (9), job payload (10), job TTL ms (11), job id (12),
+# enqueue time ms (13), wake channel (14), stream limit (15, 0 = none), stream expiry ms (16),
+# stream set TTL ms (17), now ms (18). Returns admit_key()'s reply, plus (when a limit allowed
+# it) 'tier', 'streams' or 'queued'.
+_ADMIT_AND_ENQUEUE = _ADMIT_KEY + """
+local out, record = admit_key()
+if not out then return {0} end
+if out[6] ~= 1 then return out end
+if ARGV[9] == '1' and record.tier ~= 'pro' then
+  out[#out + 1] = 'tier'
+  return out
+end
+local streams = tonumber(ARGV[15])
+if streams > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[8], '-inf', ARGV[18])
+  if redis.call('ZCARD', KEYS[8]) >= streams then
+    out[#out + 1] = 'streams'
+    return out
+  end
+  redis.call('ZADD', KEYS[8], ARGV[16], ARGV[12])
+  redis.call('PEXPIRE', KEYS[8], ARGV[17])
+end
+redis.call('SET', KEYS[6], ARGV[10], 'PX', ARGV[11])
+redis.call('ZADD', KEYS[7], ARGV[13], ARGV[12])
+redis.call('PUBLISH', ARGV[14], ARGV[12])
+out[#out + 1] = 'queued'
 return out
 """
 
@@ -98,6 +141,7 @@ class Gatekeeper:
         self.limiter = RateLimiter(redis)
         self._settings = settings
         self._script = redis.register_script(_ADMIT)
+        self._enqueue_script = redis.register_script(_ADMIT_AND_ENQUEUE)
         self._tier_defaults = orjson.dumps({tier: settings.tier_limits(tier) for tier in ("free", "pro")})
 
     def _limits(self, key_id: str, token_cost: int) -> list[Limit]:
@@ -114,20 +158,60 @@ class Gatekeeper:
 
         The decision may be a refusal: the caller decides whether to raise rate_limited().
         """
-        now = time.time() if now_s is None else now_s
+        record, decision, _ = await self._run(self._script, token, token_cost, time.time() if now_s is None else now_s)
+        return record, decision
+
+    async def admit_and_enqueue(self, token: str, token_cost: int, job: "JobOnAdmit",
+                                now_s: float) -> tuple[KeyRecord, Decision, str]:
+        """admit(), and when the request passes, enqueue its job in the same round trip.
+
+        The third value says what happened after the limits allowed the request: 'queued',
+        'tier' (a free key pins an exact model: nothing queued) or 'streams' (the key's open
+        streams are at their limit: nothing queued); '' when a limit refused it.
+        """
+        now_ms = int(now_s * 1000)
+        keys = [job.job_key, job.queue, job.streams_key or job.job_key]
+        args: list[int | bytes | str] = [
+            int(job.pins_model), job.payload, job.ttl_ms, job.job_id, job.score_ms, job.wake_channel,
+            job.streams_limit if job.streams_key else 0, job.stream_expiry_ms,
+            max(job.stream_expiry_ms - now_ms, 1000), now_ms]
+        return await self._run(self._enqueue_script, token, token_cost, now_s, keys, args)
+
+    async def _run(self, script: AsyncScript, token: str, token_cost: int, now: float,
+                   extra_keys: Sequence[str] = (),
+                   extra_args: Sequence[int | bytes | str] = ()) -> tuple[KeyRecord, Decision, str]:
         digest = hash_key(token)
         limits = self._limits(key_id_for_digest(digest), token_cost)
-        keys = [api_key_record_key(digest), API_KEY_LAST_USED, *(limit.redis_key(now) for limit in limits)]
-        args: list[int | bytes] = [int(now), self._tier_defaults,
-                                   *(counter_ttl_ms(limit.window_s, now) for limit in limits),
-                                   *(limit.cost for limit in limits)]
-        reply = await self._script(keys=keys, args=args)
+        keys = [api_key_record_key(digest), API_KEY_LAST_USED, *(limit.redis_key(now) for limit in limits),
+                *extra_keys]
+        args: list[int | bytes | str] = [int(now), self._tier_defaults,
+                                         *(counter_ttl_ms(limit.window_s, now) for limit in limits),
+                                         *(limit.cost for limit in limits), *extra_args]
+        reply = await script(keys=keys, args=args)
         if int(reply[0]) == 0:
             # Same answer for unknown and revoked: do not tell which keys once existed.
             raise unauthorized("Incorrect API key provided.")
         record = KeyRecord.model_validate_json(reply[1])
         resolved = [replace(limit, limit=int(value)) for limit, value in zip(limits, reply[2:5], strict=True)]
-        return record, decide(resolved, reply[5:], now)
+        outcome = reply[10].decode() if len(reply) > 10 else ""
+        return record, decide(resolved, reply[5:10], now), outcome
+
+
+@dataclass(frozen=True)
+class JobOnAdmit:
+    """The job admit_and_enqueue() puts on arq's queue (same keys and format as Dispatcher.submit)."""
+
+    job_id: str
+    job_key: str
+    queue: str
+    payload: bytes
+    ttl_ms: int
+    score_ms: int
+    wake_channel: str
+    pins_model: bool  # the request names an exact upstream model: pro keys only
+    streams_key: str  # the key's open-stream set; "" when this request takes no stream slot
+    streams_limit: int
+    stream_expiry_ms: int
 
 
 async def admit(request: Request, settings: Annotated[Settings, Depends(current_settings)]) -> Admission:

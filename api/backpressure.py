@@ -83,19 +83,37 @@ class StreamLimiter:
 
     async def acquire(self, request: Request, key_id: str, job: ChatJob) -> None:
         """Take a slot for a streaming job (released when the response ends) or raise 429."""
-        finish: list[Any] | None = request.scope.get("state", {}).get(_ON_FINISH)
-        if not job.stream or not self._limit or finish is None:  # None: no middleware to release it
+        slot = self.slot(request, key_id, job)
+        if slot is None:
             return
-        key = key_streams_key(key_id)
+        key, expiry_ms = slot
         now_ms = int(time.time() * 1000)
-        expiry_ms = job.deadline_unix_ms + 5_000
         granted = await self._acquire(keys=[key], args=[now_ms, expiry_ms, self._limit, job.job_id,
                                                         max(expiry_ms - now_ms, 1000)])
         if not granted:
-            raise OpenAIError(429, f"Too many concurrent streams for this key: at most {self._limit} at once.",
-                              code="rate_limit_exceeded",
-                              headers={"Retry-After": "1", LIMIT_HEADER: "streams_per_key"})
-        member = job.job_id
+            raise self.refusal()
+        self.granted(request, key, job.job_id)
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def slot(self, request: Request, key_id: str, job: ChatJob) -> tuple[str, int] | None:
+        """(the key's stream set, this stream's expiry ms) when the job must take a slot, else None.
+
+        The admission script takes the slot itself on the combined path (api/admission.py).
+        """
+        if not job.stream or not self._limit or request.scope.get("state", {}).get(_ON_FINISH) is None:
+            return None  # no slot needed, no limit, or no middleware to release it
+        return key_streams_key(key_id), job.deadline_unix_ms + 5_000
+
+    def refusal(self) -> OpenAIError:
+        return OpenAIError(429, f"Too many concurrent streams for this key: at most {self._limit} at once.",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1", LIMIT_HEADER: "streams_per_key"})
+
+    def granted(self, request: Request, key: str, member: str) -> None:
+        """Release the slot when the response ends."""
+        finish: list[Any] = request.scope["state"][_ON_FINISH]
 
         async def release() -> None:
             try:

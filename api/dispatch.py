@@ -77,15 +77,8 @@ class Dispatcher:
 
     async def submit(self, job: ChatJob) -> JobHandle:
         """Register for replies, then enqueue (arq's own job format) and wake the workers."""
-        # A job enqueued while the reply subscription is down would lose its events.
-        if not await self._hub.ready(timeout_s=2.0):
-            raise OpenAIError(503, "The gateway lost its connection to Redis; please retry.",
-                              code="store_unavailable", headers={"Retry-After": "1"})
-        handle = JobHandle(job=job, queue=self._hub.register(job.job_id))
-        now_ms = int(time.time() * 1000)
-        payload = serialize_job(ARQ_JOB_FUNCTION, (job.model_dump(mode="json"),), {}, 1, now_ms,
-                                serializer=orjson.dumps)
-        ttl_ms = max(job.deadline_unix_ms - now_ms, 1000) + 60_000
+        handle = await self.register(job)
+        payload, ttl_ms, now_ms = self.serialize(job)
         # One round trip instead of arq's WATCH/MULTI: job ids are fresh uuids, so the
         # "already exists" check in ArqRedis.enqueue_job cannot fire.
         try:
@@ -99,6 +92,29 @@ class Dispatcher:
             raise
         note_submitted()
         return handle
+
+    async def register(self, job: ChatJob) -> JobHandle:
+        """Listen for a job's events; before it is enqueued, so none can be missed."""
+        # A job enqueued while the reply subscription is down would lose its events.
+        if not await self._hub.ready(timeout_s=2.0):
+            raise OpenAIError(503, "The gateway lost its connection to Redis; please retry.",
+                              code="store_unavailable", headers={"Retry-After": "1"})
+        return JobHandle(job=job, queue=self._hub.register(job.job_id))
+
+    def serialize(self, job: ChatJob) -> tuple[bytes, int, int]:
+        """(arq payload, job key TTL ms, enqueue time ms) for a job about to be queued."""
+        now_ms = int(time.time() * 1000)
+        payload = serialize_job(ARQ_JOB_FUNCTION, (job.model_dump(mode="json"),), {}, 1, now_ms,
+                                serializer=orjson.dumps)
+        return payload, max(job.deadline_unix_ms - now_ms, 1000) + 60_000, now_ms
+
+    def enqueued(self) -> None:
+        """The admission script queued this registered job (see api/admission.py)."""
+        note_submitted()
+
+    def abandon(self, handle: JobHandle) -> None:
+        """A registered job that was never queued."""
+        self._hub.unregister(handle.job.job_id)
 
     async def events(self, handle: JobHandle) -> AsyncGenerator[Event, None]:
         """Reply events until the job ends; raises 503 / WorkerLost / 504 as the job's fate says."""

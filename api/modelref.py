@@ -46,3 +46,10 @@ def check_chat_request(catalog: CatalogFile, body: ChatCompletionRequest, tier: 
     for i, fallback in enumerate(body.models or []):
         if normalize_model(fallback) is not None:
             check_model_reference(catalog, fallback, tier, param=f"models[{i}]")
+
+
+def pins_exact_model(catalog: CatalogFile, body: ChatCompletionRequest) -> bool:
+    """True when the request names an exact upstream model (as `model` or a fallback): pro keys only."""
+    exact = {m.id for m in catalog.models}
+    names = [normalize_model(body.model), *(normalize_model(f) for f in body.models or [])]
+    return any(name is not None and name not in catalog.capabilities and name in exact for name in names)

@@ -148,7 +148,9 @@ class ChatJob(_Model):
     fallback_models: list[str] = Field(default_factory=list)
     intent_hint: Literal["code", "reasoning", "general"] | None = None
     key_id: str
-    tier: Tier
+    # None when the job was queued by the admission script, before the API read the key's
+    # record (api/intake.py). Workers do not route by tier: the API enforced it already.
+    tier: Tier | None = None
     deadline_unix_ms: int
 
 

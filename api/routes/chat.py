@@ -1,7 +1,6 @@
 """POST /v1/chat/completions: validate, enqueue, and relay the worker's events."""
 
 import asyncio
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -13,14 +12,15 @@ from fastapi.responses import Response, StreamingResponse
 from api.admission import admit
 from api.dispatch import Dispatcher, JobHandle, WorkerLost
 from api.errors import OpenAIError
+from api.intake import admit_and_enqueue, build_job
 from api.keys import KeyRecord
-from api.modelref import check_chat_request, normalize_model
+from api.modelref import check_chat_request
 from api.relay import Event
-from api.schemas import GATEWAY_FIELDS, ChatCompletionRequest, parse_chat_request
+from api.schemas import ChatCompletionRequest, parse_chat_request
 from api.usage import UsageRecorder
 from settings import Settings
 from settings.catalog import CatalogFile
-from workers.protocol import ChatJob, DoneEvent, ErrorEvent, RouteInfo, new_job_id
+from workers.protocol import DoneEvent, ErrorEvent, RouteInfo, new_job_id
 
 router = APIRouter()
 
@@ -75,24 +75,6 @@ async def _next_event(events: AsyncGenerator[Event, None], disconnected: asyncio
     return None
 
 
-def _build_job(request: Request, key_id: str, tier: Any, body: ChatCompletionRequest, raw: dict[str, Any],
-               timeout_s: float) -> ChatJob:
-    forwarded = {k: v for k, v in raw.items() if k not in GATEWAY_FIELDS}
-    return ChatJob(
-        job_id=new_job_id(request.app.state.hub.process_id),
-        request_id=request.state.request_id,
-        reply_channel=request.app.state.hub.channel,
-        body=forwarded,
-        stream=bool(body.stream),
-        requested_model=normalize_model(body.model),
-        fallback_models=list(body.models or []),
-        intent_hint=body.route.intent if body.route else None,
-        key_id=key_id,
-        tier=tier,
-        deadline_unix_ms=int((time.time() + timeout_s) * 1000),
-    )
-
-
 @router.post(
     "/v1/chat/completions",
     openapi_extra={"requestBody": {"required": True, "content": {
@@ -106,11 +88,15 @@ async def chat_completions(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     dispatcher: Dispatcher = request.app.state.dispatcher
     catalog: CatalogFile = request.app.state.catalog
-    admission = await admit(request, settings)
+    queued = await admit_and_enqueue(request, settings, dispatcher, catalog)
+    if queued is None:  # the master key or an invalid body: admission, then the checks, then the enqueue
+        admission, first = await admit(request, settings), None
+    else:
+        admission, first = queued
     usage = UsageRecorder(request.app.state.redis, admission, settings.usage_retention_days,
                           request.app.state.background)
     try:
-        response = await _complete(request, admission.key, usage, settings, dispatcher, catalog)
+        response = await _complete(request, admission.key, usage, settings, dispatcher, catalog, first)
     except OpenAIError as exc:
         await usage.failed()  # a no-op unless a job ran and ended without an outcome
         exc.headers = {**admission.headers, **exc.headers}
@@ -120,16 +106,19 @@ async def chat_completions(request: Request) -> Response:
 
 
 async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, settings: Settings,
-                    dispatcher: Dispatcher, catalog: CatalogFile) -> Response:
-    body, raw = parse_chat_request(await request.body())
-    check_chat_request(catalog, body, key.tier, settings.max_messages)
-
-    job = _build_job(request, key.id, key.tier, body, raw, settings.request_timeout_s)
-    await request.app.state.stream_limiter.acquire(request, key.id, job)  # 429 past the key's open streams
+                    dispatcher: Dispatcher, catalog: CatalogFile, first: JobHandle | None) -> Response:
+    """Run the job (`first`: already queued by admit_and_enqueue), retrying once on a lost worker."""
+    if first is None:
+        body, raw = parse_chat_request(await request.body())
+        check_chat_request(catalog, body, key.tier, settings.max_messages)
+        job = build_job(request, key.id, key.tier, body, raw, settings.request_timeout_s)
+        await request.app.state.stream_limiter.acquire(request, key.id, job)  # 429 past the key's open streams
+    else:
+        job = first.job
     disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
         for attempt in range(MAX_WORKER_LOSS_RETRIES + 1):
-            handle = await dispatcher.submit(job)
+            handle = first if attempt == 0 and first is not None else await dispatcher.submit(job)
             try:
                 return await _respond(handle, dispatcher, disconnected, usage)
             except WorkerLost:  # _respond already released the job

@@ -191,3 +191,14 @@ async def _burst_one(gateway: Gateway, key: str, n: int) -> list[httpx.Response]
         return list(await asyncio.gather(*(
             client.post(gateway.url(0) + "/v1/chat/completions", headers=_auth(key),
                         json={"messages": MESSAGES, "max_tokens": 1}) for _ in range(n))))
+
+
+def test_a_refused_pin_or_stream_leaves_nothing_queued(gateway: Gateway, upstream: FakeUpstream) -> None:
+    # Admission and enqueue are one script (api/intake.py): a request it refuses must not run.
+    free = gateway.create_key("free")
+    pinned = httpx.post(gateway.url(0) + "/v1/chat/completions", headers=_auth(free), timeout=30,
+                        json={"model": "general-best", "messages": MESSAGES, "max_tokens": 2})
+    assert pinned.status_code == 403 and pinned.json()["error"]["code"] == "tier_not_allowed"
+    assert "x-ratelimit-remaining-requests" in pinned.headers
+    time.sleep(0.3)  # a job wrongly queued would have reached the fake by now
+    assert upstream.requests() == []
