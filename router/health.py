@@ -7,7 +7,7 @@ per request (all candidates and their keys) and one pipelined write after the an
 
 import hashlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -154,20 +154,11 @@ class HealthStore:
     async def snapshot(self, deployments: Iterable[Deployment]) -> HealthSnapshot:
         """Health of every deployment and every key of their providers: one pipelined round trip."""
         deployments = list(deployments)
-        key_ids = list(dict.fromkeys((d.provider.id, key_fingerprint(k)) for d in deployments
-                                     for k in d.provider.api_keys))
         async with self._redis.pipeline(transaction=False) as pipe:
-            for d in deployments:
-                pipe.hgetall(deployment_health_key(d.key))
-            for provider, fingerprint in key_ids:
-                pipe.hgetall(upstream_key_state_key(provider, fingerprint))
+            for key in snapshot_keys(deployments):
+                pipe.hgetall(key)
             results = await pipe.execute()
-        snap = HealthSnapshot(at_ms=now_ms())
-        for d, raw in zip(deployments, results[:len(deployments)], strict=True):
-            snap.deployments[d.key] = DeploymentHealth.from_hash(raw)
-        for key_id, raw in zip(key_ids, results[len(deployments):], strict=True):
-            snap.keys[key_id] = KeyState.from_hash(raw)
-        return snap
+        return snapshot_from(deployments, results, now_ms())
 
     async def claim_probe(self, deployment: Deployment) -> bool:
         """Atomically become the one worker that probes a half-open breaker."""
@@ -231,3 +222,27 @@ class HealthStore:
                 pipe.hset(deployment_health_key(key), "gone", "1" if gone else "0")
                 pipe.pexpire(deployment_health_key(key), _HEALTH_TTL_MS)
             await pipe.execute()
+
+
+def snapshot_keys(deployments: Sequence[Deployment]) -> list[str]:
+    """The hashes a snapshot of these deployments reads: each deployment's, then each key's."""
+    return ([deployment_health_key(d.key) for d in deployments] +
+            [upstream_key_state_key(provider, fingerprint) for provider, fingerprint in _key_ids(deployments)])
+
+
+def snapshot_from(deployments: Sequence[Deployment], hashes: Sequence[Mapping[bytes, bytes]],
+                  at_ms: int) -> HealthSnapshot:
+    """A snapshot from the HGETALL replies of snapshot_keys(deployments), in that order.
+
+    The worker's claim script reads them in the same call that claims a job (workers/main.py).
+    """
+    snap = HealthSnapshot(at_ms=at_ms)
+    for d, raw in zip(deployments, hashes[:len(deployments)], strict=True):
+        snap.deployments[d.key] = DeploymentHealth.from_hash(raw)
+    for key_id, raw in zip(_key_ids(deployments), hashes[len(deployments):], strict=True):
+        snap.keys[key_id] = KeyState.from_hash(raw)
+    return snap
+
+
+def _key_ids(deployments: Sequence[Deployment]) -> list[tuple[str, str]]:
+    return list(dict.fromkeys((d.provider.id, key_fingerprint(k)) for d in deployments for k in d.provider.api_keys))

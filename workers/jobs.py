@@ -111,12 +111,15 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     """
     state: WorkerState = ctx["state"]
     redis: Redis = ctx["redis"]
-    health_read = await _prefetch_health(state)
+    # The claim script read every deployment's health with the job (workers/main.py); failing
+    # that (a catalog too large to read whole), start the read now, ahead of the CPU work.
+    health: HealthSnapshot | None = ctx.get("health")
+    health_read = await _prefetch_health(state) if health is None else None
     job = ChatJob.model_validate(payload)
     REQUEST_ID.set(job.request_id)  # this job's task only: its log lines name the request
     if not ctx.get("announced"):
         await redis.publish(job.reply_channel, encode_event(job.job_id, "accepted", accepted_payload(state.worker_id)))
-    inner = asyncio.create_task(_run(job, state, Publisher(state.events, job), health_read))
+    inner = asyncio.create_task(_run(job, state, Publisher(state.events, job), health or health_read))
     state.running[job.job_id] = inner
     state.callers[job.job_id] = job.reply_channel
     try:
@@ -133,7 +136,7 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
 
 
 # Catalogs up to this many deployments have all their health read ahead of routing.
-_PREFETCH_MAX_DEPLOYMENTS = 64
+PREFETCH_MAX_DEPLOYMENTS = 64
 
 
 async def _prefetch_health(state: WorkerState) -> "asyncio.Task[HealthSnapshot] | None":
@@ -143,15 +146,14 @@ async def _prefetch_health(state: WorkerState) -> "asyncio.Task[HealthSnapshot] 
     pipelined round trip either way: sent now, it overlaps that CPU work instead of following
     it. Returns the pending read (None for a catalog too large to read whole every request).
     """
-    if len(state.catalog.deployments) > _PREFETCH_MAX_DEPLOYMENTS:
+    if len(state.catalog.deployments) > PREFETCH_MAX_DEPLOYMENTS:
         return None
     read = asyncio.create_task(state.executor.snapshot(state.catalog.deployments))
     await asyncio.sleep(0)  # one loop turn: the read's command leaves before the CPU work starts
     return read
 
 
-async def _run(job: ChatJob, state: WorkerState, out: Publisher,
-               health_read: "asyncio.Task[HealthSnapshot] | None" = None) -> None:
+async def _run(job: ChatJob, state: WorkerState, out: Publisher, health_read: "FirstHealth" = None) -> None:
     run = RunState()
     started = time.monotonic()
     first_output_s: float | None = None
@@ -188,15 +190,17 @@ def _failures(run: RunState) -> list[AttemptFailure]:
 
 
 OnRoute = Callable[[RouteInfo], Awaitable[None]]
+# The first ranking's health: a snapshot in hand, a read under way, or None (read it then).
+FirstHealth = HealthSnapshot | asyncio.Task[HealthSnapshot] | None
 OnChunk = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnRoute, on_chunk: OnChunk,
-                  health_read: "asyncio.Task[HealthSnapshot] | None" = None) -> DoneEvent:
+                  health_read: "FirstHealth" = None) -> DoneEvent:
     """Route and run one chat job (live or batch line); raises the typed failure on error.
 
-    `health_read` is a health read already under way (every deployment's); it serves the first
-    ranking, later ones read afresh.
+    `health_read` is every deployment's health, already read or a read under way; it serves the
+    first ranking, later ones read afresh.
     """
     deadline_s = job.deadline_unix_ms / 1000
 
@@ -212,7 +216,9 @@ async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnR
     waited_s = 0.0
     async with asyncio.timeout(budget_s()):
         while True:
-            if health_read is not None:
+            if isinstance(health_read, HealthSnapshot):
+                health, health_read = health_read, None
+            elif health_read is not None:
                 health, health_read = await health_read, None
             else:
                 health = await state.executor.snapshot(deployments)

@@ -24,13 +24,14 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.catalog import RuntimeCatalog
+from router.health import HealthSnapshot, now_ms, snapshot_from, snapshot_keys
 from router.providers.transport import upstream_client
 from settings import Settings, get_settings
 from settings.catalog import load_catalog
 from settings.redis_url import sentinel_target
 from workers.batches import run_batches
 from workers.events import EventPublisher
-from workers.jobs import WorkerState, chat_completion
+from workers.jobs import PREFETCH_MAX_DEPLOYMENTS, WorkerState, chat_completion
 from workers.protocol import (
     ARQ_JOB_FUNCTION,
     WAKE_CHANNEL,
@@ -45,13 +46,15 @@ from workers.routing import build_executor, start_refresher, stop_refresher
 
 log = logging.getLogger("freeference.worker")
 
-# Claim and announce jobs in one call. KEYS[1] the queue. ARGV: in-progress key prefix, now (ms),
-# in-progress TTL (ms), job key prefix, cancelled-job key prefix, reply channel prefix, the
-# accepted event's " accepted <payload>" tail, then job ids. For each job that is due and not
-# in progress elsewhere: take it (SET NX, so two workers never both run it), take it off the
+# Claim and announce jobs in one call. KEYS[1] the queue, then the shared-health hashes of every
+# deployment (router.health.snapshot_keys). ARGV: in-progress key prefix, now (ms), in-progress
+# TTL (ms), job key prefix, cancelled-job key prefix, reply channel prefix, the accepted
+# event's " accepted <payload>" tail, then job ids. For each job that is due and not in
+# progress elsewhere: take it (SET NX, so two workers never both run it), take it off the
 # queue, read its payload, and unless its caller already left, announce it on the reply channel
-# its id names (`<process>.<uuid>`, workers/protocol.new_job_id). Returns
-# {id, score, payload or false, cancelled 0|1, announced 0|1, ...}.
+# its id names (`<process>.<uuid>`, workers/protocol.new_job_id). When it took any, it also
+# reads the health hashes, which the jobs route by. Returns
+# {{HGETALL reply per health key}, {id, score, payload or false, cancelled 0|1, announced 0|1, ...}}.
 _CLAIM_LUA = """
 local out = {}
 for i = 8, #ARGV do
@@ -75,8 +78,17 @@ for i = 8, #ARGV do
     out[#out + 1] = announced
   end
 end
-return out
+local health = {}
+if #out > 0 then
+  for i = 2, #KEYS do health[#health + 1] = redis.call('HGETALL', KEYS[i]) end
+end
+return {health, out}
 """
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """An HGETALL reply as Lua returns it (a flat list) → the mapping redis-py would have made."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -160,10 +172,15 @@ class FreeferenceWorker(Worker):
             return
         if self._claim is None:
             self._claim = self.pool.register_script(_CLAIM_LUA)
-        claimed = await self._claim(keys=[self.queue_name], args=[
+        state: WorkerState = self.ctx["state"]
+        # The health of every deployment comes back with the claim (one round trip fewer before
+        # the upstream call) unless the catalog is too large to read whole for every job.
+        routable = state.catalog.deployments if len(state.catalog.deployments) <= PREFETCH_MAX_DEPLOYMENTS else []
+        hashes, claimed = await self._claim(keys=[self.queue_name, *snapshot_keys(routable)], args=[
             in_progress_key_prefix, timestamp_ms(), int(self.in_progress_timeout_s * 1000), job_key_prefix,
             cancelled_job_key(""), reply_channel(""), b" accepted " + accepted_payload(self.worker_id),
             *job_ids[:free]])
+        read_at_ms = now_ms()
         for i in range(0, len(claimed), 5):
             job_id_b, score, payload, cancelled, announced = claimed[i:i + 5]
             job_id = job_id_b.decode()
@@ -173,11 +190,15 @@ class FreeferenceWorker(Worker):
                 continue
             await self.sem.acquire()
             self.job_counter += 1
-            task = self.loop.create_task(self._run_claimed(job_id, int(float(score)), payload, bool(announced)))
+            # A snapshot per job: a job records what it learns (a refused key) in its own copy.
+            health = snapshot_from(routable, [_pairs(h) for h in hashes], read_at_ms) if routable else None
+            task = self.loop.create_task(self._run_claimed(job_id, int(float(score)), payload, bool(announced),
+                                                           health))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
 
-    async def _run_claimed(self, job_id: str, score: int, payload: bytes, announced: bool) -> None:
+    async def _run_claimed(self, job_id: str, score: int, payload: bytes, announced: bool,
+                           health: HealthSnapshot | None) -> None:
         """arq's run_job for a job the claim script has already read: run it, then clean up.
 
         Interactive jobs run once (max_tries=1, no retry: a second run would repeat tokens the
@@ -193,7 +214,7 @@ class FreeferenceWorker(Worker):
             await asyncio.shield(self._forget_job(job_id))
             return
         ctx = {**self.ctx, "job_id": job_id, "job_try": 1, "enqueue_time": ms_to_datetime(enqueue_ms),
-               "score": score, "announced": announced}
+               "score": score, "announced": announced, "health": health}
         self.job_tasks[job_id] = task = self.loop.create_task(function.coroutine(ctx, *args, **kwargs))
         timeout_s = self.job_timeout_s if function.timeout_s is None else function.timeout_s
         try:

@@ -9,6 +9,7 @@ OpenAI ``chat.completion.chunk`` JSON itself, written to the SSE stream byte for
 """
 
 import uuid
+from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any, Literal
 
@@ -236,7 +237,7 @@ class DeploymentHealth(BaseModel):
     gone: bool = False  # the provider's /models no longer lists it
 
     @classmethod
-    def from_hash(cls, raw: dict[bytes, bytes]) -> "DeploymentHealth":
+    def from_hash(cls, raw: Mapping[bytes, bytes]) -> "DeploymentHealth":
         """Parse HGETALL output (missing fields keep their defaults)."""
         fields = {k.decode(): v.decode() for k, v in raw.items()}
         return cls.model_validate({k: v for k, v in fields.items() if k in cls.model_fields})

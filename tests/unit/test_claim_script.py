@@ -26,11 +26,17 @@ async def enqueue(redis: FakeRedis, job_id: str, score_ms: int = 1_000) -> None:
     await redis.zadd(QUEUE, {job_id: score_ms})
 
 
-async def claim(redis: FakeRedis, *job_ids: str, now_ms: int = 2_000) -> list[list[object]]:
+async def claim_with_health(redis: FakeRedis, *job_ids: str, health_keys: tuple[str, ...] = (),
+                            now_ms: int = 2_000) -> tuple[list[object], list[list[object]]]:
     script = redis.register_script(_CLAIM_LUA)
-    flat = await script(keys=[QUEUE], args=[in_progress_key_prefix, now_ms, 60_000, job_key_prefix,
-                                            cancelled_job_key(""), reply_channel(""), ACCEPTED_TAIL, *job_ids])
-    return [flat[i:i + 5] for i in range(0, len(flat), 5)]
+    hashes, flat = await script(keys=[QUEUE, *health_keys],
+                                args=[in_progress_key_prefix, now_ms, 60_000, job_key_prefix, cancelled_job_key(""),
+                                      reply_channel(""), ACCEPTED_TAIL, *job_ids])
+    return hashes, [flat[i:i + 5] for i in range(0, len(flat), 5)]
+
+
+async def claim(redis: FakeRedis, *job_ids: str, now_ms: int = 2_000) -> list[list[object]]:
+    return (await claim_with_health(redis, *job_ids, now_ms=now_ms))[1]
 
 
 async def test_a_due_job_is_claimed_once_taken_off_the_queue_and_announced(redis: FakeRedis) -> None:
@@ -81,3 +87,14 @@ async def test_an_expired_job_comes_back_without_payload(redis: FakeRedis) -> No
     await redis.zadd(QUEUE, {job_id: 1_000})  # its payload key has expired
     [(_, _, payload, _, announced)] = await claim(redis, job_id)
     assert payload is None and announced == 0
+
+
+async def test_the_health_hashes_come_back_with_a_claim_and_only_then(redis: FakeRedis) -> None:
+    await redis.hset("ff:health:fake-a/best", mapping={"fails": 2, "ewma_ms": 40})  # type: ignore[misc]
+    job_id = new_job_id(PROCESS)
+    await enqueue(redis, job_id)
+    keys = ("ff:health:fake-a/best", "ff:health:never-seen")
+    hashes, claimed = await claim_with_health(redis, job_id, health_keys=keys)
+    assert len(claimed) == 1
+    assert [dict(zip(h[::2], h[1::2], strict=True)) for h in hashes] == [{b"fails": b"2", b"ewma_ms": b"40"}, {}]
+    assert await claim_with_health(redis, job_id, health_keys=keys) == ([], [])  # nothing claimed, nothing read
