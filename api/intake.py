@@ -69,12 +69,17 @@ async def admit_and_enqueue(request: Request, settings: Settings, dispatcher: Di
     job = build_job(request, key_id, None, body, raw, settings.request_timeout_s)
     limiter: StreamLimiter = request.app.state.stream_limiter
     slot = limiter.slot(request, key_id, job)
-    handle = await dispatcher.register(job)
     payload, ttl_ms, now_ms = dispatcher.serialize(job)
     spec = JobOnAdmit(job_id=job.job_id, job_key=job_key_prefix + job.job_id, queue=settings.queue_name,
                       payload=payload, ttl_ms=ttl_ms, score_ms=now_ms, wake_channel=WAKE_CHANNEL,
                       pins_model=pins_exact_model(catalog, body), streams_key=slot[0] if slot else "",
                       streams_limit=limiter.limit, stream_expiry_ms=slot[1] if slot else 0)
+    if slot is not None:
+        # Release the slot when the response ends, whatever happens from here: if the script ran
+        # but its reply was lost, the slot must not stay taken until the deadline. (Releasing a
+        # slot the script refused is a no-op.)
+        limiter.granted(request, slot[0], job.job_id)
+    handle = await dispatcher.register(job)
     try:
         record, decision, outcome = await request.app.state.gatekeeper.admit_and_enqueue(token, estimate, spec, now)
     except BaseException:
@@ -88,8 +93,6 @@ async def admit_and_enqueue(request: Request, settings: Settings, dispatcher: Di
         error = limiter.refusal() if outcome == "streams" else _tier_refusal(catalog, body, record.tier, settings)
         error.headers = {**admission.headers, **error.headers}
         raise error
-    if slot is not None:
-        limiter.granted(request, slot[0], job.job_id)
     dispatcher.enqueued()
     return admission, handle
 

@@ -15,6 +15,9 @@ log = logging.getLogger("freeference.worker")
 _Pending = tuple[str, bytes, "asyncio.Future[int]"]
 # A connection unused this long is checked (one non-blocking read) before the next batch.
 _IDLE_CHECK_S = 0.25
+# A batch (one write, then its replies) that takes longer than this fails, and the connection
+# is dropped and re-made for the next one.
+_BATCH_TIMEOUT_S = 5.0
 
 
 class EventPublisher:
@@ -57,7 +60,14 @@ class EventPublisher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        for _, _, future in self._queue:
+            if not future.done():
+                future.set_exception(RedisConnectionError("the event publisher has stopped"))
+        self._queue = []
         if self._connection is not None:
+            # Replies of a cancelled batch may still be unread: never hand this one back.
+            with contextlib.suppress(RedisError, OSError):
+                await self._connection.disconnect()
             await self._pool.release(self._connection)
             self._connection = None
 
@@ -85,22 +95,25 @@ class EventPublisher:
                 await self._pool.ensure_connection(self._connection)
             connection = self._connection
             self._last_sent = time.monotonic()
-            # The connection reconnects by itself on the next send after a failure.
-            await connection.send_packed_command(
-                connection.pack_commands([("PUBLISH", channel, message) for channel, message, _ in batch]),
-                check_health=False)
-            for _, _, future in batch:
-                reply = await connection.read_response()
-                if isinstance(reply, Exception):
-                    raise reply
-                if not future.done():  # its job may have been cancelled meanwhile
-                    future.set_result(int(reply))
-        except (RedisError, OSError) as exc:
+            # The connection reconnects by itself on the next send after a failure. The bound
+            # matters: every job of this worker waits on this one connection, so a half-open
+            # socket (a partition, an isolated old master) must fail a batch, not stall them all.
+            async with asyncio.timeout(_BATCH_TIMEOUT_S):
+                await connection.send_packed_command(
+                    connection.pack_commands([("PUBLISH", channel, message) for channel, message, _ in batch]),
+                    check_health=False)
+                for _, _, future in batch:
+                    reply = await connection.read_response()
+                    if isinstance(reply, Exception):
+                        raise reply
+                    if not future.done():  # its job may have been cancelled meanwhile
+                        future.set_result(int(reply))
+        except (RedisError, OSError, TimeoutError) as exc:
             log.warning("publishing %d events failed (%s)", len(batch), type(exc).__name__)
             if self._connection is not None:
                 with contextlib.suppress(RedisError, OSError):
                     await self._connection.disconnect()
-            error = exc if isinstance(exc, RedisError) else RedisConnectionError(str(exc))
+            error = exc if isinstance(exc, RedisError) else RedisConnectionError(type(exc).__name__)
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(error)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -35,6 +36,7 @@ from workers.protocol import (
     WorkerTimings,
     accepted_payload,
     encode_event,
+    reply_channel_of,
 )
 
 log = logging.getLogger("freeference.worker")
@@ -77,7 +79,11 @@ class Publisher:
             sent.append(self._events.submit(channel, self._held))  # leaves in the same write, first
             self._held = None
         sent.append(self._events.submit(channel, encode_event(self._job.job_id, event_type, payload)))
-        receivers = min([await future for future in sent])
+        outcomes = await asyncio.gather(*sent, return_exceptions=True)  # every failure retrieved
+        counts = [n for n in outcomes if not isinstance(n, BaseException)]
+        if len(counts) < len(outcomes):
+            raise next(n for n in outcomes if isinstance(n, BaseException))
+        receivers = min(counts)
         # PUBLISH answers how many subscribers got the message. Zero means the API process that
         # waits for this job is gone: stop, so no upstream call outlives its caller.
         if receivers == 0 and event_type in ("start", "chunk"):
@@ -113,9 +119,15 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     redis: Redis = ctx["redis"]
     # The claim script read every deployment's health with the job (workers/main.py); failing
     # that (a catalog too large to read whole), start the read now, ahead of the CPU work.
+    try:
+        job = ChatJob.model_validate(payload)
+    except ValidationError:
+        log.error("job %s has an unreadable payload (an API of another version?)", ctx.get("job_id"))
+        if ctx.get("announced"):
+            await report_unrunnable(state, str(ctx.get("job_id")))
+        return
     health: HealthSnapshot | None = ctx.get("health")
     health_read = await _prefetch_health(state) if health is None else None
-    job = ChatJob.model_validate(payload)
     REQUEST_ID.set(job.request_id)  # this job's task only: its log lines name the request
     if not ctx.get("announced"):
         await redis.publish(job.reply_channel, encode_event(job.job_id, "accepted", accepted_payload(state.worker_id)))
@@ -133,6 +145,17 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
         state.callers.pop(job.job_id, None)
         if health_read is not None:
             health_read.cancel()  # still pending only if the job ended before routing
+
+
+async def report_unrunnable(state: WorkerState, job_id: str) -> None:
+    """Tell the caller of an announced job that it cannot run (instead of silence until its deadline)."""
+    channel = reply_channel_of(job_id)
+    if channel is None:
+        return
+    event = ErrorEvent(status=500, error=ErrorBody(message="The worker could not read this request's job.",
+                                                   type="server_error", code="internal_error"))
+    with contextlib.suppress(RedisError, OSError):
+        await state.events.publish(channel, encode_event(job_id, "error", event.model_dump_json().encode()))
 
 
 # Catalogs up to this many deployments have all their health read ahead of routing.

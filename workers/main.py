@@ -31,7 +31,7 @@ from settings.catalog import load_catalog
 from settings.redis_url import sentinel_target
 from workers.batches import run_batches
 from workers.events import EventPublisher
-from workers.jobs import PREFETCH_MAX_DEPLOYMENTS, WorkerState, chat_completion
+from workers.jobs import PREFETCH_MAX_DEPLOYMENTS, WorkerState, chat_completion, report_unrunnable
 from workers.protocol import (
     ARQ_JOB_FUNCTION,
     WAKE_CHANNEL,
@@ -211,6 +211,8 @@ class FreeferenceWorker(Worker):
         except (SerializationError, KeyError):
             log.error("job %s cannot run: unreadable payload or unknown function", job_id)
             self.jobs_failed += 1
+            if announced:  # its caller knows a worker has it: tell it now, not at the deadline
+                await report_unrunnable(self.ctx["state"], job_id)
             await asyncio.shield(self._forget_job(job_id))
             return
         ctx = {**self.ctx, "job_id": job_id, "job_try": 1, "enqueue_time": ms_to_datetime(enqueue_ms),
@@ -221,8 +223,10 @@ class FreeferenceWorker(Worker):
             await asyncio.wait_for(task, timeout_s)
             self.jobs_complete += 1
         except asyncio.CancelledError:
+            # The worker is shutting down past its drain time. Not re-raised, as arq's run_job
+            # does not: Worker.close() gathers these tasks and would stop before on_shutdown.
+            log.warning("job %s cancelled at shutdown", job_id)
             self.jobs_failed += 1
-            raise  # the worker is shutting down
         except Exception:  # the job function never raises for a request's own failures
             log.exception("job %s failed", job_id)
             self.jobs_failed += 1

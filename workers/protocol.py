@@ -41,6 +41,12 @@ def reply_channel(process_id: str) -> str:
     return f"{REPLY_CHANNEL_PREFIX}{process_id}"
 
 
+def reply_channel_of(job_id: str) -> str | None:
+    """The reply channel a job id names (new_job_id), or None for an id that names none."""
+    process_id, dot, _ = job_id.partition(".")
+    return reply_channel(process_id) if dot and process_id.isalnum() else None
+
+
 def new_job_id(process_id: str) -> str:
     """A fresh job id that names the API process waiting for it: ``<process_id>.<uuid hex>``.
 

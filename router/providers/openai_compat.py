@@ -186,11 +186,12 @@ async def _parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, 
     pending = b""
     try:
         while True:
+            block: bytes | None
             try:
                 async with asyncio.timeout_at(min(data_by, end_by)):
                     block = await anext(reads)
             except StopAsyncIteration:
-                return  # the caller decides whether the stream was complete
+                block = None  # the body ended; the caller decides whether the stream was complete
             except TimeoutError:
                 phase = "total" if loop.time() >= end_by else ("idle" if seen_data else "first_token")
                 raise UpstreamTimeout(f"upstream stream stalled ({phase})", phase=phase) from None
@@ -198,10 +199,15 @@ async def _parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, 
                 raise StreamBroken("upstream connection was cut mid-stream") from None
             # SSE lines end in \n, \r\n or a lone \r. A \r\n split across two reads becomes an
             # extra blank line, which only separates events.
-            lines = (pending + block).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-            pending = lines.pop()  # the unfinished last line, completed by the next read
-            if len(pending) > _MAX_LINE_BYTES:
-                raise StreamBroken("upstream sent an endless line")
+            if block is None:
+                if not pending.strip():
+                    return
+                lines, pending = [pending], b""  # a last line without a line break still counts
+            else:
+                lines = (pending + block).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+                pending = lines.pop()  # the unfinished last line, completed by the next read
+                if len(pending) > _MAX_LINE_BYTES:
+                    raise StreamBroken("upstream sent an endless line")
             if any(line.startswith(b"data:") and line[5:].strip() == b"[DONE]" for line in lines):
                 # The end is in hand: read the body to its end before handing out the last chunks,
                 # because the consumer may stop at the usage chunk, and a response closed with
@@ -221,6 +227,8 @@ async def _parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, 
                     message, _code = _error_text(data)
                     raise StreamBroken(f"upstream reported an error mid-stream: {message}")
                 yield item
+            if block is None:
+                return
     finally:
         await reads.aclose()  # explicitly: a generator left to the GC costs a loop wake-up to close
 
@@ -237,8 +245,10 @@ def _parse_event(data: bytes) -> "StreamItem":
 
 # A line longer than this without a line break is not an SSE event of any provider.
 _MAX_LINE_BYTES = 16 * 1024 * 1024
-# How long the rest of a body after [DONE] may take to arrive (normally it is already there).
-_DRAIN_S = 0.5
+# How long the rest of a body after [DONE] may take to arrive. Normally it is already there (the
+# chunked terminator travels with [DONE]); an upstream that holds the response open after [DONE]
+# costs this much once per answer, and only its connection's reuse is lost.
+_DRAIN_S = 0.05
 
 
 async def _finish_body(reads: AsyncIterator[bytes], drain_by: float) -> None:

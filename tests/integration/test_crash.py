@@ -119,6 +119,26 @@ def test_worker_sigterm_finishes_in_flight_streams(gateway: Gateway, upstream: F
     assert len(upstream.requests("general-best")) == 4 + 2  # nothing re-run
 
 
+def test_worker_sigterm_past_its_drain_time_stops_streams_and_exits_cleanly(gateway_factory,
+                                                                          upstream: FakeUpstream) -> None:
+    # A stream longer than the drain time is cancelled at shutdown: its caller gets a clear
+    # in-band error, the upstream call is closed, and the worker still finishes its shutdown
+    # (exit code 0, not a traceback out of arq's close()).
+    gateway = gateway_factory(workers=1, FREEFERENCE_WORKER_DRAIN_S="0.5")
+    key = gateway.create_key("free")
+    upstream.set_default("general-best", {"token_interval_s": 0.2})
+    probe = StreamProbe(gateway.client(key, timeout=30), max_tokens=100).start()
+    wait_for(lambda: probe.first_at is not None, 15, "first token")
+    worker = gateway.workers[0]
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=15) == 0
+    probe.join(15)
+    assert probe.error is not None  # ended with an error, never presented as a whole answer
+    assert len(probe.pieces) < 100
+    wait_for(lambda: upstream.requests("general-best")[0].get("outcome") == "client_disconnected", 5,
+             "the upstream stream to be closed")
+
+
 def test_api_killed_mid_stream_leaves_no_upstream_call(gateway_factory, upstream: FakeUpstream) -> None:
     gateway = gateway_factory(workers=1, apis=2)
     key = gateway.create_key("free")
