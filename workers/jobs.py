@@ -117,8 +117,6 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     """
     state: WorkerState = ctx["state"]
     redis: Redis = ctx["redis"]
-    # The claim script read every deployment's health with the job (workers/main.py); failing
-    # that (a catalog too large to read whole), start the read now, ahead of the CPU work.
     try:
         job = ChatJob.model_validate(payload)
     except ValidationError:
@@ -126,12 +124,13 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
         if ctx.get("announced"):
             await report_unrunnable(state, str(ctx.get("job_id")))
         return
+    # The claim script read every deployment's health with the job (workers/main.py); None for a
+    # catalog too large to read whole, whose candidates are read when the job routes.
     health: HealthSnapshot | None = ctx.get("health")
-    health_read = await _prefetch_health(state) if health is None else None
     REQUEST_ID.set(job.request_id)  # this job's task only: its log lines name the request
     if not ctx.get("announced"):
         await redis.publish(job.reply_channel, encode_event(job.job_id, "accepted", accepted_payload(state.worker_id)))
-    inner = asyncio.create_task(_run(job, state, Publisher(state.events, job), health or health_read))
+    inner = asyncio.create_task(_run(job, state, Publisher(state.events, job), health))
     state.running[job.job_id] = inner
     state.callers[job.job_id] = job.reply_channel
     try:
@@ -143,8 +142,6 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     finally:
         state.running.pop(job.job_id, None)
         state.callers.pop(job.job_id, None)
-        if health_read is not None:
-            health_read.cancel()  # still pending only if the job ended before routing
 
 
 async def report_unrunnable(state: WorkerState, job_id: str) -> None:
@@ -158,25 +155,11 @@ async def report_unrunnable(state: WorkerState, job_id: str) -> None:
         await state.events.publish(channel, encode_event(job_id, "error", event.model_dump_json().encode()))
 
 
-# Catalogs up to this many deployments have all their health read ahead of routing.
+# Catalogs up to this many deployments have all their health read with the claim (workers/main.py).
 PREFETCH_MAX_DEPLOYMENTS = 64
 
 
-async def _prefetch_health(state: WorkerState) -> "asyncio.Task[HealthSnapshot] | None":
-    """Start reading the shared health of every deployment, before the job is parsed and classified.
-
-    Which deployments a request may use is known only after its intent, but the read is one
-    pipelined round trip either way: sent now, it overlaps that CPU work instead of following
-    it. Returns the pending read (None for a catalog too large to read whole every request).
-    """
-    if len(state.catalog.deployments) > PREFETCH_MAX_DEPLOYMENTS:
-        return None
-    read = asyncio.create_task(state.executor.snapshot(state.catalog.deployments))
-    await asyncio.sleep(0)  # one loop turn: the read's command leaves before the CPU work starts
-    return read
-
-
-async def _run(job: ChatJob, state: WorkerState, out: Publisher, health_read: "FirstHealth" = None) -> None:
+async def _run(job: ChatJob, state: WorkerState, out: Publisher, first_health: HealthSnapshot | None = None) -> None:
     run = RunState()
     started = time.monotonic()
     first_output_s: float | None = None
@@ -191,7 +174,7 @@ async def _run(job: ChatJob, state: WorkerState, out: Publisher, health_read: "F
         await out.send("chunk", orjson.dumps(chunk))
 
     try:
-        done = await execute(job, state, run, on_start, on_chunk, health_read)
+        done = await execute(job, state, run, on_start, on_chunk, first_health)
     except asyncio.CancelledError:
         raise
     except CallerGone:
@@ -213,17 +196,15 @@ def _failures(run: RunState) -> list[AttemptFailure]:
 
 
 OnRoute = Callable[[RouteInfo], Awaitable[None]]
-# The first ranking's health: a snapshot in hand, a read under way, or None (read it then).
-FirstHealth = HealthSnapshot | asyncio.Task[HealthSnapshot] | None
 OnChunk = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnRoute, on_chunk: OnChunk,
-                  health_read: "FirstHealth" = None) -> DoneEvent:
+                  first_health: HealthSnapshot | None = None) -> DoneEvent:
     """Route and run one chat job (live or batch line); raises the typed failure on error.
 
-    `health_read` is every deployment's health, already read or a read under way; it serves the
-    first ranking, later ones read afresh.
+    `first_health` is every deployment's health, read with the claim; it serves the first
+    ranking, later ones read afresh.
     """
     deadline_s = job.deadline_unix_ms / 1000
 
@@ -239,10 +220,8 @@ async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnR
     waited_s = 0.0
     async with asyncio.timeout(budget_s()):
         while True:
-            if isinstance(health_read, HealthSnapshot):
-                health, health_read = health_read, None
-            elif health_read is not None:
-                health, health_read = await health_read, None
+            if first_health is not None:
+                health, first_health = first_health, None
             else:
                 health = await state.executor.snapshot(deployments)
             try:
