@@ -10,15 +10,13 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Annotated
 
 import orjson
-from fastapi import Depends, Request
+from fastapi import Request
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
 from api.auth import MASTER_RECORD, bearer_token, is_master_key, unauthorized
-from api.deps import current_settings
 from api.keys import KeyRecord, hash_key, key_id_for_digest
 from api.ratelimit import (
     CHARGE_LUA,
@@ -214,8 +212,11 @@ class JobOnAdmit:
     stream_expiry_ms: int
 
 
-async def admit(request: Request, settings: Annotated[Settings, Depends(current_settings)]) -> Admission:
-    """FastAPI dependency: 401 for a bad key, 429 over a limit, else the Admission."""
+async def admit(request: Request, settings: Settings) -> Admission:
+    """Admission on its own (the master key, or a body that fails validation: api/intake.py).
+
+    401 for a bad key, 429 over a limit, else the Admission.
+    """
     token = bearer_token(request)
     now = time.time()
     # Reading the body here is free: Starlette keeps it for the route's own request.body().

@@ -11,7 +11,6 @@ from typing import Any
 
 import orjson
 from pydantic import ValidationError
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from router.catalog import Deployment, RuntimeCatalog
@@ -116,7 +115,6 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     when the job id names that process (`ctx["announced"]`).
     """
     state: WorkerState = ctx["state"]
-    redis: Redis = ctx["redis"]
     try:
         job = ChatJob.model_validate(payload)
     except ValidationError:
@@ -129,7 +127,8 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     health: HealthSnapshot | None = ctx.get("health")
     REQUEST_ID.set(job.request_id)  # this job's task only: its log lines name the request
     if not ctx.get("announced"):
-        await redis.publish(job.reply_channel, encode_event(job.job_id, "accepted", accepted_payload(state.worker_id)))
+        await state.events.publish(job.reply_channel,
+                                   encode_event(job.job_id, "accepted", accepted_payload(state.worker_id)))
     inner = asyncio.create_task(_run(job, state, Publisher(state.events, job), health))
     state.running[job.job_id] = inner
     state.callers[job.job_id] = job.reply_channel
@@ -155,8 +154,6 @@ async def report_unrunnable(state: WorkerState, job_id: str) -> None:
         await state.events.publish(channel, encode_event(job_id, "error", event.model_dump_json().encode()))
 
 
-# Catalogs up to this many deployments have all their health read with the claim (workers/main.py).
-PREFETCH_MAX_DEPLOYMENTS = 64
 
 
 async def _run(job: ChatJob, state: WorkerState, out: Publisher, first_health: HealthSnapshot | None = None) -> None:

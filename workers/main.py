@@ -31,7 +31,7 @@ from settings.catalog import load_catalog
 from settings.redis_url import sentinel_target
 from workers.batches import run_batches
 from workers.events import EventPublisher
-from workers.jobs import PREFETCH_MAX_DEPLOYMENTS, WorkerState, chat_completion, report_unrunnable
+from workers.jobs import WorkerState, chat_completion, report_unrunnable
 from workers.protocol import (
     ARQ_JOB_FUNCTION,
     WAKE_CHANNEL,
@@ -89,6 +89,10 @@ def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
     """An HGETALL reply as Lua returns it (a flat list) → the mapping redis-py would have made."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
 
+
+# Catalogs up to this many deployments have all their health read with every claim; larger
+# ones read their candidates when a job routes.
+_CLAIM_HEALTH_MAX_DEPLOYMENTS = 64
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -175,7 +179,7 @@ class FreeferenceWorker(Worker):
         state: WorkerState = self.ctx["state"]
         # The health of every deployment comes back with the claim (one round trip fewer before
         # the upstream call) unless the catalog is too large to read whole for every job.
-        routable = state.catalog.deployments if len(state.catalog.deployments) <= PREFETCH_MAX_DEPLOYMENTS else []
+        routable = state.catalog.deployments if len(state.catalog.deployments) <= _CLAIM_HEALTH_MAX_DEPLOYMENTS else []
         hashes, claimed = await self._claim(keys=[self.queue_name, *snapshot_keys(routable)], args=[
             in_progress_key_prefix, timestamp_ms(), int(self.in_progress_timeout_s * 1000), job_key_prefix,
             cancelled_job_key(""), reply_channel(""), b" accepted " + accepted_payload(self.worker_id),
