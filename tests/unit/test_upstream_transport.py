@@ -1,4 +1,4 @@
-"""Connection failures through the aiohttp-backed client keep the httpx types the policy tells apart."""
+"""Connection failures through the upstream client keep the httpx types the policy tells apart."""
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from cli.embedded_redis import free_port
-from router.providers.transport import _proxy_mounts, upstream_client
+from router.providers.transport import upstream_client
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 LIMITS = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=5)
@@ -66,13 +66,3 @@ async def test_a_body_cut_mid_stream_is_a_read_error(client: httpx.AsyncClient) 
             async for _ in response.aiter_lines():
                 pass
 
-
-def test_proxies_come_from_the_environment_once_with_no_proxy_hosts_direct() -> None:
-    env = {"HTTPS_PROXY": "http://proxy.corp:3128", "no_proxy": "localhost, .internal"}
-    mounts = _proxy_mounts(LIMITS, env)
-    assert isinstance(mounts["https://"], httpx.AsyncBaseTransport)
-    assert "http://" not in mounts
-    for direct in ("all://localhost", "all://internal", "all://*.internal"):
-        assert mounts[direct] is None
-    assert _proxy_mounts(LIMITS, {"PATH": "/usr/bin"}) == {}
-    assert _proxy_mounts(LIMITS, {**env, "NO_PROXY": "*", "no_proxy": "*"}) == {}
