@@ -183,6 +183,9 @@ async def _parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, 
     reads = cast(AsyncGenerator[bytes, None], response.aiter_bytes())  # httpx types it as an iterator
     data_by = started + first_token_s  # keep-alive comments do not count as a first token
     seen_data = False
+    # Set once the usage-only chunk (the last one before [DONE]) is out: a consumer may stop
+    # there, and the body's rest should still be read so the connection goes back to the pool.
+    answered = False
     pending = b""
     try:
         while True:
@@ -226,10 +229,13 @@ async def _parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, 
                 if item.chunk is not None and "error" in item.chunk:
                     message, _code = _error_text(data)
                     raise StreamBroken(f"upstream reported an error mid-stream: {message}")
+                answered = item.chunk is not None and not item.chunk.get("choices") and bool(item.chunk.get("usage"))
                 yield item
             if block is None:
                 return
     finally:
+        if answered:  # closed by a consumer that had the whole answer; [DONE] is normally in flight
+            await _finish_body(reads, loop.time() + _DRAIN_S)
         await reads.aclose()  # explicitly: a generator left to the GC costs a loop wake-up to close
 
 

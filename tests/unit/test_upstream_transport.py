@@ -1,4 +1,5 @@
-"""Connection failures through the upstream client keep the httpx types the policy tells apart."""
+"""The upstream client: connection failures keep the httpx types the policy tells apart, and
+connections go back to the pool after a whole answer."""
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -7,7 +8,11 @@ import httpx
 import pytest
 
 from cli.embedded_redis import free_port
+from router.attempt import RunState, stream_attempt
+from router.catalog import RuntimeCatalog
+from router.providers.openai_compat import OpenAICompatProvider
 from router.providers.transport import upstream_client
+from settings.catalog import CatalogFile
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 LIMITS = httpx.Limits(max_connections=10, max_keepalive_connections=10, keepalive_expiry=5)
@@ -66,3 +71,52 @@ async def test_a_body_cut_mid_stream_is_a_read_error(client: httpx.AsyncClient) 
             async for _ in response.aiter_lines():
                 pass
 
+
+
+def _chunked(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+async def test_an_answer_ended_by_its_usage_chunk_leaves_the_connection_for_the_next_call(
+        client: httpx.AsyncClient) -> None:
+    # The consumer stops at the usage chunk (it does not wait for a [DONE] that may not come);
+    # [DONE] and the body's end arrive a moment later, in their own network read. The adapter
+    # must still read them, or every call pays a new connection (a TLS handshake in production).
+    connections = 0
+
+    async def sse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while head := await reader.readuntil(b"\r\n\r\n"):
+            length = next(int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                          if line.startswith(b"content-length:"))
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+            finish = b'{"choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":"stop"}]}'
+            writer.write(_chunked(b"data: " + finish + b"\n\n"))
+            writer.write(_chunked(b'data: {"choices":[],"usage":{"total_tokens":3}}\n\n'))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+            writer.write(_chunked(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            await writer.drain()
+
+    server, url = await serve(sse)
+    file = CatalogFile.model_validate({
+        "providers": [{"id": "p", "base_url": url.removesuffix("/chat/completions"), "requires_key": False}],
+        "models": [{"id": "m", "provider": "p", "upstream_name": "m", "context_window": 1000,
+                    "scores": {"general": 0.5}}],
+        "capabilities": {"text-basic": {"name": "G", "intent": "general"}},
+    })
+    deployment = RuntimeCatalog.build(file, {}).deployments[0]
+    provider = OpenAICompatProvider(client)
+
+    async def nothing(*_: object) -> None:
+        return None
+
+    async with server:
+        for _ in range(3):
+            state = RunState()
+            await stream_attempt(provider, deployment, {}, None, 5.0, state, nothing, nothing,
+                                 forward_usage_chunk=True)
+            assert state.usage == {"total_tokens": 3}
+    assert connections == 1
