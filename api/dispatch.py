@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from api.errors import OpenAIError
 from api.metrics import note_event, note_submitted
-from api.relay import Deadline, Event, ReplyHub
+from api.relay import CALLER_LEFT, Deadline, Event, ReplyHub
 from settings import Settings
 from workers.protocol import (
     ARQ_JOB_FUNCTION,
@@ -127,8 +127,11 @@ class Dispatcher:
             wait_s = min(silence_s, deadline.remaining_s() + 2.0)
             try:
                 if handle.queue.empty():
-                    event_type, payload = await asyncio.wait_for(handle.queue.get(), timeout=max(wait_s, 0))
-                else:  # a stream in full flow: no timer and no task per event
+                    # asyncio.timeout, not wait_for: wait_for wraps the get in a task of its own,
+                    # which is an allocation and an extra loop pass for every event of a paced stream.
+                    async with asyncio.timeout(max(wait_s, 0)):
+                        event_type, payload = await handle.queue.get()
+                else:  # a stream in full flow: no timer at all
                     event_type, payload = handle.queue.get_nowait()
             except TimeoutError:
                 if deadline.remaining_s() + 2.0 <= 0:
@@ -147,6 +150,9 @@ class Dispatcher:
                 continue
             if event_type == "lost":
                 raise ReplyLost(handle.worker_id or "")
+            if event_type == CALLER_LEFT[0]:
+                yield event_type, payload
+                return
             note_event(event_type, payload)
             if event_type == "accepted":
                 handle.worker_id = AcceptedEvent.model_validate_json(payload).worker_id

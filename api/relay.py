@@ -18,6 +18,8 @@ log = logging.getLogger("freeference.relay")
 Event = tuple[str, bytes]  # (event_type, payload)
 # Put into every waiting queue when the subscription drops: their events may be gone.
 LOST: Event = ("lost", b"")
+# Put into a job's queue by its route when the caller disconnects before the answer started.
+CALLER_LEFT: Event = ("caller_left", b"")
 
 
 class ReplyHub:
@@ -83,10 +85,7 @@ class ReplyHub:
                 self.connected = True
                 self._subscribed.set()
                 backoff_s = 0.05
-                while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                    if message is not None and message["type"] == "message":
-                        self._dispatch(message["data"])
+                await self._relay(pubsub)
             except (RedisConnectionError, RedisTimeoutError, OSError, RedisError) as exc:
                 # Redis restarted or the network blinked: resubscribe. Events published in the
                 # gap are lost, so every waiter is told at once (LOST) instead of hanging.
@@ -101,6 +100,23 @@ class ReplyHub:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _relay(self, pubsub: PubSub) -> None:
+        """Hand every message on the subscribed connection to its waiter, until the connection fails.
+
+        Reads the connection directly rather than through PubSub.get_message: that wraps each
+        message in a health check, a retry closure and a dict, a cost paid for every chunk of
+        every stream. A blocking read never runs get_message's health check anyway, and the
+        reply channel is the only subscription on this connection.
+        """
+        connection = pubsub.connection
+        if connection is None:
+            raise RedisConnectionError("the reply subscription has no connection")
+        while True:
+            response = await connection.read_response()
+            # [b"message", channel, data]; anything else (a late confirmation) carries no event.
+            if isinstance(response, list) and len(response) == 3 and response[0] == b"message":
+                self._dispatch(response[2])
 
     def _dispatch(self, data: bytes) -> None:
         try:

@@ -2,7 +2,6 @@
 
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
 
 import anyio
 import orjson
@@ -15,7 +14,7 @@ from api.errors import OpenAIError
 from api.intake import admit_and_enqueue, build_job
 from api.keys import KeyRecord
 from api.modelref import check_chat_request
-from api.relay import Event
+from api.relay import CALLER_LEFT, Event
 from api.schemas import ChatCompletionRequest, parse_chat_request
 from api.usage import UsageRecorder
 from settings import Settings
@@ -54,25 +53,34 @@ def _error_from_event(payload: bytes) -> OpenAIError:
     return error
 
 
-async def _wait_for_disconnect(request: Request) -> None:
-    # The body was already read, so the next ASGI message is the disconnect.
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+class _CallerWatch:
+    """Turns the caller's disconnect into a CALLER_LEFT event in the current job's queue.
 
+    One task per request instead of racing a task per event against the disconnect: every
+    reply event then reaches the route with a plain await.
+    """
 
-async def _next_event(events: AsyncGenerator[Event, None], disconnected: asyncio.Task[None]) -> Event | None:
-    """The next event, or None when the client went away first."""
-    nxt: asyncio.Future[Event] = asyncio.ensure_future(anext(events))
-    waiting: set[asyncio.Future[Any]] = {nxt, disconnected}
-    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-    if nxt in done:
-        return nxt.result()
-    nxt.cancel()
-    # Let the cancellation land: the generator must have stopped before anyone closes it.
-    await asyncio.wait({nxt})
-    return None
+    def __init__(self, request: Request) -> None:
+        self._handle: JobHandle | None = None
+        self._left = False
+        self._task = asyncio.ensure_future(self._watch(request))
+
+    def follow(self, handle: JobHandle) -> None:
+        self._handle = handle
+        if self._left:
+            handle.queue.put_nowait(CALLER_LEFT)
+
+    def stop(self) -> None:
+        """From here on the streaming response listens for the disconnect itself."""
+        self._task.cancel()
+
+    async def _watch(self, request: Request) -> None:
+        # The body was already read, so the next ASGI message is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self._left = True
+        if self._handle is not None:
+            self._handle.queue.put_nowait(CALLER_LEFT)
 
 
 @router.post(
@@ -115,12 +123,13 @@ async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, sett
         await request.app.state.stream_limiter.acquire(request, key.id, job)  # 429 past the key's open streams
     else:
         job = first.job
-    disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+    caller = _CallerWatch(request)
     try:
         for attempt in range(MAX_WORKER_LOSS_RETRIES + 1):
             handle = first if attempt == 0 and first is not None else await dispatcher.submit(job)
+            caller.follow(handle)
             try:
-                return await _respond(handle, dispatcher, disconnected, usage)
+                return await _respond(handle, dispatcher, caller, usage)
             except WorkerLost:  # _respond already released the job
                 if attempt == MAX_WORKER_LOSS_RETRIES:
                     raise OpenAIError(502, "The worker handling this request stopped; please retry.",
@@ -128,10 +137,10 @@ async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, sett
                 job = job.model_copy(update={"job_id": new_job_id(request.app.state.hub.process_id)})
         raise AssertionError("unreachable")
     finally:
-        disconnected.cancel()
+        caller.stop()
 
 
-async def _respond(handle: JobHandle, dispatcher: Dispatcher, disconnected: asyncio.Task[None],
+async def _respond(handle: JobHandle, dispatcher: Dispatcher, caller: _CallerWatch,
                    usage: UsageRecorder) -> Response:
     """Hold the status until the first chunk, the completion or an error arrives."""
     events = usage.watch(dispatcher.events(handle), handle.job.requested_model)
@@ -140,12 +149,11 @@ async def _respond(handle: JobHandle, dispatcher: Dispatcher, disconnected: asyn
     try:
         while True:
             try:
-                event = await _next_event(events, disconnected)
+                event_type, payload = await anext(events)
             except StopAsyncIteration:
                 raise OpenAIError(502, "The job ended without a result.", code="upstream_failed") from None
-            if event is None:  # caller left; release() below cancels the job
+            if event_type == CALLER_LEFT[0]:  # release() below cancels the job
                 return Response(status_code=499)
-            event_type, payload = event
             if event_type == "start":
                 route = usage.route
             elif event_type == "error":
@@ -159,7 +167,7 @@ async def _respond(handle: JobHandle, dispatcher: Dispatcher, disconnected: asyn
                 content = orjson.dumps(done.completion) if done.completion is not None else b"{}"
                 return Response(content, media_type="application/json", headers=headers)
             elif event_type == "chunk":
-                disconnected.cancel()  # StreamingResponse listens for the disconnect itself
+                caller.stop()
                 handed_over = True
                 return StreamingResponse(
                     _sse(payload, events, handle, dispatcher), media_type="text/event-stream",
@@ -184,6 +192,8 @@ async def _sse(first_chunk: bytes, events: AsyncGenerator[Event, None], handle: 
                 yield b"data: " + payload + b"\n\n"
             elif event_type == "done":
                 yield b"data: [DONE]\n\n"
+                return
+            elif event_type == CALLER_LEFT[0]:  # raced the hand-over; nobody is listening
                 return
             elif event_type == "error":
                 # After the first byte the status is sent: report in-band and end without
