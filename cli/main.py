@@ -19,9 +19,12 @@ log = logging.getLogger("freeference.serve")
 def _run_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from settings import get_settings
+
     # log_config=None: uvicorn's loggers go through our JSON handler instead of its own format.
     uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, log_level="warning",
-                access_log=False, http="httptools", loop="uvloop", timeout_graceful_shutdown=30, log_config=None)
+                access_log=False, http="httptools", loop="uvloop", timeout_graceful_shutdown=30, log_config=None,
+                timeout_keep_alive=get_settings().http_keepalive_s)
     return 0
 
 

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
 
     # HTTP edge
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    # How long the API keeps an idle client connection open. Longer than clients keep theirs
+    # (httpx and the openai SDK: 5 s) and than a load balancer's idle timeout (60 s is common),
+    # so the client side always closes first: a server that closes at the moment a client
+    # reuses the connection makes that request fail with a read error before it reaches us.
+    http_keepalive_s: int = Field(default=75, gt=0)
     max_messages: int = Field(default=2048, gt=0)
     # Protective limits (api/backpressure.py); 0 disables one. Past the first, a process answers
     # 503 + Retry-After at once instead of queueing without bound; past the second, 429.

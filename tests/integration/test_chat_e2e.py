@@ -216,3 +216,20 @@ def test_cut_after_the_role_opener_fails_over_invisibly(shared_gateway: Gateway,
     assert served == "general-backup"
     assert "".join(pieces) == "".join(reply_tokens(served, 6))
     assert [r["model"] for r in upstream.requests()] == ["general-best", "general-backup"]
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_pool_expiry(shared_gateway: Gateway, key: str) -> None:
+    # httpx and the openai SDK drop idle pooled connections after 5 s. A server that closes them
+    # at the same moment races the client's next request on them (a read error the request never
+    # survives), so the API must keep them longer and let the client close first.
+    # One pool, one connection, kept by the client for a minute: the second call reuses the first's.
+    transport = httpx.HTTPTransport(limits=httpx.Limits(max_connections=1, keepalive_expiry=60))
+    with httpx.Client(transport=transport, base_url=shared_gateway.base_url, timeout=10) as client:
+        body = {"model": "auto", "messages": MESSAGES, "max_tokens": 2}
+        headers = {"Authorization": f"Bearer {key}"}
+        assert client.post("/v1/chat/completions", json=body, headers=headers).status_code == 200
+        time.sleep(6)  # past uvicorn's default keep-alive (5 s)
+        response = client.post("/v1/chat/completions", json=body, headers=headers)
+        assert response.status_code == 200
+        connections = transport._pool.connections
+        assert len(connections) == 1 and connections[0].info().endswith("Request Count: 2")
