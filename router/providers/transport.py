@@ -1,20 +1,127 @@
-"""The worker's upstream HTTP client.
+"""The worker's upstream HTTP client: httpx's interface, aiohttp's wire.
 
-httpx's own transport. An aiohttp-backed one (httpx-aiohttp) cost about half the CPU per
-streamed call, but aiohttp hands out nothing it already received once a connection breaks
-(its StreamReader raises before reading its buffer), so chunks that arrived just before a cut
-were lost and a stream that could have continued from them started over shorter
-(docs/performance.md). httpx reads what arrived, then reports the cut.
+httpx's own transport (httpcore + h11, pure Python) costs about twice the CPU per streamed
+completion of aiohttp's C parser on this machine, and it is on the critical path of every
+request (docs/performance.md). So provider calls keep httpx's client interface (the adapter,
+its error mapping and the unit tests' MockTransport stay as they are) over this transport.
+
+Two things it does that a generic aiohttp transport (such as httpx-aiohttp) does not:
+
+- **Received bytes survive a cut.** aiohttp's StreamReader raises a broken connection's error
+  before it hands out data it had already received, so the chunks that arrived just before a
+  cut would vanish: a finished answer whose connection then broke would look unfinished, and a
+  continuation would start from less than the caller was about to get. The body stream here
+  hands those bytes out first, then reports the cut.
+- **Errors keep the meaning the failover policy reads** (DESIGN.md §5): refused or reset → a
+  quick retry; connect timeout → fail over without retrying; a cut body → stream broken.
+
+Proxies from the environment (HTTP(S)_PROXY, NO_PROXY) still apply: httpx routes proxied URLs
+through its own proxy transports and only direct ones through this one.
 """
 
+from collections.abc import AsyncIterator
+
+import aiohttp
 import httpx
 
-__all__ = ["upstream_client"]
+__all__ = ["AiohttpTransport", "upstream_client"]
+
+# Most specific first: several aiohttp errors subclass others (a connect timeout is also a
+# server timeout; a refused connection is also an OSError).
+_ERRORS: tuple[tuple[type[BaseException], type[httpx.TransportError]], ...] = (
+    (aiohttp.ConnectionTimeoutError, httpx.ConnectTimeout),
+    (aiohttp.SocketTimeoutError, httpx.ReadTimeout),
+    (aiohttp.ServerTimeoutError, httpx.ReadTimeout),
+    (aiohttp.ClientConnectorError, httpx.ConnectError),  # refused, unreachable, DNS, TLS handshake
+    (aiohttp.ServerDisconnectedError, httpx.RemoteProtocolError),
+    (aiohttp.ClientPayloadError, httpx.ReadError),
+    (aiohttp.ClientOSError, httpx.ReadError),  # reset by peer
+    (aiohttp.InvalidURL, httpx.UnsupportedProtocol),
+    (TimeoutError, httpx.ReadTimeout),
+    (aiohttp.ClientError, httpx.TransportError),
+)
+
+
+def _mapped(exc: BaseException, request: httpx.Request) -> httpx.TransportError:
+    for aiohttp_error, httpx_error in _ERRORS:
+        if isinstance(exc, aiohttp_error):
+            return httpx_error(f"{type(exc).__name__}: {exc}", request=request)
+    return httpx.TransportError(type(exc).__name__, request=request)
+
+
+def _received_but_unread(content: aiohttp.StreamReader) -> bytes:
+    # A private attribute, read only after the connection broke (see the module docstring);
+    # tests/unit/test_upstream_transport.py fails if an aiohttp release changes it.
+    buffer = getattr(content, "_buffer", None) or ()
+    data = b"".join(buffer)
+    if buffer:
+        buffer.clear()
+    return data
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx.Request) -> None:
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        content = self._response.content
+        try:
+            while chunk := await content.readany():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            leftover = _received_but_unread(content)
+            if leftover:
+                yield leftover
+            raise _mapped(exc, self._request) from None
+
+    async def aclose(self) -> None:
+        # Back to the pool when the body was read to its end; closed otherwise.
+        self._response.release()
+
+
+class AiohttpTransport(httpx.AsyncBaseTransport):
+    """One aiohttp session (created on first use, inside the worker's event loop)."""
+
+    def __init__(self, limits: httpx.Limits) -> None:
+        self._limits = limits
+        self._session: aiohttp.ClientSession | None = None
+
+    def _session_now(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self._limits.max_connections or 0,
+                limit_per_host=0,
+                keepalive_timeout=self._limits.keepalive_expiry or 0,
+                # httpx's default context: certifi's CA bundle, SSL_CERT_FILE / SSL_CERT_DIR honoured.
+                ssl=httpx.create_ssl_context(),
+            )
+            # No cookie jar: providers never need one, and parsing Set-Cookie on every answer costs.
+            self._session = aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar(),
+                                                  auto_decompress=False)
+        return self._session
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeout = request.extensions.get("timeout", {})
+        try:
+            response = await self._session_now().request(
+                request.method, str(request.url), headers=request.headers.multi_items(),
+                data=request.content or None, allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=None, connect=timeout.get("pool"),
+                                              sock_connect=timeout.get("connect"), sock_read=timeout.get("read")),
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _mapped(exc, request) from None
+        # auto_decompress is off, so the headers are the wire's and httpx decodes the body itself.
+        return httpx.Response(status_code=response.status, headers=response.raw_headers,
+                              stream=_Body(response, request), request=request,
+                              extensions={"http_version": b"HTTP/1.1"})
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
 
 
 def upstream_client(limits: httpx.Limits) -> httpx.AsyncClient:
-    """The pooled client for provider calls (keep-alive, no redirects: a provider never needs one).
-
-    HTTP(S)_PROXY / NO_PROXY apply as httpx reads them.
-    """
-    return httpx.AsyncClient(limits=limits, follow_redirects=False)
+    """The pooled client for provider calls (keep-alive, no redirects: a provider never needs one)."""
+    return httpx.AsyncClient(transport=AiohttpTransport(limits), limits=limits, follow_redirects=False)

@@ -120,3 +120,28 @@ async def test_an_answer_ended_by_its_usage_chunk_leaves_the_connection_for_the_
                                  forward_usage_chunk=True)
             assert state.usage == {"total_tokens": 3}
     assert connections == 1
+
+
+async def test_bytes_received_before_a_cut_are_handed_out_before_the_error(client: httpx.AsyncClient) -> None:
+    # The last events and the connection's end both arrive while the reader is busy elsewhere:
+    # the finish chunk must not be lost to the cut (it decides whether the answer was whole).
+    events = b"data: {\"n\": 1}\n\ndata: {\"n\": 2, \"finish_reason\": \"stop\"}\n\n"
+
+    async def answer_then_cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 1000\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.write(events)
+        writer.close()
+
+    server, url = await serve(answer_then_cut)
+    async with server:
+        for _ in range(3):
+            received = b""
+            async with client.stream("POST", url) as response:
+                await asyncio.sleep(0.1)  # the events and the close land before the body is read
+                with pytest.raises(httpx.ReadError):
+                    async for block in response.aiter_bytes():
+                        received += block
+            assert received == events
