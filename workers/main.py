@@ -158,8 +158,11 @@ class FreeferenceWorker(Worker):
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
                 continue
+            # asyncio.timeout, not wait_for: wait_for wraps the wait in a task of its own, an
+            # allocation and an extra loop pass between every wake-up and its claim.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_delay_s)
+                async with asyncio.timeout(self.poll_delay_s):
+                    await self._wake.wait()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Claim every startable job of this poll in one Lua call, then run them.
