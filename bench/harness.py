@@ -79,8 +79,11 @@ def load_average() -> str:
 
 
 @contextmanager
-def running_stack(workers: int = 2, keep_logs: bool = False, **env: str) -> Iterator[Stack]:
-    """Start Valkey, the fake upstream (no added latency), one API and `workers` workers."""
+def running_stack(workers: int = 2, keep_logs: bool = False, repo: Path | None = None, **env: str) -> Iterator[Stack]:
+    """Start Valkey, the fake upstream (no added latency), one API and `workers` workers.
+
+    `repo`: run the API and workers from another checkout (default: this one).
+    """
     log_dir = Path(tempfile.mkdtemp(prefix="ff-bench-"))
     redis_port = free_port()
     server = start_server(redis_port)
@@ -96,7 +99,8 @@ def running_stack(workers: int = 2, keep_logs: bool = False, **env: str) -> Iter
         catalog_path.write_text(catalog_yaml(fake.url))
         # The 100-streams scenario holds 100 streams on one key: above the default per-key cap (64).
         settings = {"FREEFERENCE_MAX_STREAMS_PER_KEY": "1000", **env}
-        gateway = Gateway(redis_url=redis_url, env=base_env(redis_url, catalog_path, **settings), log_dir=log_dir)
+        gateway = Gateway(redis_url=redis_url, env=base_env(redis_url, catalog_path, **settings), log_dir=log_dir,
+                          **({"repo": repo} if repo is not None else {}))
         for _ in range(workers):
             gateway.start_worker()
         gateway.start_api()

@@ -36,9 +36,10 @@ def wait_http(url: str, timeout_s: float = 20.0, status: int = 200) -> None:
     raise TimeoutError(f"{url} did not answer {status} in {timeout_s}s (last: {last!r})")
 
 
-def spawn(args: Sequence[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+def spawn(args: Sequence[str], env: dict[str, str], log_path: Path, cwd: Path = REPO) -> subprocess.Popen[bytes]:
+    """Start a process logging to log_path; `python -m` runs the code of the checkout at `cwd`."""
     log = open(log_path, "ab")  # noqa: SIM115 - owned by the process for its lifetime
-    return subprocess.Popen(list(args), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    return subprocess.Popen(list(args), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Gateway:
     api_ports: list[int] = field(default_factory=list)
     apis: list[subprocess.Popen[bytes]] = field(default_factory=list)
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    repo: Path = REPO  # whose code the processes run (bench/ab_compare.py runs another checkout)
 
     @property
     def base_url(self) -> str:
@@ -98,14 +100,15 @@ class Gateway:
     def start_api(self) -> int:
         port = free_port()
         args = [sys.executable, "-m", "cli.main", "api", "--port", str(port)]
-        self.apis.append(spawn(args, self.env, self.log_dir / f"api-{port}.log"))
+        self.apis.append(spawn(args, self.env, self.log_dir / f"api-{port}.log", self.repo))
         self.api_ports.append(port)
         wait_http(f"http://127.0.0.1:{port}/healthz")
         return port
 
     def start_worker(self) -> subprocess.Popen[bytes]:
         n = len(self.workers)
-        process = spawn([sys.executable, "-m", "cli.main", "worker"], self.env, self.log_dir / f"worker-{n}.log")
+        process = spawn([sys.executable, "-m", "cli.main", "worker"], self.env, self.log_dir / f"worker-{n}.log",
+                        self.repo)
         self.workers.append(process)
         return process
 
