@@ -255,4 +255,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: the children are already stopped; no traceback for that
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
