@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import gc
 import importlib
 import logging
 import os
@@ -16,11 +17,27 @@ from cli.processes import Child, Supervisor, child_env, python_module
 log = logging.getLogger("freeference.serve")
 
 
+def _tune_gc() -> None:
+    """Fewer and shorter garbage-collector pauses in a long-running API or worker process.
+
+    A request allocates thousands of short-lived objects, so with CPython's default (a young
+    collection every 700 net allocations) collections ran several times per request, and every
+    tenth of those also walked the objects of the long-lived generations. Whatever exists at
+    start-up (modules, pydantic models, the app) is moved out of the collector's view, and young
+    collections run every 20,000 net allocations. Cycles are still collected; memory stays flat
+    (bench/soak.py).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 10, 10)
+
+
 def _run_api(args: argparse.Namespace) -> int:
     import uvicorn
 
     from settings import get_settings
 
+    _tune_gc()
     # log_config=None: uvicorn's loggers go through our JSON handler instead of its own format.
     uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, log_level="warning",
                 access_log=False, http="httptools", loop="uvloop", timeout_graceful_shutdown=30, log_config=None,
@@ -34,6 +51,7 @@ def _run_worker(_: argparse.Namespace) -> int:
     from workers.main import run_worker
 
     uvloop.install()
+    _tune_gc()
     run_worker()
     return 0
 
