@@ -15,8 +15,9 @@ Two things it does that a generic aiohttp transport (such as httpx-aiohttp) does
 - **Errors keep the meaning the failover policy reads** (DESIGN.md §5): refused or reset → a
   quick retry; connect timeout → fail over without retrying; a cut body → stream broken.
 
-Proxies from the environment (HTTP(S)_PROXY, NO_PROXY) still apply: httpx routes proxied URLs
-through its own proxy transports and only direct ones through this one.
+Proxies from the environment (HTTP(S)_PROXY, ALL_PROXY, NO_PROXY) still apply: httpx ignores
+them once a client is given its own transport, so `upstream_client` mounts httpx's proxy
+transports for them itself, and only direct calls go through this one.
 """
 
 from collections.abc import AsyncIterator
@@ -122,6 +123,21 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             await self._session.close()
 
 
+def _environment_proxies(limits: httpx.Limits) -> dict[str, httpx.AsyncBaseTransport | None]:
+    """Mounts for HTTP(S)_PROXY / ALL_PROXY / NO_PROXY, read the way httpx reads them itself.
+
+    None mounts a NO_PROXY pattern on the client's own transport.
+    """
+    from httpx._utils import get_environment_proxies  # httpx's reader; it skips it for custom transports
+
+    return {pattern: None if url is None else httpx.AsyncHTTPTransport(proxy=url, limits=limits)
+            for pattern, url in get_environment_proxies().items()}
+
+
 def upstream_client(limits: httpx.Limits) -> httpx.AsyncClient:
-    """The pooled client for provider calls (keep-alive, no redirects: a provider never needs one)."""
-    return httpx.AsyncClient(transport=AiohttpTransport(limits), limits=limits, follow_redirects=False)
+    """The pooled client for provider calls (keep-alive, no redirects: a provider never needs one).
+
+    The environment's proxies are read once, here (a change needs a worker restart).
+    """
+    return httpx.AsyncClient(transport=AiohttpTransport(limits), mounts=_environment_proxies(limits), limits=limits,
+                             follow_redirects=False)

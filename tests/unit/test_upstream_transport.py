@@ -145,3 +145,28 @@ async def test_bytes_received_before_a_cut_are_handed_out_before_the_error(clien
                     async for block in response.aiter_bytes():
                         received += block
             assert received == events
+
+
+async def test_proxies_from_the_environment_apply_and_no_proxy_hosts_go_direct(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        seen.append(head.split(b"\r\n")[0])
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    proxy, proxy_url = await serve(answer)
+    direct, direct_url = await serve(answer)
+    monkeypatch.setenv("HTTP_PROXY", proxy_url.removesuffix("/v1/chat/completions"))
+    monkeypatch.setenv("NO_PROXY", "localhost")
+    async with proxy, direct, upstream_client(LIMITS) as client:
+        # Through the proxy: the request line names the whole target URL.
+        assert (await client.post("http://provider.invalid/v1/chat/completions", content=b"{}")).status_code == 200
+        assert seen == [b"POST http://provider.invalid/v1/chat/completions HTTP/1.1"]
+        # A NO_PROXY host is called directly.
+        local = direct_url.replace("127.0.0.1", "localhost")
+        assert (await client.post(local, content=b"{}")).status_code == 200
+        assert seen[1] == b"POST /v1/chat/completions HTTP/1.1"
