@@ -2,10 +2,14 @@
 connections go back to the pool after a whole answer."""
 
 import asyncio
+import contextlib
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import httpx
 import pytest
+import trustme
 
 from cli.embedded_redis import free_port
 from router.attempt import RunState, stream_attempt
@@ -170,3 +174,31 @@ async def test_proxies_from_the_environment_apply_and_no_proxy_hosts_go_direct(
         local = direct_url.replace("127.0.0.1", "localhost")
         assert (await client.post(local, content=b"{}")).status_code == 200
         assert seen[1] == b"POST /v1/chat/completions HTTP/1.1"
+
+
+async def test_https_providers_are_verified_against_the_trusted_cas(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    # Every real provider is HTTPS: the transport verifies certificates with httpx's context
+    # (certifi, or SSL_CERT_FILE when set), and an untrusted one is a connect error.
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("localhost").configure_cert(server_context)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_context)
+    url = f"https://localhost:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
+    async with server:
+        async with upstream_client(LIMITS) as client:
+            with pytest.raises(httpx.ConnectError):
+                await client.post(url, content=b"{}")
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+        async with upstream_client(LIMITS) as client:
+            assert (await client.post(url, content=b"{}")).status_code == 200
