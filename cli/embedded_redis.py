@@ -39,8 +39,12 @@ def free_port() -> int:
 
 
 def start_server(port: int, data_dir: Path | None = None, host: str = "127.0.0.1",
-                 wait_s: float = 10.0) -> subprocess.Popen[bytes]:
-    """Start a server process and wait until it answers PING."""
+                 wait_s: float = 10.0, own_session: bool = False) -> subprocess.Popen[bytes]:
+    """Start a server process and wait until it answers PING.
+
+    `own_session`: out of the caller's process group, so a terminal's Ctrl-C does not stop it
+    at once; its owner stops it (`freeference serve` does, after the processes that use it).
+    """
     args = [server_binary(), "--bind", host, "--port", str(port), "--save", "", "--protected-mode", "no",
             # Pub/sub carries streamed tokens: never disconnect a subscriber for buffering.
             "--client-output-buffer-limit", "pubsub 0 0 0"]
@@ -49,7 +53,8 @@ def start_server(port: int, data_dir: Path | None = None, host: str = "127.0.0.1
         args += ["--dir", str(data_dir), "--appendonly", "yes"]
     else:
         args += ["--appendonly", "no"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=own_session)
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -82,8 +82,9 @@ def _serve(args: argparse.Namespace) -> int:
             log.info("using the embedded server already running at %s:%d", host, port)
         else:
             data_dir = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "freeference"
-            server = start_server(port, data_dir=data_dir, host=host)
-            supervisor.children.append(Child("embedded-redis", [], {}, restart=False, process=server))
+            server = start_server(port, data_dir=data_dir, host=host, own_session=True)
+            supervisor.children.append(Child("embedded-redis", [], {}, restart=False, process=server,
+                                             stop_last=True))
             log.info("started embedded Valkey at %s:%d (data in %s)", host, port, data_dir)
         redis_url = DEFAULT_REDIS_URL
     env["FREEFERENCE_REDIS_URL"] = redis_url

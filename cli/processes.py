@@ -18,6 +18,9 @@ class Child:
     env: dict[str, str]
     restart: bool = True
     process: subprocess.Popen[bytes] | None = None
+    # Stopped only once every other child has exited: the store they all write to while they
+    # shut down (arq's clean-up, the workers' last events).
+    stop_last: bool = False
     restarts: list[float] = field(default_factory=list)
 
     def start(self) -> None:
@@ -66,18 +69,24 @@ class Supervisor:
         self._stopping = True
 
     def stop(self, grace_s: float = 35.0) -> int:
-        """SIGTERM everyone (workers drain their streams), then SIGKILL what is left."""
-        for child in reversed(self.children):
-            if child.alive() and child.process:
-                child.process.send_signal(signal.SIGTERM)
+        """SIGTERM everyone (workers drain their streams), then SIGKILL what is left.
+
+        The children marked stop_last (the embedded store) go after all the others have exited.
+        """
         deadline = time.monotonic() + grace_s
-        for child in reversed(self.children):
-            if child.process is None:
-                continue
-            try:
-                child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                child.process.kill()
+        for last in (False, True):
+            group = [child for child in reversed(self.children) if child.stop_last == last]
+            for child in group:
+                if child.alive() and child.process:
+                    child.process.send_signal(signal.SIGTERM)
+            for child in group:
+                if child.process is None:
+                    continue
+                try:
+                    child.process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
         return 0
 
 
