@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
@@ -324,13 +325,29 @@ class FreeferenceWorker(Worker):
                     task.cancel()
 
     async def close(self) -> None:
+        """arq's close, except that the last writes may fail.
+
+        With Redis gone (restarting, or a store stopped before the worker) arq's close raised at
+        its first write, skipped on_shutdown (the event publisher, the HTTP clients) and ended
+        the process with a traceback. Here the jobs are awaited and the clients closed anyway.
+        """
         for task in self._background:
             task.cancel()
-        if self._pool is not None:
-            with contextlib.suppress(*_REDIS_DOWN):
-                await self.pool.delete(worker_heartbeat_key(self.worker_id))
-                await self.pool.zrem(WORKERS_KEY, self.worker_id)
-        await super().close()
+        if self._pool is None:
+            return
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        await asyncio.gather(*self.tasks.values())
+        try:
+            await self.pool.delete(worker_heartbeat_key(self.worker_id), self.health_check_key)
+            await self.pool.zrem(WORKERS_KEY, self.worker_id)
+        except _REDIS_DOWN as exc:
+            log.warning("redis unavailable while stopping (%s); the heartbeat expires by itself", type(exc).__name__)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        with contextlib.suppress(*_REDIS_DOWN):
+            await self.pool.close(close_connection_pool=True)
+        self._pool = None
 
 
 async def _startup(ctx: dict[str, Any]) -> None:

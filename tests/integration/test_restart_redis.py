@@ -1,5 +1,6 @@
 """A Redis restart: API and workers reconnect by themselves and serve again, no manual restart."""
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,3 +97,27 @@ def test_api_and_workers_reconnect_after_redis_restart(own_redis: OwnRedis, upst
         gateway.wait_ready(2, timeout_s=10)
     finally:
         gateway.stop()
+
+
+def test_a_worker_and_an_api_stopped_while_redis_is_down_exit_cleanly(own_redis: OwnRedis, upstream: FakeUpstream,
+                                                            tmp_path: Path) -> None:
+    # Their last clean-up writes (heartbeat, arq's health key) cannot land; the worker and the API
+    # must still close their clients and exit 0, with a warning rather than a traceback.
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(catalog_yaml(upstream.url))
+    gateway = Gateway(redis_url=own_redis.url, env=base_env(own_redis.url, catalog), log_dir=tmp_path)
+    try:
+        worker = gateway.start_worker()
+        gateway.start_api()
+        gateway.wait_ready(1)
+        own_redis.stop()
+        time.sleep(0.5)
+        for process in (worker, *gateway.apis):
+            process.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0
+        # uvicorn re-raises the signal it caught once it has shut down.
+        assert all(api.wait(timeout=30) in (0, -signal.SIGTERM) for api in gateway.apis)
+    finally:
+        gateway.stop()
+    log = gateway.logs()
+    assert "Traceback" not in log, log[-3000:]
