@@ -53,11 +53,16 @@ def _ready(gateway: Gateway) -> bool:
         return False
 
 
-def test_api_and_workers_reconnect_after_redis_restart(own_redis: OwnRedis, upstream: FakeUpstream,
-                                                       tmp_path: Path) -> None:
+def _gateway_on(redis: OwnRedis, upstream: FakeUpstream, tmp_path: Path) -> Gateway:
+    """A gateway (no processes yet) on this test's own server."""
     catalog = tmp_path / "catalog.yaml"
     catalog.write_text(catalog_yaml(upstream.url))
-    gateway = Gateway(redis_url=own_redis.url, env=base_env(own_redis.url, catalog), log_dir=tmp_path)
+    return Gateway(redis_url=redis.url, env=base_env(redis.url, catalog), log_dir=tmp_path)
+
+
+def test_api_and_workers_reconnect_after_redis_restart(own_redis: OwnRedis, upstream: FakeUpstream,
+                                                       tmp_path: Path) -> None:
+    gateway = _gateway_on(own_redis, upstream, tmp_path)
     try:
         gateway.start_worker()
         gateway.start_worker()
@@ -100,12 +105,10 @@ def test_api_and_workers_reconnect_after_redis_restart(own_redis: OwnRedis, upst
 
 
 def test_a_worker_and_an_api_stopped_while_redis_is_down_exit_cleanly(own_redis: OwnRedis, upstream: FakeUpstream,
-                                                            tmp_path: Path) -> None:
+                                                                       tmp_path: Path) -> None:
     # Their last clean-up writes (heartbeat, arq's health key) cannot land; the worker and the API
     # must still close their clients and exit 0, with a warning rather than a traceback.
-    catalog = tmp_path / "catalog.yaml"
-    catalog.write_text(catalog_yaml(upstream.url))
-    gateway = Gateway(redis_url=own_redis.url, env=base_env(own_redis.url, catalog), log_dir=tmp_path)
+    gateway = _gateway_on(own_redis, upstream, tmp_path)
     try:
         worker = gateway.start_worker()
         gateway.start_api()
