@@ -108,42 +108,51 @@ class FailoverExecutor:
             if probe and not await self._claim_probe(deployment):
                 continue  # another worker is probing this breaker right now
             retries = 0
-            while True:
-                try:
-                    api_key = self._rotation.pick(deployment, health)
-                except NoUsableKey:
-                    if probe:
-                        await self._release_probe(deployment)  # let a worker with a key probe it
-                    break
-                if restart is not None:
-                    restart()
-                    state.forget_output()
-                try:
-                    result = await stream_attempt(self._provider, deployment, body, api_key, budget_s(), state,
-                                                  on_start, on_chunk, forward_usage_chunk)
-                except UpstreamError as exc:
-                    outcome = classify(exc, self._tuning)
-                    self._record(state, deployment, exc, outcome)
-                    await self._learn(deployment, api_key, outcome, exc, probe, health)
-                    last = exc
-                    rule = POLICY[outcome]
-                    if visible and state.chunks_sent > 0:
-                        break  # the caller holds part of an answer: continue elsewhere, never retry here
-                    if rule.then == "return":
-                        raise
-                    if rule.then == "failover_larger_context":
-                        min_context = max(min_context, deployment.model.context_window)
-                    if probe or retries >= rule.same_deployment_retries:
+            try:
+                while True:
+                    try:
+                        api_key = self._rotation.pick(deployment, health)
+                    except NoUsableKey:
+                        if probe:
+                            await self._release_probe(deployment)  # let a worker with a key probe it
                         break
-                    retries += 1
-                    wait_s = retry_wait_s(outcome, exc, retries, self._tuning)
-                    if wait_s > budget_s() - _MIN_ATTEMPT_BUDGET_S:
-                        break  # waiting would eat the deadline: fail over instead
-                    await self._sleep(wait_s)
-                    continue
-                # Recording success must not delay the answer: the caller's done event goes first.
-                self._in_background(self._succeeded(deployment, api_key, result.first_chunk_ms, result.headers))
-                return deployment
+                    if restart is not None:
+                        restart()
+                        state.forget_output()
+                    try:
+                        result = await stream_attempt(self._provider, deployment, body, api_key, budget_s(), state,
+                                                      on_start, on_chunk, forward_usage_chunk)
+                    except UpstreamError as exc:
+                        outcome = classify(exc, self._tuning)
+                        self._record(state, deployment, exc, outcome)
+                        await self._learn(deployment, api_key, outcome, exc, probe, health)
+                        last = exc
+                        rule = POLICY[outcome]
+                        if visible and state.chunks_sent > 0:
+                            break  # the caller holds part of an answer: continue elsewhere, never retry here
+                        if rule.then == "return":
+                            raise
+                        if rule.then == "failover_larger_context":
+                            min_context = max(min_context, deployment.model.context_window)
+                        if probe or retries >= rule.same_deployment_retries:
+                            break
+                        retries += 1
+                        wait_s = retry_wait_s(outcome, exc, retries, self._tuning)
+                        if wait_s > budget_s() - _MIN_ATTEMPT_BUDGET_S:
+                            break  # waiting would eat the deadline: fail over instead
+                        await self._sleep(wait_s)
+                        continue
+                    # Recording success must not delay the answer: the caller's done event goes first.
+                    self._in_background(self._succeeded(deployment, api_key, result.first_chunk_ms, result.headers))
+                    return deployment
+            except UpstreamError:
+                raise  # its outcome is recorded (_learn), which settles a probe
+            except BaseException:
+                # Cancelled (the caller left) or stopped for a reason that says nothing about the
+                # route: free a half-open breaker's probe now, not after probe_ttl_s.
+                if probe:
+                    await asyncio.shield(self._release_probe(deployment))
+                raise
         if last is None:
             # Nothing was tried: every candidate was being probed by another worker or had no
             # usable key left. That is "unavailable right now", not an upstream failure.
@@ -214,6 +223,9 @@ class FailoverExecutor:
                 await self._health.record_success(deployment, None, None, None)
         except (RedisError, OSError) as err:
             log.warning("could not record health of %s: %s", deployment.key, type(err).__name__)
+        if probe and effect == "ban_key":
+            # The answer was about our key, not the route: a worker with another key may probe now.
+            await self._release_probe(deployment)
 
     @staticmethod
     def _record(state: RunState, deployment: Deployment, exc: UpstreamError, outcome: Outcome) -> None:
