@@ -73,8 +73,9 @@ class Supervisor:
 
         The children marked stop_last (the embedded store) go after all the others have exited.
         """
-        deadline = time.monotonic() + grace_s
         for last in (False, True):
+            # The store gets its own few seconds to flush, however long the others took.
+            deadline = time.monotonic() + (10.0 if last else grace_s)
             group = [child for child in reversed(self.children) if child.stop_last == last]
             for child in group:
                 if child.alive() and child.process:
