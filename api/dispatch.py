@@ -41,6 +41,10 @@ return 0
 """
 
 
+# Put into a job's queue by its silence timer (Dispatcher.events): look at the silence now.
+_LOOK: Event = ("look", b"")
+
+
 class WorkerLost(Exception):
     """The worker running a job stopped heart-beating before the job finished."""
 
@@ -117,51 +121,77 @@ class Dispatcher:
         self._hub.unregister(handle.job.job_id)
 
     async def events(self, handle: JobHandle) -> AsyncGenerator[Event, None]:
-        """Reply events until the job ends; raises 503 / WorkerLost / 504 as the job's fate says."""
+        """Reply events until the job ends; raises 503 / WorkerLost / 504 as the job's fate says.
+
+        Silences are watched by one timer per job, not one per event: a paced stream's queue is
+        empty at every wait, and a timeout armed around each wait was ~11 % of the API's CPU with
+        100 streams in flight (docs/performance.md). The timer fires when the current silence is
+        due to be looked at and puts _LOOK in the queue; events that came since just move the
+        next look later.
+        """
         settings = self._settings
         deadline = Deadline(handle.job.deadline_unix_ms)
+        give_up_at = time.monotonic() + deadline.remaining_s() + 2.0  # the worker's own 504 comes first
         pickup_by = time.monotonic() + settings.pickup_timeout_s
-        while True:
-            # Before pickup: wait out the pickup deadline; after: check liveness on every silence.
-            silence_s = pickup_by - time.monotonic() if handle.worker_id is None else settings.worker_liveness_check_s
-            wait_s = min(silence_s, deadline.remaining_s() + 2.0)
-            try:
-                if handle.queue.empty():
-                    # asyncio.timeout, not wait_for: wait_for wraps the get in a task of its own,
-                    # which is an allocation and an extra loop pass for every event of a paced stream.
-                    async with asyncio.timeout(max(wait_s, 0)):
-                        event_type, payload = await handle.queue.get()
-                else:  # a stream in full flow: no timer at all
-                    event_type, payload = handle.queue.get_nowait()
-            except TimeoutError:
-                if deadline.remaining_s() + 2.0 <= 0:
-                    raise OpenAIError(504, "The request exceeded its deadline.", code="timeout") from None
-                if handle.worker_id is None:
-                    if time.monotonic() >= pickup_by and await self._withdraw(handle):
-                        raise no_workers() from None
-                    pickup_by = max(pickup_by, time.monotonic() + settings.worker_liveness_check_s)
-                else:
-                    try:
-                        alive = await self._redis.exists(worker_heartbeat_key(handle.worker_id))
-                    except (RedisError, OSError):
-                        raise ReplyLost(handle.worker_id) from None
-                    if not alive:
-                        raise WorkerLost(handle.worker_id) from None
-                continue
-            if event_type == "lost":
-                raise ReplyLost(handle.worker_id or "")
-            if event_type == CALLER_LEFT[0]:
+        quiet_since = time.monotonic()  # the last event, or the last look at the silence
+        loop = asyncio.get_running_loop()
+        timer: asyncio.TimerHandle | None = None
+
+        def look_at() -> float:
+            # Before pickup: the pickup deadline; after: every liveness interval of silence.
+            due = pickup_by if handle.worker_id is None else quiet_since + settings.worker_liveness_check_s
+            return min(due, give_up_at)
+
+        def rearm() -> None:
+            nonlocal timer
+            if timer is not None:
+                timer.cancel()
+            timer = loop.call_later(max(look_at() - time.monotonic(), 0), handle.queue.put_nowait, _LOOK)
+
+        rearm()
+        try:
+            while True:
+                event_type, payload = await handle.queue.get()
+                if event_type == _LOOK[0]:
+                    now = time.monotonic()
+                    if now < look_at():
+                        rearm()  # events came meanwhile: the silence is younger than the timer thought
+                        continue
+                    if now >= give_up_at:
+                        raise OpenAIError(504, "The request exceeded its deadline.", code="timeout")
+                    if handle.worker_id is None:
+                        if now >= pickup_by and await self._withdraw(handle):
+                            raise no_workers()
+                        pickup_by = max(pickup_by, time.monotonic() + settings.worker_liveness_check_s)
+                    else:
+                        try:
+                            alive = await self._redis.exists(worker_heartbeat_key(handle.worker_id))
+                        except (RedisError, OSError):
+                            raise ReplyLost(handle.worker_id) from None
+                        if not alive:
+                            raise WorkerLost(handle.worker_id)
+                    quiet_since = time.monotonic()
+                    rearm()
+                    continue
+                quiet_since = time.monotonic()
+                if event_type == "lost":
+                    raise ReplyLost(handle.worker_id or "")
+                if event_type == CALLER_LEFT[0]:
+                    yield event_type, payload
+                    return
+                note_event(event_type, payload)
+                if event_type == "accepted":
+                    handle.worker_id = AcceptedEvent.model_validate_json(payload).worker_id
+                    rearm()  # from the pickup deadline to the (shorter) liveness interval
+                    continue
+                if event_type in ("done", "error"):
+                    handle.finished = True
                 yield event_type, payload
-                return
-            note_event(event_type, payload)
-            if event_type == "accepted":
-                handle.worker_id = AcceptedEvent.model_validate_json(payload).worker_id
-                continue
-            if event_type in ("done", "error"):
-                handle.finished = True
-            yield event_type, payload
-            if handle.finished:
-                return
+                if handle.finished:
+                    return
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _withdraw(self, handle: JobHandle) -> bool:
         """Take a job that nobody started off the queue; False if a worker got it meanwhile.
