@@ -183,9 +183,11 @@ async def _parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, 
     reads = cast(AsyncGenerator[bytes, None], response.aiter_bytes())  # httpx types it as an iterator
     data_by = started + first_token_s  # keep-alive comments do not count as a first token
     seen_data = False
-    # Set once the usage-only chunk (the last one before [DONE]) is out: a consumer may stop
-    # there, and the body's rest should still be read so the connection goes back to the pool.
-    answered = False
+    # Set once the answer is whole: [DONE] is in hand, or the usage-only chunk (the last one
+    # before [DONE]) is out. A consumer may stop there; the body's rest is then read when the
+    # stream closes, since a response closed with unread bytes (even the chunked terminator)
+    # cannot go back to the pool.
+    whole = False
     pending = b""
     try:
         while True:
@@ -211,11 +213,7 @@ async def _parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, 
                 pending = lines.pop()  # the unfinished last line, completed by the next read
                 if len(pending) > _MAX_LINE_BYTES:
                     raise StreamBroken("upstream sent an endless line")
-            if any(line.startswith(b"data:") and line[5:].strip() == b"[DONE]" for line in lines):
-                # The end is in hand: read the body to its end before handing out the last chunks,
-                # because the consumer may stop at the usage chunk, and a response closed with
-                # unread bytes (even the chunked terminator) cannot go back to the pool.
-                await _finish_body(reads, loop.time() + _DRAIN_S)
+            whole = whole or any(line.startswith(b"data:") and line[5:].strip() == b"[DONE]" for line in lines)
             for line in lines:
                 if not line.startswith(b"data:"):
                     continue  # blank separators, ": keep-alive" comments, event: lines
@@ -229,12 +227,13 @@ async def _parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, 
                 if item.chunk is not None and "error" in item.chunk:
                     message, _code = _error_text(data)
                     raise StreamBroken(f"upstream reported an error mid-stream: {message}")
-                answered = item.chunk is not None and not item.chunk.get("choices") and bool(item.chunk.get("usage"))
+                whole = whole or (item.chunk is not None and not item.chunk.get("choices")
+                                  and bool(item.chunk.get("usage")))
                 yield item
             if block is None:
                 return
     finally:
-        if answered:  # closed by a consumer that had the whole answer; [DONE] is normally in flight
+        if whole:  # [DONE] and the body's end are in hand or in flight
             await _finish_body(reads, loop.time() + _DRAIN_S)
         await reads.aclose()  # explicitly: a generator left to the GC costs a loop wake-up to close
 
