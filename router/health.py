@@ -5,6 +5,7 @@ opened by one worker keeps all of them off that route. The hot path costs one pi
 per request (all candidates and their keys) and one pipelined write after the answer.
 """
 
+import functools
 import hashlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -67,8 +68,13 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+@functools.lru_cache(maxsize=4096)
 def key_fingerprint(api_key: str) -> str:
-    """A stable, non-reversible name for an upstream key (the key itself is never stored)."""
+    """A stable, non-reversible name for an upstream key (the key itself is never stored).
+
+    Cached: every claim and every key pick names all the catalog's keys, and the keys are the
+    catalog's, held by the process anyway.
+    """
     return hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 

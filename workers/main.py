@@ -189,6 +189,7 @@ class FreeferenceWorker(Worker):
             cancelled_job_key(""), reply_channel(""), b" accepted " + accepted_payload(self.worker_id),
             *job_ids[:free]])
         read_at_ms = now_ms()
+        replies = [_pairs(h) for h in hashes]
         for i in range(0, len(claimed), 5):
             job_id_b, score, payload, cancelled, announced = claimed[i:i + 5]
             job_id = job_id_b.decode()
@@ -199,7 +200,7 @@ class FreeferenceWorker(Worker):
             await self.sem.acquire()
             self.job_counter += 1
             # A snapshot per job: a job records what it learns (a refused key) in its own copy.
-            health = snapshot_from(routable, [_pairs(h) for h in hashes], read_at_ms) if routable else None
+            health = snapshot_from(routable, replies, read_at_ms) if routable else None
             task = self.loop.create_task(self._run_claimed(job_id, int(float(score)), payload, bool(announced),
                                                            health))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
