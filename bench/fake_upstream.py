@@ -80,12 +80,7 @@ class FakeUpstream:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         path, method = scope["path"], scope["method"]
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         if path.endswith("/chat/completions") and method == "POST":
             await self.chat(scope, body, send, receive)
         elif path.endswith("/models") and method == "GET" and not path.startswith("/_control"):
@@ -289,6 +284,16 @@ class FakeUpstream:
             return
         tail = b"" if fault.get("no_done") else b"data: [DONE]\n\n"
         await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+
+async def read_body(receive: Receive) -> bytes:
+    """A whole ASGI request body (also used by bench/floor's minimal API)."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
 
 
 async def _json(send: Send, status: int, data: Any, headers: dict[str, str] | None = None) -> None:

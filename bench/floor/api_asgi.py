@@ -16,7 +16,8 @@ import orjson
 import redis.asyncio as aioredis
 import uvicorn
 
-from bench.floor.common import ID_LEN, JOBS, encode_job
+from bench.fake_upstream import read_body
+from bench.floor.common import JOBS, decode_reply, encode_job
 
 
 class Api:
@@ -33,12 +34,7 @@ class Api:
         if scope["type"] == "lifespan":
             await self.lifespan(receive, send)
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         stream = bool(orjson.loads(body).get("stream"))
         job_id = b"%016x" % next(self.ids)
         waiter: Any = asyncio.Queue() if stream else asyncio.get_running_loop().create_future()
@@ -78,7 +74,7 @@ class Api:
             if message["type"] != "message":
                 continue
             data = message["data"]
-            job_id, kind, payload = data[:ID_LEN], data[ID_LEN : ID_LEN + 1], data[ID_LEN + 1 :]
+            job_id, kind, payload = decode_reply(data)
             waiter = self.pending.get(job_id)
             if waiter is None:
                 continue

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 import uvloop
 
-from bench.floor.common import ID_LEN, JOBS, encode_job
+from bench.floor.common import JOBS, decode_reply, encode_job
 from bench.floor.resp import Resp
 
 
@@ -48,7 +48,7 @@ class Api:
         if value[0] != b"message":
             return
         data = value[2]
-        job_id, kind, payload = data[:ID_LEN], data[ID_LEN : ID_LEN + 1], data[ID_LEN + 1 :]
+        job_id, kind, payload = decode_reply(data)
         waiting = self.pending.get(job_id)
         if waiting is None:
             return

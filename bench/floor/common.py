@@ -24,6 +24,11 @@ def decode_job(job: bytes) -> tuple[bytes, bytes, bool, bytes]:
     return job[:nl], job[nl + 1 : flag], job[flag : flag + 1] == b"1", orjson.dumps(request)
 
 
+def decode_reply(reply: bytes) -> tuple[bytes, bytes, bytes]:
+    """-> (job id, kind byte, payload)."""
+    return reply[:ID_LEN], reply[ID_LEN : ID_LEN + 1], reply[ID_LEN + 1 :]
+
+
 def assemble(events: list[bytes]) -> bytes:
     """SSE event payloads (the bytes after "data: ") -> one chat.completion JSON document."""
     parts: list[str] = []
