@@ -71,10 +71,12 @@ return out
 # Admission and enqueue in one round trip: the job goes on the queue only if the key is valid,
 # within its limits, allowed to pin (ARGV[9] = '1' when the request pins an exact model: pro
 # keys only) and, for a stream, within its open-stream limit. Extra KEYS: job key, queue, the
-# key's stream set. Extra ARGV: pins (9), job payload (10), job TTL ms (11), job id (12),
-# enqueue time ms (13), wake channel (14), stream limit (15, 0 = none), stream expiry ms (16),
-# stream set TTL ms (17), now ms (18). Returns admit_key()'s reply, plus (when a limit allowed
-# it) 'tier', 'streams' or 'queued'.
+# key's stream set, the ready list (workers/protocol.ready_list_key). Extra ARGV: pins (9),
+# job payload (10), job TTL ms (11), job id (12), enqueue time ms (13), unused (14), stream
+# limit (15, 0 = none), stream expiry ms (16), stream set TTL ms (17), now ms (18). The job
+# goes on arq's queue (its record) and, as "<id>\n<payload>" (workers/protocol.ready_entry),
+# on the ready list, whose blocking pop hands it to one idle worker. Returns admit_key()'s
+# reply, plus (when a limit allowed it) 'tier', 'streams' or 'queued'.
 _ADMIT_AND_ENQUEUE = _ADMIT_KEY + """
 local out, record = admit_key()
 if not out then return {0} end
@@ -95,7 +97,8 @@ if streams > 0 then
 end
 redis.call('SET', KEYS[6], ARGV[10], 'PX', ARGV[11])
 redis.call('ZADD', KEYS[7], ARGV[13], ARGV[12])
-redis.call('PUBLISH', ARGV[14], ARGV[12])
+redis.call('RPUSH', KEYS[9], ARGV[12] .. '\\n' .. ARGV[10])
+redis.call('PEXPIRE', KEYS[9], ARGV[11])
 out[#out + 1] = 'queued'
 return out
 """
@@ -168,9 +171,9 @@ class Gatekeeper:
         streams are at their limit: nothing queued); '' when a limit refused it.
         """
         now_ms = int(now_s * 1000)
-        keys = [job.job_key, job.queue, job.streams_key or job.job_key]
+        keys = [job.job_key, job.queue, job.streams_key or job.job_key, job.ready_key]
         args: list[int | bytes | str] = [
-            int(job.pins_model), job.payload, job.ttl_ms, job.job_id, job.score_ms, job.wake_channel,
+            int(job.pins_model), job.payload, job.ttl_ms, job.job_id, job.score_ms, "",
             job.streams_limit if job.streams_key else 0, job.stream_expiry_ms,
             max(job.stream_expiry_ms - now_ms, 1000), now_ms]
         return await self._run(self._enqueue_script, token, token_cost, now_s, keys, args)
@@ -205,7 +208,7 @@ class JobOnAdmit:
     payload: bytes
     ttl_ms: int
     score_ms: int
-    wake_channel: str
+    ready_key: str  # the ready list, whose blocking pop hands the job to one worker
     pins_model: bool  # the request names an exact upstream model: pro keys only
     streams_key: str  # the key's open-stream set; "" when this request takes no stream slot
     streams_limit: int

@@ -18,23 +18,26 @@ from api.relay import CALLER_LEFT, Deadline, Event, ReplyHub
 from settings import Settings
 from workers.protocol import (
     ARQ_JOB_FUNCTION,
-    WAKE_CHANNEL,
     AcceptedEvent,
     ChatJob,
     cancel_message,
     cancelled_job_key,
     control_channel,
+    ready_entry,
+    ready_list_key,
     worker_heartbeat_key,
 )
 
 log = logging.getLogger("freeference.dispatch")
 
 
-# KEYS: in-progress key, queue, job key. ARGV: job id.
+# KEYS: in-progress key, queue, job key, ready list. ARGV: job id, its ready-list entry. The
+# entry goes too, so a queue nobody serves does not keep the payloads of withdrawn jobs.
 _WITHDRAW_LUA = """
 if redis.call('SET', KEYS[1], 'withdrawn', 'NX', 'PX', 60000) then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('DEL', KEYS[3])
+  redis.call('LREM', KEYS[4], 1, ARGV[2])
   return 1
 end
 return 0
@@ -66,6 +69,7 @@ def no_workers() -> OpenAIError:
 class JobHandle:
     job: ChatJob
     queue: asyncio.Queue[Event]
+    payload: bytes = b""  # as queued (Dispatcher.serialize): names its ready-list entry
     worker_id: str | None = None
     finished: bool = False
 
@@ -80,16 +84,18 @@ class Dispatcher:
         self._withdraw_script = redis.register_script(_WITHDRAW_LUA)
 
     async def submit(self, job: ChatJob) -> JobHandle:
-        """Register for replies, then enqueue (arq's own job format) and wake the workers."""
-        handle = await self.register(job)
+        """Register for replies, then enqueue (arq's own job format) and hand it to a worker."""
         payload, ttl_ms, now_ms = self.serialize(job)
+        handle = await self.register(job, payload)
+        ready = ready_list_key(self._settings.queue_name)
         # One round trip instead of arq's WATCH/MULTI: job ids are fresh uuids, so the
         # "already exists" check in ArqRedis.enqueue_job cannot fire.
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.psetex(job_key_prefix + job.job_id, ttl_ms, payload)
                 pipe.zadd(self._settings.queue_name, {job.job_id: now_ms})
-                pipe.publish(WAKE_CHANNEL, job.job_id.encode())  # woken workers claim it by id, no scan
+                pipe.rpush(ready, ready_entry(job.job_id, payload))  # an idle worker's BLPOP takes it
+                pipe.pexpire(ready, ttl_ms)
                 await pipe.execute()
         except BaseException:
             self._hub.unregister(job.job_id)
@@ -97,13 +103,13 @@ class Dispatcher:
         note_submitted()
         return handle
 
-    async def register(self, job: ChatJob) -> JobHandle:
-        """Listen for a job's events; before it is enqueued, so none can be missed."""
+    async def register(self, job: ChatJob, payload: bytes) -> JobHandle:
+        """Listen for a job's events (`payload`: as it will be queued); before it is enqueued, so none is missed."""
         # A job enqueued while the reply subscription is down would lose its events.
         if not await self._hub.ready(timeout_s=2.0):
             raise OpenAIError(503, "The gateway lost its connection to Redis; please retry.",
                               code="store_unavailable", headers={"Retry-After": "1"})
-        return JobHandle(job=job, queue=self._hub.register(job.job_id))
+        return JobHandle(job=job, queue=self._hub.register(job.job_id), payload=payload)
 
     def serialize(self, job: ChatJob) -> tuple[bytes, int, int]:
         """(arq payload, job key TTL ms, enqueue time ms) for a job about to be queued."""
@@ -200,8 +206,10 @@ class Dispatcher:
         first is what makes the withdrawal and a claim mutually exclusive.
         """
         job_id = handle.job.job_id
+        queue = self._settings.queue_name
         withdrawn = await self._withdraw_script(
-            keys=[in_progress_key_prefix + job_id, self._settings.queue_name, job_key_prefix + job_id], args=[job_id])
+            keys=[in_progress_key_prefix + job_id, queue, job_key_prefix + job_id, ready_list_key(queue)],
+            args=[job_id, ready_entry(job_id, handle.payload)])
         if withdrawn:
             handle.finished = True
         return bool(withdrawn)

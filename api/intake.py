@@ -25,7 +25,7 @@ from api.ratelimit import rate_limited
 from api.schemas import GATEWAY_FIELDS, ChatCompletionRequest, parse_chat_request
 from settings import Settings
 from settings.catalog import CatalogFile
-from workers.protocol import WAKE_CHANNEL, ChatJob, Tier, new_job_id
+from workers.protocol import ChatJob, Tier, new_job_id, ready_list_key
 
 
 def build_job(request: Request, key_id: str, tier: Tier | None, body: ChatCompletionRequest, raw: dict[str, Any],
@@ -71,7 +71,7 @@ async def admit_and_enqueue(request: Request, settings: Settings, dispatcher: Di
     slot = limiter.slot(request, key_id, job)
     payload, ttl_ms, now_ms = dispatcher.serialize(job)
     spec = JobOnAdmit(job_id=job.job_id, job_key=job_key_prefix + job.job_id, queue=settings.queue_name,
-                      payload=payload, ttl_ms=ttl_ms, score_ms=now_ms, wake_channel=WAKE_CHANNEL,
+                      payload=payload, ttl_ms=ttl_ms, score_ms=now_ms, ready_key=ready_list_key(settings.queue_name),
                       pins_model=pins_exact_model(catalog, body), streams_key=slot[0] if slot else "",
                       streams_limit=limiter.limit, stream_expiry_ms=slot[1] if slot else 0)
     if slot is not None:
@@ -79,7 +79,7 @@ async def admit_and_enqueue(request: Request, settings: Settings, dispatcher: Di
         # but its reply was lost, the slot must not stay taken until the deadline. (Releasing a
         # slot the script refused is a no-op.)
         limiter.granted(request, slot[0], job.job_id)
-    handle = await dispatcher.register(job)
+    handle = await dispatcher.register(job, payload)
     try:
         record, decision, outcome = await request.app.state.gatekeeper.admit_and_enqueue(token, estimate, spec, now)
     except BaseException:

@@ -4,15 +4,17 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 log = logging.getLogger("freeference.worker")
 
-_Pending = tuple[str, bytes, "asyncio.Future[int]"]
+# A command (PUBLISH channel message, or any other) and the future of its reply.
+_Pending = tuple[tuple[str | bytes, ...], "asyncio.Future[Any]"]
 # A connection unused this long is checked (one non-blocking read) before the next batch.
 _IDLE_CHECK_S = 0.25
 # A batch (one write, then its replies) that takes longer than this fails, and the connection
@@ -44,10 +46,18 @@ class EventPublisher:
 
     def submit(self, channel: str, message: bytes) -> "asyncio.Future[int]":
         """Queue a PUBLISH of `message`; the future gives the number of subscribers that got it."""
+        return self.submit_command("PUBLISH", channel, message)
+
+    def submit_command(self, *command: str | bytes) -> "asyncio.Future[Any]":
+        """Queue any command to go out with the next batch; the future gives its reply.
+
+        Bookkeeping writes of a job (its health, its arq keys) ride this way in the same write
+        as the job's last event, instead of a round trip each after it.
+        """
         if self._task is None or self._task.done():
             raise RedisConnectionError("the event publisher is not running")
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((channel, message, future))
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((command, future))
         self._queued.set()
         return future
 
@@ -60,7 +70,7 @@ class EventPublisher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for _, _, future in self._queue:
+        for _, future in self._queue:
             if not future.done():
                 future.set_exception(RedisConnectionError("the event publisher has stopped"))
         self._queue = []
@@ -81,7 +91,7 @@ class EventPublisher:
                     await self._send(batch)
                 except Exception as exc:  # a bug here must fail these callers, not strand every later one
                     log.exception("event publisher failed")
-                    for _, _, future in batch:
+                    for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
 
@@ -99,21 +109,23 @@ class EventPublisher:
             # matters: every job of this worker waits on this one connection, so a half-open
             # socket (a partition, an isolated old master) must fail a batch, not stall them all.
             async with asyncio.timeout(_BATCH_TIMEOUT_S):
-                await connection.send_packed_command(
-                    connection.pack_commands([("PUBLISH", channel, message) for channel, message, _ in batch]),
-                    check_health=False)
-                for _, _, future in batch:
-                    reply = await connection.read_response()
-                    if isinstance(reply, Exception):
-                        raise reply
+                await connection.send_packed_command(connection.pack_commands([c for c, _ in batch]),
+                                                     check_health=False)
+                for command, future in batch:
+                    try:
+                        reply = await connection.read_response()
+                    except ResponseError as refused:  # this command's own error reply: the rest are fine
+                        if not future.done():
+                            future.set_exception(refused)
+                        continue
                     if not future.done():  # its job may have been cancelled meanwhile
-                        future.set_result(int(reply))
+                        future.set_result(int(reply) if command[0] == "PUBLISH" else reply)
         except (RedisError, OSError, TimeoutError) as exc:
             log.warning("publishing %d events failed (%s)", len(batch), type(exc).__name__)
             if self._connection is not None:
                 with contextlib.suppress(RedisError, OSError):
                     await self._connection.disconnect()
             error = exc if isinstance(exc, RedisError) else RedisConnectionError(type(exc).__name__)
-            for _, _, future in batch:
+            for _, future in batch:
                 if not future.done():
                     future.set_exception(error)

@@ -22,6 +22,7 @@ from router.intent import classify_request
 from router.select import NoCandidates, NoneAvailable, NothingFits, candidate_groups, estimate_tokens, rank
 from settings import Settings
 from settings.catalog import Intent
+from workers.claim import JobClaim
 from workers.events import EventPublisher
 from workers.protocol import (
     REQUEST_ID,
@@ -60,6 +61,21 @@ class CallerGone(Exception):
     """Nobody listens on the job's reply channel any more: its API process died."""
 
 
+@dataclass
+class JobCleanup:
+    """Commands that end a job's life in Redis (its arq keys), sent with its last event."""
+
+    commands: list[tuple[str, ...]]
+    sent: bool = False
+
+
+def _retrieve(future: "asyncio.Future[Any]") -> None:
+    # Retrieved even if nobody looks (a cancelled job, a write nobody waits for): a failure is
+    # the job's or the publisher's business, and no "exception never retrieved" warning is due.
+    if not future.cancelled():
+        future.exception()
+
+
 class Publisher:
     """One job's events, on its API process's reply channel, through the worker's publisher.
 
@@ -74,9 +90,10 @@ class Publisher:
     # upstream pile up events in memory).
     MAX_UNCONFIRMED = 64
 
-    def __init__(self, events: EventPublisher, job: ChatJob) -> None:
+    def __init__(self, events: EventPublisher, job: ChatJob, cleanup: "JobCleanup | None" = None) -> None:
         self._events = events
         self._job = job
+        self._cleanup = cleanup
         self._held: bytes | None = None
         self._unconfirmed: collections.deque[asyncio.Future[int]] = collections.deque()
 
@@ -97,6 +114,11 @@ class Publisher:
             while self._unconfirmed and (self._unconfirmed[0].done() or len(self._unconfirmed) > self.MAX_UNCONFIRMED):
                 self._confirm(await self._unconfirmed.popleft())
             return
+        if self._cleanup is not None and not self._cleanup.sent:
+            # The job's own keys go in the same write as its last event, not a round trip later.
+            self._cleanup.sent = True
+            for command in self._cleanup.commands:
+                self._events.submit_command(*command).add_done_callback(_retrieve)
         pending, self._unconfirmed = list(self._unconfirmed), collections.deque()
         outcomes = await asyncio.gather(*pending, return_exceptions=True)  # every failure retrieved
         failure = next((n for n in outcomes if isinstance(n, BaseException)), None)
@@ -104,8 +126,7 @@ class Publisher:
             raise failure
 
     def _queue(self, sent: "asyncio.Future[int]") -> None:
-        # Retrieved even if this job is cancelled before it looks: no "never retrieved" warnings.
-        sent.add_done_callback(lambda f: f.cancelled() or f.exception())
+        sent.add_done_callback(_retrieve)
         self._unconfirmed.append(sent)
 
     def _confirm(self, receivers: int) -> None:
@@ -133,29 +154,33 @@ def _intent_for(job: ChatJob, catalog: RuntimeCatalog, settings: Settings) -> tu
     return result.intent, f"{result.reason} (confidence {result.confidence:.2f})"
 
 
+class NotClaimed(Exception):
+    """The job's claim did not make it this worker's: another one runs it, or its caller left."""
+
+
 async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     """arq entry point. Never raises: every outcome becomes a done or error event.
 
-    The worker's claim script (workers/main.py) has already taken the job off the queue,
-    skipped it if its caller left before pickup, and announced it to the waiting API process
-    when the job id names that process (`ctx["announced"]`).
+    `ctx["claim"]` settles the worker's claim on the job (workers/claim.py). A job popped off
+    the ready list starts before it settles: the job is parsed and classified meanwhile, and
+    it waits for the claim only before it ranks its candidates (the claim brings their health),
+    so nothing reaches upstream or the caller unless this worker holds the job. The claim also
+    announced the job to the waiting API process when the job id names that process.
     """
     state: WorkerState = ctx["state"]
+    claim: asyncio.Future[JobClaim] = ctx["claim"]
     try:
         job = ChatJob.model_validate(payload)
     except ValidationError:
         log.error("job %s has an unreadable payload (an API of another version?)", ctx.get("job_id"))
-        if ctx.get("announced"):
-            await report_unrunnable(state, str(ctx.get("job_id")))
+        with contextlib.suppress(RedisError, OSError):
+            if (await claim).announced:
+                await report_unrunnable(state, str(ctx.get("job_id")))
         return
-    # The claim script read every deployment's health with the job (workers/main.py); None for a
-    # catalog too large to read whole, whose candidates are read when the job routes.
-    health: HealthSnapshot | None = ctx.get("health")
     REQUEST_ID.set(job.request_id)  # this job's task only: its log lines name the request
-    if not ctx.get("announced"):
-        await state.events.publish(job.reply_channel,
-                                   encode_event(job.job_id, "accepted", accepted_payload(state.worker_id)))
-    inner = asyncio.create_task(_run(job, state, Publisher(state.events, job), health))
+    confirmed = asyncio.ensure_future(_confirm(claim, state, job))
+    confirmed.add_done_callback(_retrieve)
+    inner = asyncio.create_task(_run(job, state, Publisher(state.events, job, ctx.get("cleanup")), confirmed))
     state.running[job.job_id] = inner
     state.callers[job.job_id] = job.reply_channel
     try:
@@ -167,6 +192,24 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
     finally:
         state.running.pop(job.job_id, None)
         state.callers.pop(job.job_id, None)
+
+
+async def _confirm(claim: "asyncio.Future[JobClaim]", state: WorkerState, job: ChatJob) -> HealthSnapshot | None:
+    """Wait for the job's claim: the health read with it, or NotClaimed when it must not run here."""
+    try:
+        won = await claim
+    except (RedisError, OSError) as exc:  # whether this worker holds the job is unknown: it must not run
+        log.warning("job %s not run: its claim failed (%s)", job.job_id, type(exc).__name__)
+        raise NotClaimed from None
+    if not won.runnable:
+        raise NotClaimed
+    if not won.announced:  # an id that names no API process: announce it here
+        try:
+            await state.events.publish(job.reply_channel,
+                                       encode_event(job.job_id, "accepted", accepted_payload(state.worker_id)))
+        except (RedisError, OSError) as exc:
+            log.warning("job %s: its pickup was not announced (%s)", job.job_id, type(exc).__name__)
+    return won.health
 
 
 async def report_unrunnable(state: WorkerState, job_id: str) -> None:
@@ -182,7 +225,8 @@ async def report_unrunnable(state: WorkerState, job_id: str) -> None:
 
 
 
-async def _run(job: ChatJob, state: WorkerState, out: Publisher, first_health: HealthSnapshot | None = None) -> None:
+async def _run(job: ChatJob, state: WorkerState, out: Publisher,
+               confirmed: "asyncio.Future[HealthSnapshot | None]") -> None:
     run = RunState()
     started = time.monotonic()
     first_output_s: float | None = None
@@ -197,13 +241,19 @@ async def _run(job: ChatJob, state: WorkerState, out: Publisher, first_health: H
         await out.send("chunk", orjson.dumps(chunk))
 
     try:
-        done = await execute(job, state, run, on_start, on_chunk, first_health)
+        done = await execute(job, state, run, on_start, on_chunk, confirmed)
     except asyncio.CancelledError:
         raise
+    except NotClaimed:
+        return  # silently: the job is another worker's, or nobody waits for it
     except CallerGone:
         log.info("job %s stopped: its API process is gone", job.job_id)
         return
     except Exception as exc:  # every failure kind is mapped; anything else is a bug, logged
+        try:
+            await confirmed  # a job that failed before its claim settled answers only if it is ours
+        except NotClaimed:
+            return
         event = error_event(exc, run)
         event.failures = _failures(run)
         with contextlib.suppress(RedisError, OSError):  # Redis is gone: nobody to tell
@@ -220,14 +270,14 @@ def _failures(run: RunState) -> list[AttemptFailure]:
 
 OnRoute = Callable[[RouteInfo], Awaitable[None]]
 OnChunk = Callable[[dict[str, Any]], Awaitable[None]]
-
-
 async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnRoute, on_chunk: OnChunk,
-                  first_health: HealthSnapshot | None = None) -> DoneEvent:
+                  claimed: Awaitable[HealthSnapshot | None] | None = None) -> DoneEvent:
     """Route and run one chat job (live or batch line); raises the typed failure on error.
 
-    `first_health` is every deployment's health, read with the claim; it serves the first
-    ranking, later ones read afresh.
+    `claimed` (live jobs: the job's claim, see _confirm) is awaited once the request is
+    classified, before anything is ranked or sent; it raises NotClaimed, or returns every
+    deployment's health read with the claim (None for a catalog too large for that), which
+    serves the first ranking; later ones read afresh.
     """
     deadline_s = job.deadline_unix_ms / 1000
 
@@ -242,6 +292,7 @@ async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnR
     wants_usage = _ask_for_usage(body, job.stream)
     waited_s = 0.0
     async with asyncio.timeout(budget_s()):
+        first_health = await claimed if claimed is not None else None
         while True:
             if first_health is not None:
                 health, first_health = first_health, None

@@ -8,8 +8,8 @@ import signal
 import socket
 import time
 import uuid
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Coroutine
+from typing import Any, cast
 
 import httpx
 import orjson
@@ -19,93 +19,56 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 from arq.jobs import SerializationError, deserialize_job_raw
 from arq.utils import ms_to_datetime, timestamp_ms
 from arq.worker import Worker
-from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.catalog import RuntimeCatalog
-from router.health import HealthSnapshot, now_ms, snapshot_from, snapshot_keys
 from router.providers.transport import upstream_client
 from settings import Settings, get_settings
 from settings.catalog import load_catalog
 from settings.redis_url import sentinel_target
 from workers.batches import run_batches
+from workers.claim import Claimer, JobClaim
 from workers.events import EventPublisher
-from workers.jobs import WorkerState, chat_completion, report_unrunnable
+from workers.jobs import JobCleanup, WorkerState, chat_completion, report_unrunnable
 from workers.protocol import (
     ARQ_JOB_FUNCTION,
     WAKE_CHANNEL,
     WORKERS_KEY,
-    accepted_payload,
-    cancelled_job_key,
     control_channel,
-    reply_channel,
+    ready_list_key,
+    split_ready_entry,
     worker_heartbeat_key,
 )
 from workers.routing import build_executor, start_refresher, stop_refresher
 
 log = logging.getLogger("freeference.worker")
 
-# Claim and announce jobs in one call. KEYS[1] the queue, then the shared-health hashes of every
-# deployment (router.health.snapshot_keys). ARGV: in-progress key prefix, now (ms), in-progress
-# TTL (ms), job key prefix, cancelled-job key prefix, reply channel prefix, the accepted
-# event's " accepted <payload>" tail, then job ids. For each job that is due and not in
-# progress elsewhere: take it (SET NX, so two workers never both run it), take it off the
-# queue, read its payload, and unless its caller already left, announce it on the reply channel
-# its id names (`<process>.<uuid>`, workers/protocol.new_job_id). When it took any, it also
-# reads the health hashes, which the jobs route by. Returns
-# {{HGETALL reply per health key}, {id, score, payload or false, cancelled 0|1, announced 0|1, ...}}.
-_CLAIM_LUA = """
-local out = {}
-for i = 8, #ARGV do
-  local id = ARGV[i]
-  local score = redis.call('ZSCORE', KEYS[1], id)
-  if score and tonumber(score) <= tonumber(ARGV[2])
-     and redis.call('SET', ARGV[1] .. id, '1', 'PX', ARGV[3], 'NX') then
-    redis.call('ZREM', KEYS[1], id)
-    local payload = redis.call('GET', ARGV[4] .. id)
-    local cancelled = redis.call('EXISTS', ARGV[5] .. id)
-    local announced = 0
-    local process = string.match(id, '^(%w+)%.')
-    if payload and cancelled == 0 and process then
-      redis.call('PUBLISH', ARGV[6] .. process, id .. ARGV[7])
-      announced = 1
-    end
-    out[#out + 1] = id
-    out[#out + 1] = score
-    out[#out + 1] = payload
-    out[#out + 1] = cancelled
-    out[#out + 1] = announced
-  end
-end
-local health = {}
-if #out > 0 then
-  for i = 2, #KEYS do health[#health + 1] = redis.call('HGETALL', KEYS[i]) end
-end
-return {health, out}
-"""
-
-def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
-    """An HGETALL reply as Lua returns it (a flat list) → the mapping redis-py would have made."""
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
 # Catalogs up to this many deployments have all their health read with every claim; larger
 # ones read their candidates when a job routes.
 _CLAIM_HEALTH_MAX_DEPLOYMENTS = 64
+
+# Jobs the slow scan of arq's queue may claim are at least this old: younger ones are the
+# ready list's (a pop is on its way to a worker), and claiming them here too would only make
+# the popping worker's claim fail.
+_SCAN_GRACE_MS = 1_000
+# How long one blocking pop of the ready list waits before it looks at the worker's state again.
+_POP_WAIT_S = 1
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
 
 class FreeferenceWorker(Worker):
-    """arq's Worker, woken the moment a job is enqueued.
+    """arq's Worker, handed each job the moment it is enqueued.
 
     Stock arq sleeps `poll_delay` between queue scans, which puts up to that delay on every
-    request. Here a pub/sub listener sets an event on each message on the wake channel (the
-    API publishes one per enqueue) and the main loop scans at once; the slow poll remains
-    only as a safety net. The same listener receives cancellations for running jobs, and a
-    heartbeat key tells the API that this worker is alive. Redis outages are waited out
+    request, and every worker scans for every job. Here the API also pushes each job, payload
+    and all, onto a ready list that idle workers block on (BLPOP): one worker gets it at once,
+    claims it on arq's in-progress key while it already parses and classifies it, and runs it.
+    The slow scan of arq's queue remains as the safety net for a pop that was lost. A pub/sub
+    listener receives cancellations for running jobs (and the wake-ups of earlier API releases),
+    and a heartbeat key tells the API that this worker is alive. Redis outages are waited out
     instead of ending the process (arq exits on a connection error).
     """
 
@@ -114,12 +77,21 @@ class FreeferenceWorker(Worker):
         self.settings = settings
         self.worker_id = worker_id
         self._wake = asyncio.Event()
-        # Job ids named by wake messages since the last claim (each wake names its job).
+        # Job ids named by wake messages since the last claim (APIs of earlier releases).
         self._woken_ids: list[bytes] = []
         self._scan_requested = True
-        self._claim: AsyncScript | None = None
+        self._claimer: Claimer | None = None
         self._background: list[asyncio.Task[None]] = []
         self._bookkeeping: set[asyncio.Task[None]] = set()
+
+    @property
+    def claimer(self) -> Claimer:
+        if self._claimer is None:
+            state: WorkerState = self.ctx["state"]
+            deployments = state.catalog.deployments
+            self._claimer = Claimer(self.pool, self.queue_name, self.worker_id, int(self.in_progress_timeout_s * 1000),
+                                    deployments if len(deployments) <= _CLAIM_HEALTH_MAX_DEPLOYMENTS else [])
+        return self._claimer
 
     async def main(self) -> None:
         # Same start-up as arq's Worker.main; the loop below replaces its fixed-delay poll.
@@ -130,7 +102,8 @@ class FreeferenceWorker(Worker):
         self.ctx["redis"] = self.pool
         if self.on_startup:
             await self.on_startup(self.ctx)
-        self._background = [asyncio.create_task(self._listen(), name="wake-listener"),
+        self._background = [asyncio.create_task(self._pickup(), name="pickup"),
+                            asyncio.create_task(self._listen(), name="wake-listener"),
                             asyncio.create_task(self._heartbeat(), name="heartbeat"),
                             asyncio.create_task(self._watch_callers(), name="caller-watch")]
         # Batch lines are leased from Redis by this task, never queued in arq (docs/batches.md).
@@ -148,7 +121,7 @@ class FreeferenceWorker(Worker):
                 # health beat) still runs on id-less wakes and at least every poll_delay.
                 due = time.monotonic() - last_scan >= self.poll_delay_s
                 if woken and self.allow_pick_jobs and not (due or self._scan_requested):
-                    await self.start_jobs(woken)
+                    await self.start_jobs(woken, due_by_ms=timestamp_ms())
                 else:
                     self._scan_requested = False
                     last_scan = time.monotonic()
@@ -165,54 +138,95 @@ class FreeferenceWorker(Worker):
                 async with asyncio.timeout(self.poll_delay_s):
                     await self._wake.wait()
 
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """Claim every startable job of this poll in one Lua call, then run them.
+    async def _pickup(self) -> None:
+        """Pop new jobs off the ready list, one blocking pop per free slot, and start them.
+
+        The pop hands a job to exactly one worker and brings its payload, so the job starts
+        without another round trip; its claim (workers/claim.py) is sent at once and awaited
+        only before the job ranks its candidates. A pop lost on the way (a connection cut, this
+        worker stopped) leaves the job on arq's queue, where a scan finds it after _SCAN_GRACE_MS.
+        """
+        ready = ready_list_key(self.queue_name)
+        backoff_s = 0.05
+        while True:
+            if not self.allow_pick_jobs:  # draining for a SIGTERM
+                await asyncio.sleep(self.poll_delay_s)
+                continue
+            await self.sem.acquire()  # a free slot first: a popped job never waits for one
+            started = False
+            try:
+                popped = await cast(Awaitable[list[bytes] | None], self.pool.blpop([ready], timeout=_POP_WAIT_S))
+                backoff_s = 0.05
+                if popped is not None:
+                    started = self._start_popped(popped[1])
+                    # Let the job send its claim and reach its first wait before this loop
+                    # writes the next pop: that write is not on the job's way to upstream.
+                    await asyncio.sleep(0)
+            except _REDIS_DOWN as exc:
+                log.warning("ready list unavailable (%s); retrying in %.2fs", type(exc).__name__, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
+            finally:
+                if not started:
+                    self.sem.release()
+
+    def _start_popped(self, entry: bytes) -> bool:
+        """Start a popped job in the slot the pop holds; False when it does not take the slot."""
+        job_id, payload = split_ready_entry(entry)
+        if job_id in self.tasks:
+            return False  # the scan gave it to this worker already: a late entry of a job running here
+        if not self.allow_pick_jobs:
+            # The drain began while this pop was blocked: leave the job to another worker.
+            self._in_background(self._give_back(entry))
+            return False
+        self.job_counter += 1
+        claim = self.loop.create_task(self.claimer.claim_popped(job_id))
+        self._start(job_id, payload, claim)
+        return True
+
+    async def _give_back(self, entry: bytes) -> None:
+        with contextlib.suppress(*_REDIS_DOWN):  # else the scan finds it
+            await cast(Awaitable[int], self.pool.lpush(ready_list_key(self.queue_name), entry))
+
+    async def start_jobs(self, job_ids: list[bytes], due_by_ms: int | None = None) -> None:
+        """Claim every startable job of this scan (or of these wake-ups) in one Lua call, then run them.
 
         arq claims job by job (WATCH, EXISTS, ZSCORE, MULTI/EXEC: four round trips each, in
         sequence), which caps pickup at a few hundred jobs a second and made the queue wait grow
         to seconds under a burst (bench/soak.py); then each job reads its payload and bumps its
-        try counter (another round trip) before it starts, and the chat job announced itself
-        (one more). The script does all of that for all of them in one round trip, with the same
-        in-progress key arq uses (so arq's job status and the API's withdrawal still apply).
+        try counter (another round trip) before it starts. The script does all of that for all of
+        them in one round trip, with the same in-progress key arq uses (so arq's job status and
+        the API's withdrawal still apply). arq's scan passes no `due_by_ms`: it takes only jobs
+        older than _SCAN_GRACE_MS, the ready list's pops being on their way with the younger ones.
         """
         free = self.max_jobs - self.job_counter
         if free <= 0 or not job_ids:
             return
-        if self._claim is None:
-            self._claim = self.pool.register_script(_CLAIM_LUA)
-        state: WorkerState = self.ctx["state"]
-        # The health of every deployment comes back with the claim (one round trip fewer before
-        # the upstream call) unless the catalog is too large to read whole for every job.
-        routable = state.catalog.deployments if len(state.catalog.deployments) <= _CLAIM_HEALTH_MAX_DEPLOYMENTS else []
-        hashes, claimed = await self._claim(keys=[self.queue_name, *snapshot_keys(routable)], args=[
-            in_progress_key_prefix, timestamp_ms(), int(self.in_progress_timeout_s * 1000), job_key_prefix,
-            cancelled_job_key(""), reply_channel(""), b" accepted " + accepted_payload(self.worker_id),
-            *job_ids[:free]])
-        read_at_ms = now_ms()
-        replies = [_pairs(h) for h in hashes]
-        for i in range(0, len(claimed), 5):
-            job_id_b, score, payload, cancelled, announced = claimed[i:i + 5]
-            job_id = job_id_b.decode()
-            if payload is None or cancelled:
+        due_by_ms = timestamp_ms() - _SCAN_GRACE_MS if due_by_ms is None else due_by_ms
+        for claim in await self.claimer.claim(job_ids[:free], due_by_ms=due_by_ms):
+            if claim.payload is None or claim.cancelled:
                 # Expired (its caller gave up long ago) or its caller left before pickup.
-                self._in_background(self._forget_job(job_id))
+                self._in_background(self._forget_job(claim.job_id))
                 continue
             await self.sem.acquire()
             self.job_counter += 1
-            # A snapshot per job: a job records what it learns (a refused key) in its own copy.
-            health = snapshot_from(routable, replies, read_at_ms) if routable else None
-            task = self.loop.create_task(self._run_claimed(job_id, int(float(score)), payload, bool(announced),
-                                                           health))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job_id] = task
+            settled: asyncio.Future[JobClaim] = self.loop.create_future()
+            settled.set_result(claim)
+            self._start(claim.job_id, claim.payload, settled)
 
-    async def _run_claimed(self, job_id: str, score: int, payload: bytes, announced: bool,
-                           health: HealthSnapshot | None) -> None:
-        """arq's run_job for a job the claim script has already read: run it, then clean up.
+    def _start(self, job_id: str, payload: bytes, claim: "asyncio.Future[JobClaim]") -> None:
+        """Run a job in a slot already counted (sem and job_counter), freeing it when done."""
+        task = self.loop.create_task(self._run_job(job_id, payload, claim))
+        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        self.tasks[job_id] = task
+
+    async def _run_job(self, job_id: str, payload: bytes, claim: "asyncio.Future[JobClaim]") -> None:
+        """arq's run_job for a chat job whose payload is in hand: run it, then clean up.
 
         Interactive jobs run once (max_tries=1, no retry: a second run would repeat tokens the
         caller has) and keep no result (every outcome went to the caller as an event), so what
         remains of arq's bookkeeping is the timeout, the counters and deleting the job's keys.
+        The job itself waits for `claim` before it calls upstream (workers/jobs.py).
         """
         try:
             name, args, kwargs, _, enqueue_ms = deserialize_job_raw(payload, deserializer=self.job_deserializer)
@@ -220,12 +234,15 @@ class FreeferenceWorker(Worker):
         except (SerializationError, KeyError):
             log.error("job %s cannot run: unreadable payload or unknown function", job_id)
             self.jobs_failed += 1
-            if announced:  # its caller knows a worker has it: tell it now, not at the deadline
-                await report_unrunnable(self.ctx["state"], job_id)
-            await asyncio.shield(self._forget_job(job_id))
+            with contextlib.suppress(*_REDIS_DOWN):
+                if (await claim).announced:  # its caller knows a worker has it: tell it now, not at the deadline
+                    await report_unrunnable(self.ctx["state"], job_id)
+            await asyncio.shield(self._forget_claimed(job_id, claim))
             return
+        cleanup = JobCleanup([("DEL", in_progress_key_prefix + job_id, job_key_prefix + job_id,
+                               retry_key_prefix + job_id)])
         ctx = {**self.ctx, "job_id": job_id, "job_try": 1, "enqueue_time": ms_to_datetime(enqueue_ms),
-               "score": score, "announced": announced, "health": health}
+               "claim": claim, "cleanup": cleanup}
         self.job_tasks[job_id] = task = self.loop.create_task(function.coroutine(ctx, *args, **kwargs))
         timeout_s = self.job_timeout_s if function.timeout_s is None else function.timeout_s
         try:
@@ -241,7 +258,19 @@ class FreeferenceWorker(Worker):
             self.jobs_failed += 1
         finally:
             self.job_tasks.pop(job_id, None)
-            await asyncio.shield(self._forget_job(job_id))
+            if not cleanup.sent:  # else its keys went with its last event
+                await asyncio.shield(self._forget_claimed(job_id, claim))
+
+    async def _forget_claimed(self, job_id: str, claim: "asyncio.Future[JobClaim]") -> None:
+        """_forget_job, if this worker's claim took the job: another owner's keys are not ours to delete."""
+        try:
+            # Done unless the job ended before it needed its claim (an unreadable job): the claim
+            # may have taken it even so, and then its keys are ours to delete.
+            won = (await claim).claimed
+        except (asyncio.CancelledError, RedisError, OSError):
+            return  # unknown: the keys expire on their own
+        if won:
+            await self._forget_job(job_id)
 
     async def _forget_job(self, job_id: str) -> None:
         """Delete a finished job's keys (arq's finish_job with no result kept)."""
@@ -366,7 +395,7 @@ async def _startup(ctx: dict[str, Any]) -> None:
     events.start()
     ctx["state"] = WorkerState(
         worker_id=ctx["worker_id"], settings=settings, catalog=catalog,
-        executor=build_executor(ctx["redis"], client, settings), events=events,
+        executor=build_executor(ctx["redis"], client, settings, sink=events), events=events,
     )
     ctx["refresher"] = start_refresher(ctx["redis"], catalog, client, settings)
 

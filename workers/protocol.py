@@ -23,8 +23,8 @@ Tier = Literal["free", "pro"]
 
 # --- Redis names. Every key and channel the gateway uses is built here.
 KEY_PREFIX = "ff:"
-# Workers subscribe to this channel; the API publishes on every enqueue so a worker polls
-# the arq queue at once instead of after its poll delay.
+# Workers subscribe to this channel for id-less wake-ups (and the job ids an API of an earlier
+# release publishes on every enqueue); current APIs hand jobs over through ready_list_key.
 WAKE_CHANNEL = "ff:wake"
 WORKER_HEARTBEAT_PREFIX = "ff:worker:"
 # Sorted set worker id → heartbeat expiry (unix ms), beside the heartbeat keys, so readiness
@@ -55,6 +55,27 @@ def new_job_id(process_id: str) -> str:
     process id must be alphanumeric.
     """
     return f"{process_id}.{uuid.uuid4().hex}"
+
+
+def ready_list_key(queue_name: str) -> str:
+    """List beside arq's queue that hands each new job to exactly one idle worker (BLPOP).
+
+    arq's sorted set stays the record of queued jobs: a worker still claims a popped job there
+    (SET NX on arq's in-progress key) before it calls upstream, and the slow scan of the sorted
+    set picks up anything whose list entry was lost. See docs/architecture.md, "Pickup".
+    """
+    return f"{queue_name}:ready"
+
+
+def ready_entry(job_id: str, payload: bytes) -> bytes:
+    """One ready-list entry: the job id and its arq payload, so a pop needs no second read."""
+    return job_id.encode() + b"\n" + payload
+
+
+def split_ready_entry(entry: bytes) -> tuple[str, bytes]:
+    """(job id, arq payload) of a ready-list entry."""
+    job_id, _, payload = entry.partition(b"\n")
+    return job_id.decode(errors="replace"), payload
 
 
 def control_channel(worker_id: str) -> str:

@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from router.catalog import RuntimeCatalog
 from router.failover import FailoverExecutor
-from router.health import BreakerTuning, HealthStore
+from router.health import BreakerTuning, CommandSink, HealthStore
 from router.keys import KeyRotation
 from router.policy import Tuning
 from router.providers.openai_compat import OpenAICompatProvider
@@ -23,9 +23,10 @@ def breaker_tuning(settings: Settings) -> BreakerTuning:
                          ewma_alpha=settings.latency_ewma_alpha, key_ban_s=settings.upstream_key_ban_s)
 
 
-def build_executor(redis: Redis, client: httpx.AsyncClient, settings: Settings) -> FailoverExecutor:
-    """The failover executor of one worker process, sharing health through `redis`."""
-    health = HealthStore(redis, breaker_tuning(settings))
+def build_executor(redis: Redis, client: httpx.AsyncClient, settings: Settings,
+                   sink: CommandSink | None = None) -> FailoverExecutor:
+    """The failover executor of one worker process, sharing health through `redis` (successes via `sink`)."""
+    health = HealthStore(redis, breaker_tuning(settings), sink)
     return FailoverExecutor(OpenAICompatProvider(client), KeyRotation(), health, Tuning.from_settings(settings))
 
 

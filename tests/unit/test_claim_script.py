@@ -6,7 +6,7 @@ import pytest
 from arq.constants import in_progress_key_prefix, job_key_prefix
 from fakeredis.aioredis import FakeRedis
 
-from workers.main import _CLAIM_LUA
+from workers.claim import CLAIM_LUA, Claimer
 from workers.protocol import accepted_payload, cancelled_job_key, new_job_id, reply_channel, split_event
 
 QUEUE = "ff:queue"
@@ -28,10 +28,10 @@ async def enqueue(redis: FakeRedis, job_id: str, score_ms: int = 1_000) -> None:
 
 async def claim_with_health(redis: FakeRedis, *job_ids: str, health_keys: tuple[str, ...] = (),
                             now_ms: int = 2_000) -> tuple[list[object], list[list[object]]]:
-    script = redis.register_script(_CLAIM_LUA)
+    script = redis.register_script(CLAIM_LUA)
     hashes, flat = await script(keys=[QUEUE, *health_keys],
                                 args=[in_progress_key_prefix, now_ms, 60_000, job_key_prefix, cancelled_job_key(""),
-                                      reply_channel(""), ACCEPTED_TAIL, *job_ids])
+                                      reply_channel(""), ACCEPTED_TAIL, "1", *job_ids])
     return hashes, [flat[i:i + 5] for i in range(0, len(flat), 5)]
 
 
@@ -98,3 +98,40 @@ async def test_the_health_hashes_come_back_with_a_claim_and_only_then(redis: Fak
     assert len(claimed) == 1
     assert [dict(zip(h[::2], h[1::2], strict=True)) for h in hashes] == [{b"fails": b"2", b"ewma_ms": b"40"}, {}]
     assert await claim_with_health(redis, job_id, health_keys=keys) == ([], [])  # nothing claimed, nothing read
+
+
+async def test_a_popped_job_is_claimed_without_reading_its_payload_whatever_its_score(redis: FakeRedis) -> None:
+    job_id = new_job_id(PROCESS)
+    # Enqueued by an API whose clock runs ahead of this worker's: a pop is due all the same.
+    await enqueue(redis, job_id, score_ms=2**40)
+    claimer = Claimer(redis, QUEUE, "worker-1", in_progress_ttl_ms=60_000, routable=[])
+    claim = await claimer.claim_popped(job_id)
+    assert (claim.claimed, claim.runnable, claim.payload, claim.announced, claim.health) == (True, True, None, True,
+                                                                                              None)
+    assert await redis.zscore(QUEUE, job_id) is None
+    assert not (await claimer.claim_popped(job_id)).claimed  # a stale second entry of the same job
+
+
+async def test_a_popped_job_that_was_withdrawn_expired_or_left_does_not_run(redis: FakeRedis) -> None:
+    claimer = Claimer(redis, QUEUE, "worker-1", in_progress_ttl_ms=60_000, routable=[])
+    withdrawn, expired, left = new_job_id(PROCESS), new_job_id(PROCESS), new_job_id(PROCESS)
+    for job_id in (withdrawn, left):
+        await enqueue(redis, job_id)
+    await redis.zadd(QUEUE, {expired: 1_000})  # its payload key is gone
+    await redis.set(in_progress_key_prefix + withdrawn, b"withdrawn")
+    await redis.set(cancelled_job_key(left), b"1")
+    assert not (await claimer.claim_popped(withdrawn)).claimed
+    expired_claim, left_claim = await claimer.claim_popped(expired), await claimer.claim_popped(left)
+    assert (expired_claim.claimed, expired_claim.expired, expired_claim.runnable) == (True, True, False)
+    assert (left_claim.claimed, left_claim.cancelled, left_claim.runnable, left_claim.announced) == (True, True,
+                                                                                                     False, False)
+
+
+async def test_the_scan_leaves_young_jobs_to_the_ready_list(redis: FakeRedis) -> None:
+    claimer = Claimer(redis, QUEUE, "worker-1", in_progress_ttl_ms=60_000, routable=[])
+    old, young = new_job_id(PROCESS), new_job_id(PROCESS)
+    await enqueue(redis, old, score_ms=1_000)
+    await enqueue(redis, young, score_ms=1_900)
+    claims = await claimer.claim([old, young], due_by_ms=1_500)  # now 2_500 less a grace of 1_000
+    assert [(c.job_id, c.payload) for c in claims] == [(old, b"payload of " + old.encode())]
+    assert await redis.zscore(QUEUE, young) == 1_900

@@ -17,7 +17,14 @@ from api.dispatch import Dispatcher, JobHandle, WorkerLost
 from api.errors import OpenAIError
 from api.relay import ReplyHub
 from settings import Settings
-from workers.protocol import ChatJob, accepted_payload, encode_event, worker_heartbeat_key
+from workers.protocol import (
+    ChatJob,
+    accepted_payload,
+    encode_event,
+    ready_entry,
+    ready_list_key,
+    worker_heartbeat_key,
+)
 
 SETTINGS = Settings(_env_file=None, pickup_timeout_s=0.3, worker_liveness_check_s=0.2)  # type: ignore[call-arg]
 
@@ -39,7 +46,7 @@ async def _follow(redis: FakeAsyncRedis, job: ChatJob) -> tuple[Dispatcher, JobH
     hub = ReplyHub(redis, process_id="api1")
     hub.connected = True  # as if subscribed; events are handed to it directly below
     dispatcher = Dispatcher(redis, hub, SETTINGS)
-    return dispatcher, await dispatcher.register(job), hub
+    return dispatcher, await dispatcher.register(job, b"payload"), hub
 
 
 def _deliver(hub: ReplyHub, job: ChatJob, event_type: str, payload: bytes = b"{}") -> None:
@@ -49,10 +56,13 @@ def _deliver(hub: ReplyHub, job: ChatJob, event_type: str, payload: bytes = b"{}
 async def test_nobody_picks_the_job_up_503_and_it_is_withdrawn(redis: FakeAsyncRedis) -> None:
     job = _job()
     dispatcher, handle, _ = await _follow(redis, job)
+    ready = ready_list_key(SETTINGS.queue_name)
+    await redis.rpush(ready, b"other.job\nits payload", ready_entry(job.job_id, b"payload"))  # type: ignore[misc]
     with pytest.raises(OpenAIError) as raised:
         await anext(dispatcher.events(handle))
     assert (raised.value.status, raised.value.body.code) == (503, "no_workers")
     assert await redis.get(in_progress_key_prefix + job.job_id) == b"withdrawn"  # no worker may start it now
+    assert await redis.lrange(ready, 0, -1) == [b"other.job\nits payload"]  # type: ignore[misc]  # its entry went
 
 
 async def test_a_job_a_worker_holds_is_not_withdrawn_and_its_events_arrive_in_order(redis: FakeAsyncRedis) -> None:
