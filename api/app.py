@@ -11,6 +11,7 @@ from api.background import BackgroundWrites
 from api.backpressure import InflightLimitMiddleware, StreamLimiter
 from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
+from api.fastpath import DirectRoute
 from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import EdgeMiddleware
 from api.openapi_schema import install_openapi
@@ -58,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # File uploads get their own limit (plus room for the multipart framing); the route checks the file itself.
     upload_limit = current_settings().batch_upload_max_bytes + 64 * 1024
     # Each add wraps the previous: metrics (outermost) see every answer, 413s and 503s included.
+    # Innermost: the chat route served without FastAPI's routing layers (api/fastpath.py).
+    app.add_middleware(DirectRoute, fastapi_app=app, route=chat.completions_route())
     app.add_middleware(InflightLimitMiddleware, max_inflight=current_settings().max_inflight_requests,
                        paths=("/v1/chat/completions",))
     app.add_middleware(EdgeMiddleware, max_body_bytes=current_settings().max_body_bytes,

@@ -7,6 +7,7 @@ import anyio
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
 
 from api.admission import admit
 from api.dispatch import Dispatcher, JobHandle, WorkerLost
@@ -111,6 +112,11 @@ async def chat_completions(request: Request) -> Response:
         raise
     response.headers.update(admission.headers)
     return response
+
+
+def completions_route() -> APIRoute:
+    """The route of POST /v1/chat/completions (served by api/fastpath.DirectRoute)."""
+    return next(r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is chat_completions)
 
 
 async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, settings: Settings,
