@@ -178,8 +178,7 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
                 await report_unrunnable(state, str(ctx.get("job_id")))
         return
     REQUEST_ID.set(job.request_id)  # this job's task only: its log lines name the request
-    confirmed = asyncio.ensure_future(_confirm(claim, state, job))
-    confirmed.add_done_callback(_retrieve)
+    confirmed = Confirmation(claim, state, job)
     inner = asyncio.create_task(_run(job, state, Publisher(state.events, job, ctx.get("cleanup")), confirmed))
     state.running[job.job_id] = inner
     state.callers[job.job_id] = job.reply_channel
@@ -194,22 +193,44 @@ async def chat_completion(ctx: dict[str, Any], payload: dict[str, Any]) -> None:
         state.callers.pop(job.job_id, None)
 
 
-async def _confirm(claim: "asyncio.Future[JobClaim]", state: WorkerState, job: ChatJob) -> HealthSnapshot | None:
-    """Wait for the job's claim: the health read with it, or NotClaimed when it must not run here."""
-    try:
-        won = await claim
-    except (RedisError, OSError) as exc:  # whether this worker holds the job is unknown: it must not run
-        log.warning("job %s not run: its claim failed (%s)", job.job_id, type(exc).__name__)
-        raise NotClaimed from None
-    if not won.runnable:
-        raise NotClaimed
-    if not won.announced:  # an id that names no API process: announce it here
+class Confirmation:
+    """A job's claim, confirmed once: the health read with it, or NotClaimed when it must not run here.
+
+    Awaited in the job's own task (no task of its own: one wake-up fewer between the claim's
+    reply and the upstream call), first before ranking, again if the job fails before that.
+    """
+
+    def __init__(self, claim: "asyncio.Future[JobClaim]", state: WorkerState, job: ChatJob) -> None:
+        self._claim = claim
+        self._state = state
+        self._job = job
+        self._outcome: HealthSnapshot | NotClaimed | None = None
+        self._settled = False
+
+    async def __call__(self) -> HealthSnapshot | None:
+        if not self._settled:
+            self._outcome = await self._settle()
+            self._settled = True
+        if isinstance(self._outcome, NotClaimed):
+            raise self._outcome
+        return self._outcome
+
+    async def _settle(self) -> HealthSnapshot | NotClaimed | None:
+        job = self._job
         try:
-            await state.events.publish(job.reply_channel,
-                                       encode_event(job.job_id, "accepted", accepted_payload(state.worker_id)))
-        except (RedisError, OSError) as exc:
-            log.warning("job %s: its pickup was not announced (%s)", job.job_id, type(exc).__name__)
-    return won.health
+            won = await self._claim
+        except (RedisError, OSError) as exc:  # whether this worker holds the job is unknown: it must not run
+            log.warning("job %s not run: its claim failed (%s)", job.job_id, type(exc).__name__)
+            return NotClaimed()
+        if not won.runnable:
+            return NotClaimed()
+        if not won.announced:  # an id that names no API process: announce it here
+            try:
+                await self._state.events.publish(
+                    job.reply_channel, encode_event(job.job_id, "accepted", accepted_payload(self._state.worker_id)))
+            except (RedisError, OSError) as exc:
+                log.warning("job %s: its pickup was not announced (%s)", job.job_id, type(exc).__name__)
+        return won.health
 
 
 async def report_unrunnable(state: WorkerState, job_id: str) -> None:
@@ -225,8 +246,7 @@ async def report_unrunnable(state: WorkerState, job_id: str) -> None:
 
 
 
-async def _run(job: ChatJob, state: WorkerState, out: Publisher,
-               confirmed: "asyncio.Future[HealthSnapshot | None]") -> None:
+async def _run(job: ChatJob, state: WorkerState, out: Publisher, confirmed: Confirmation) -> None:
     run = RunState()
     started = time.monotonic()
     first_output_s: float | None = None
@@ -251,7 +271,7 @@ async def _run(job: ChatJob, state: WorkerState, out: Publisher,
         return
     except Exception as exc:  # every failure kind is mapped; anything else is a bug, logged
         try:
-            await confirmed  # a job that failed before its claim settled answers only if it is ours
+            await confirmed()  # a job that failed before its claim settled answers only if it is ours
         except NotClaimed:
             return
         event = error_event(exc, run)
@@ -271,10 +291,10 @@ def _failures(run: RunState) -> list[AttemptFailure]:
 OnRoute = Callable[[RouteInfo], Awaitable[None]]
 OnChunk = Callable[[dict[str, Any]], Awaitable[None]]
 async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnRoute, on_chunk: OnChunk,
-                  claimed: Awaitable[HealthSnapshot | None] | None = None) -> DoneEvent:
+                  claimed: Callable[[], Awaitable[HealthSnapshot | None]] | None = None) -> DoneEvent:
     """Route and run one chat job (live or batch line); raises the typed failure on error.
 
-    `claimed` (live jobs: the job's claim, see _confirm) is awaited once the request is
+    `claimed` (live jobs: the job's Confirmation) is awaited once the request is
     classified, before anything is ranked or sent; it raises NotClaimed, or returns every
     deployment's health read with the claim (None for a catalog too large for that), which
     serves the first ranking; later ones read afresh.
@@ -292,7 +312,7 @@ async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnR
     wants_usage = _ask_for_usage(body, job.stream)
     waited_s = 0.0
     async with asyncio.timeout(budget_s()):
-        first_health = await claimed if claimed is not None else None
+        first_health = await claimed() if claimed is not None else None
         while True:
             if first_health is not None:
                 health, first_health = first_health, None
