@@ -119,10 +119,10 @@ class Claimer:
                                    announced=bool(announced), health=health))
         return claims
 
-    async def claim_popped(self, job_id: str) -> JobClaim:
-        """Claim one job popped off the ready list (its payload came with it)."""
-        claims = await self.claim([job_id], due_by_ms=_ANY_TIME_MS, read_payloads=False)
-        return claims[0] if claims else JobClaim(job_id=job_id, claimed=False)
+    async def claim_popped(self, job_ids: Sequence[str]) -> dict[str, JobClaim]:
+        """Claim jobs popped off the ready list (their payloads came with them); one JobClaim per id."""
+        claims = {c.job_id: c for c in await self.claim(job_ids, due_by_ms=_ANY_TIME_MS, read_payloads=False)}
+        return {job_id: claims.get(job_id) or JobClaim(job_id=job_id, claimed=False) for job_id in job_ids}
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -55,6 +55,8 @@ _CLAIM_HEALTH_MAX_DEPLOYMENTS = 64
 _SCAN_GRACE_MS = 1_000
 # How long one blocking pop of the ready list waits before it looks at the worker's state again.
 _POP_WAIT_S = 1
+# The most jobs one pop takes (and one claim covers) when a burst waits on the ready list.
+_POP_BATCH_MAX = 32
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -139,12 +141,14 @@ class FreeferenceWorker(Worker):
                     await self._wake.wait()
 
     async def _pickup(self) -> None:
-        """Pop new jobs off the ready list, one blocking pop per free slot, and start them.
+        """Pop new jobs off the ready list, as many as there are free slots, and start them.
 
-        The pop hands a job to exactly one worker and brings its payload, so the job starts
-        without another round trip; its claim (workers/claim.py) is sent at once and awaited
-        only before the job ranks its candidates. A pop lost on the way (a connection cut, this
-        worker stopped) leaves the job on arq's queue, where a scan finds it after _SCAN_GRACE_MS.
+        The pop hands each job to exactly one worker and brings its payload, so a job starts
+        without another round trip; the claim of everything one pop took (workers/claim.py) is
+        sent at once, and each job waits for it only before it ranks its candidates. A burst is
+        taken in pops of up to _POP_BATCH_MAX jobs (BLMPOP, Redis 7) with one claim for each
+        pop. A pop lost on the way (a connection cut, this worker stopped) leaves its jobs on
+        arq's queue, where a scan finds them after _SCAN_GRACE_MS.
         """
         ready = ready_list_key(self.queue_name)
         backoff_s = 0.05
@@ -153,40 +157,48 @@ class FreeferenceWorker(Worker):
                 await asyncio.sleep(self.poll_delay_s)
                 continue
             await self.sem.acquire()  # a free slot first: a popped job never waits for one
-            started = False
+            held = 1
             try:
-                popped = await cast(Awaitable[list[bytes] | None], self.pool.blpop([ready], timeout=_POP_WAIT_S))
+                room = min(max(self.max_jobs - self.job_counter, 1), _POP_BATCH_MAX)
+                # [list name, [entries]] or None. redis-py types each key as a list: it is a name.
+                popped = await cast(Awaitable[list[Any] | None], self.pool.blmpop(
+                    _POP_WAIT_S, 1, ready, direction="LEFT", count=room))  # type: ignore[arg-type]
                 backoff_s = 0.05
                 if popped is not None:
-                    started = self._start_popped(popped[1])
-                    # Let the job send its claim and reach its first wait before this loop
-                    # writes the next pop: that write is not on the job's way to upstream.
+                    held = await self._start_popped(popped[1])
+                    # Let the jobs send their claim and reach their first wait before this loop
+                    # writes the next pop: that write is not on their way to upstream.
                     await asyncio.sleep(0)
             except _REDIS_DOWN as exc:
                 log.warning("ready list unavailable (%s); retrying in %.2fs", type(exc).__name__, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
             finally:
-                if not started:
+                for _ in range(held):
                     self.sem.release()
 
-    def _start_popped(self, entry: bytes) -> bool:
-        """Start a popped job in the slot the pop holds; False when it does not take the slot."""
-        job_id, payload = split_ready_entry(entry)
-        if job_id in self.tasks:
-            return False  # the scan gave it to this worker already: a late entry of a job running here
+    async def _start_popped(self, entries: list[bytes]) -> int:
+        """Start popped jobs, the first in the slot the pop holds; returns the slots left unused (0 or 1)."""
         if not self.allow_pick_jobs:
-            # The drain began while this pop was blocked: leave the job to another worker.
-            self._in_background(self._give_back(entry))
-            return False
-        self.job_counter += 1
-        claim = self.loop.create_task(self.claimer.claim_popped(job_id))
-        self._start(job_id, payload, claim)
-        return True
+            # The drain began while this pop was blocked: leave the jobs to other workers.
+            self._in_background(self._give_back(entries))
+            return 1
+        jobs = dict(split_ready_entry(entry) for entry in entries)
+        for job_id in [j for j in jobs if j in self.tasks]:
+            del jobs[job_id]  # the scan gave it to this worker already: a late entry of a job running here
+        if not jobs:
+            return 1
+        claims = self.loop.create_task(self.claimer.claim_popped(list(jobs)))
+        for n, (job_id, payload) in enumerate(jobs.items()):
+            if n > 0:
+                await self.sem.acquire()  # free by the count the pop asked for, unless the scan took it
+            self.job_counter += 1
+            self._start(job_id, payload, _claim_of(claims, job_id))
+        return 0
 
-    async def _give_back(self, entry: bytes) -> None:
-        with contextlib.suppress(*_REDIS_DOWN):  # else the scan finds it
-            await cast(Awaitable[int], self.pool.lpush(ready_list_key(self.queue_name), entry))
+    async def _give_back(self, entries: list[bytes]) -> None:
+        with contextlib.suppress(*_REDIS_DOWN):  # else the scan finds them
+            await cast(Awaitable[int], self.pool.lpush(ready_list_key(self.queue_name), *reversed(entries)))
 
     async def start_jobs(self, job_ids: list[bytes], due_by_ms: int | None = None) -> None:
         """Claim every startable job of this scan (or of these wake-ups) in one Lua call, then run them.
@@ -378,6 +390,24 @@ class FreeferenceWorker(Worker):
         with contextlib.suppress(*_REDIS_DOWN):
             await self.pool.close(close_connection_pool=True)
         self._pool = None
+
+
+def _claim_of(claims: "asyncio.Task[dict[str, JobClaim]]", job_id: str) -> "asyncio.Future[JobClaim]":
+    """One job's share of a claim that covered several popped jobs."""
+    mine: asyncio.Future[JobClaim] = asyncio.get_running_loop().create_future()
+
+    def settle(done: "asyncio.Task[dict[str, JobClaim]]") -> None:
+        if mine.done():
+            return
+        if done.cancelled():
+            mine.cancel()
+        elif (error := done.exception()) is not None:
+            mine.set_exception(error)
+        else:
+            mine.set_result(done.result()[job_id])
+
+    claims.add_done_callback(settle)
+    return mine
 
 
 async def _startup(ctx: dict[str, Any]) -> None:

@@ -105,11 +105,11 @@ async def test_a_popped_job_is_claimed_without_reading_its_payload_whatever_its_
     # Enqueued by an API whose clock runs ahead of this worker's: a pop is due all the same.
     await enqueue(redis, job_id, score_ms=2**40)
     claimer = Claimer(redis, QUEUE, "worker-1", in_progress_ttl_ms=60_000, routable=[])
-    claim = await claimer.claim_popped(job_id)
+    claim = (await claimer.claim_popped([job_id]))[job_id]
     assert (claim.claimed, claim.runnable, claim.payload, claim.announced, claim.health) == (True, True, None, True,
                                                                                               None)
     assert await redis.zscore(QUEUE, job_id) is None
-    assert not (await claimer.claim_popped(job_id)).claimed  # a stale second entry of the same job
+    assert not (await claimer.claim_popped([job_id]))[job_id].claimed  # a stale second entry of the same job
 
 
 async def test_a_popped_job_that_was_withdrawn_expired_or_left_does_not_run(redis: FakeRedis) -> None:
@@ -120,8 +120,9 @@ async def test_a_popped_job_that_was_withdrawn_expired_or_left_does_not_run(redi
     await redis.zadd(QUEUE, {expired: 1_000})  # its payload key is gone
     await redis.set(in_progress_key_prefix + withdrawn, b"withdrawn")
     await redis.set(cancelled_job_key(left), b"1")
-    assert not (await claimer.claim_popped(withdrawn)).claimed
-    expired_claim, left_claim = await claimer.claim_popped(expired), await claimer.claim_popped(left)
+    claims = await claimer.claim_popped([withdrawn, expired, left])  # one pop's jobs, one claim
+    assert not claims[withdrawn].claimed
+    expired_claim, left_claim = claims[expired], claims[left]
     assert (expired_claim.claimed, expired_claim.expired, expired_claim.runnable) == (True, True, False)
     assert (left_claim.claimed, left_claim.cancelled, left_claim.runnable, left_claim.announced) == (True, True,
                                                                                                      False, False)
