@@ -57,6 +57,10 @@ _SCAN_GRACE_MS = 1_000
 _POP_WAIT_S = 1
 # The most jobs one pop takes (and one claim covers) when a burst waits on the ready list.
 _POP_BATCH_MAX = 32
+# Two pickup tasks, so a pop is always waiting while the other one's jobs start; each writes its
+# next pop this long after its last one returned (a job's routing takes about that long).
+_PICKUP_TASKS = 2
+_POP_REISSUE_DELAY_S = 0.003
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -104,7 +108,7 @@ class FreeferenceWorker(Worker):
         self.ctx["redis"] = self.pool
         if self.on_startup:
             await self.on_startup(self.ctx)
-        self._background = [asyncio.create_task(self._pickup(), name="pickup"),
+        self._background = [*(asyncio.create_task(self._pickup(), name=f"pickup-{n}") for n in range(_PICKUP_TASKS)),
                             asyncio.create_task(self._listen(), name="wake-listener"),
                             asyncio.create_task(self._heartbeat(), name="heartbeat"),
                             asyncio.create_task(self._watch_callers(), name="caller-watch")]
@@ -166,9 +170,10 @@ class FreeferenceWorker(Worker):
                 backoff_s = 0.05
                 if popped is not None:
                     held = await self._start_popped(popped[1])
-                    # Let the jobs send their claim and reach their first wait before this loop
-                    # writes the next pop: that write is not on their way to upstream.
-                    await asyncio.sleep(0)
+                    # The other pickup task is already waiting for the next job: this one writes
+                    # its next pop once the jobs it started are on their way upstream, not in
+                    # the middle of the work before their first upstream byte.
+                    await asyncio.sleep(_POP_REISSUE_DELAY_S)
             except _REDIS_DOWN as exc:
                 log.warning("ready list unavailable (%s); retrying in %.2fs", type(exc).__name__, backoff_s)
                 await asyncio.sleep(backoff_s)
