@@ -64,8 +64,8 @@ class Settings(BaseSettings):
 
     # Worker
     worker_max_jobs: int = Field(default=256, gt=0)
-    # Workers are woken by a pub/sub message on every enqueue; this slow poll only catches
-    # deferred jobs and wake-ups lost while a worker was reconnecting.
+    # Workers are handed new jobs by a blocking pop of the ready list; this slow scan of arq's
+    # queue only catches jobs whose pop was lost (docs/architecture.md, "Pickup").
     worker_fallback_poll_s: float = Field(default=0.5, gt=0)
     worker_heartbeat_s: float = Field(default=1.0, gt=0)
     worker_heartbeat_ttl_s: float = Field(default=3.0, gt=0)

@@ -87,6 +87,7 @@ class FreeferenceWorker(Worker):
         self._woken_ids: list[bytes] = []
         self._scan_requested = True
         self._claimer: Claimer | None = None
+        self._popping = 0  # pickup tasks holding a slot for a pop in flight
         self._background: list[asyncio.Task[None]] = []
         self._bookkeeping: set[asyncio.Task[None]] = set()
 
@@ -162,11 +163,16 @@ class FreeferenceWorker(Worker):
                 continue
             await self.sem.acquire()  # a free slot first: a popped job never waits for one
             held = 1
+            self._popping += 1
             try:
-                room = min(max(self.max_jobs - self.job_counter, 1), _POP_BATCH_MAX)
+                # The free slots, less those the other pickup task holds for its own pop.
+                room = min(max(self.max_jobs - self.job_counter - (self._popping - 1), 1), _POP_BATCH_MAX)
                 # [list name, [entries]] or None. redis-py types each key as a list: it is a name.
-                popped = await cast(Awaitable[list[Any] | None], self.pool.blmpop(
-                    _POP_WAIT_S, 1, ready, direction="LEFT", count=room))  # type: ignore[arg-type]
+                try:
+                    popped = await cast(Awaitable[list[Any] | None], self.pool.blmpop(
+                        _POP_WAIT_S, 1, ready, direction="LEFT", count=room))  # type: ignore[arg-type]
+                finally:
+                    self._popping -= 1
                 backoff_s = 0.05
                 if popped is not None:
                     held = await self._start_popped(popped[1])
