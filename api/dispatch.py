@@ -94,7 +94,7 @@ class Dispatcher:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.psetex(job_key_prefix + job.job_id, ttl_ms, payload)
                 pipe.zadd(self._settings.queue_name, {job.job_id: now_ms})
-                pipe.rpush(ready, ready_entry(job.job_id, payload))  # an idle worker's BLPOP takes it
+                pipe.rpush(ready, ready_entry(job.job_id, payload))  # an idle worker's blocking pop takes it
                 pipe.pexpire(ready, ttl_ms)
                 await pipe.execute()
         except BaseException:

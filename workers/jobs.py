@@ -290,6 +290,8 @@ def _failures(run: RunState) -> list[AttemptFailure]:
 
 OnRoute = Callable[[RouteInfo], Awaitable[None]]
 OnChunk = Callable[[dict[str, Any]], Awaitable[None]]
+
+
 async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnRoute, on_chunk: OnChunk,
                   claimed: Callable[[], Awaitable[HealthSnapshot | None]] | None = None) -> DoneEvent:
     """Route and run one chat job (live or batch line); raises the typed failure on error.

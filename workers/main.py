@@ -70,7 +70,7 @@ class FreeferenceWorker(Worker):
 
     Stock arq sleeps `poll_delay` between queue scans, which puts up to that delay on every
     request, and every worker scans for every job. Here the API also pushes each job, payload
-    and all, onto a ready list that idle workers block on (BLPOP): one worker gets it at once,
+    and all, onto a ready list that idle workers block on (BLMPOP): one worker gets it at once,
     claims it on arq's in-progress key while it already parses and classifies it, and runs it.
     The slow scan of arq's queue remains as the safety net for a pop that was lost. A pub/sub
     listener receives cancellations for running jobs (and the wake-ups of earlier API releases),

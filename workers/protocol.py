@@ -58,7 +58,7 @@ def new_job_id(process_id: str) -> str:
 
 
 def ready_list_key(queue_name: str) -> str:
-    """List beside arq's queue that hands each new job to exactly one idle worker (BLPOP).
+    """List beside arq's queue that hands each new job to exactly one idle worker (BLMPOP).
 
     arq's sorted set stays the record of queued jobs: a worker still claims a popped job there
     (SET NX on arq's in-progress key) before it calls upstream, and the slow scan of the sorted
