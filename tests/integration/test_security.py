@@ -60,6 +60,7 @@ def test_bad_credentials_get_401(gateway: Gateway, header: str | None) -> None:
     assert error["code"] == "invalid_api_key"
     assert set(error) == {"message", "type", "param", "code"}
     assert response.headers["www-authenticate"] == "Bearer"
+    assert "server" not in response.headers  # the stack behind the gateway is nobody's business
     token = (header or "").partition(" ")[2]
     if len(token) > 8:
         assert token not in response.text  # never echo what was presented
