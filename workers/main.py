@@ -262,8 +262,7 @@ class FreeferenceWorker(Worker):
                     await report_unrunnable(self.ctx["state"], job_id)
             await asyncio.shield(self._forget_claimed(job_id, claim))
             return
-        cleanup = JobCleanup([("DEL", in_progress_key_prefix + job_id, job_key_prefix + job_id,
-                               retry_key_prefix + job_id)])
+        cleanup = JobCleanup([("DEL", *_job_keys(job_id))])
         ctx = {**self.ctx, "job_id": job_id, "job_try": 1, "enqueue_time": ms_to_datetime(enqueue_ms),
                "claim": claim, "cleanup": cleanup}
         self.job_tasks[job_id] = task = self.loop.create_task(function.coroutine(ctx, *args, **kwargs))
@@ -298,8 +297,7 @@ class FreeferenceWorker(Worker):
     async def _forget_job(self, job_id: str) -> None:
         """Delete a finished job's keys (arq's finish_job with no result kept)."""
         with contextlib.suppress(*_REDIS_DOWN):  # the keys expire on their own
-            await self.pool.delete(in_progress_key_prefix + job_id, job_key_prefix + job_id,
-                                   retry_key_prefix + job_id)
+            await self.pool.delete(*_job_keys(job_id))
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(work)
@@ -401,6 +399,11 @@ class FreeferenceWorker(Worker):
         with contextlib.suppress(*_REDIS_DOWN):
             await self.pool.close(close_connection_pool=True)
         self._pool = None
+
+
+def _job_keys(job_id: str) -> tuple[str, str, str]:
+    """arq's keys of one job (in progress, payload, tries), deleted when it ends: we keep no result."""
+    return in_progress_key_prefix + job_id, job_key_prefix + job_id, retry_key_prefix + job_id
 
 
 def _claim_of(claims: "asyncio.Task[dict[str, JobClaim]]", job_id: str) -> "asyncio.Future[JobClaim]":
