@@ -73,7 +73,6 @@ class JobClaim:
 
     job_id: str
     claimed: bool  # False: another worker has it, the API withdrew it, or it is not queued any more
-    score: int = 0
     payload: bytes | None = None  # read by the claim (scanned jobs); None if it had expired
     expired: bool = False  # its payload key is gone: its caller gave up long ago
     cancelled: bool = False  # its caller left before pickup
@@ -111,12 +110,12 @@ class Claimer:
         replies = [_pairs(h) for h in hashes]
         claims = []
         for i in range(0, len(flat), 5):
-            job_id, score, payload, cancelled, announced = flat[i:i + 5]
+            job_id, _score, payload, cancelled, announced = flat[i:i + 5]
             # A snapshot per job: a job records what it learns (a refused key) in its own copy.
             health = snapshot_from(self._routable, replies, read_at_ms) if self._routable else None
-            claims.append(JobClaim(job_id=job_id.decode(), claimed=True, score=int(float(score)),
-                                   payload=payload or None, expired=payload is None, cancelled=bool(cancelled),
-                                   announced=bool(announced), health=health))
+            claims.append(JobClaim(job_id=job_id.decode(), claimed=True, payload=payload or None,
+                                   expired=payload is None, cancelled=bool(cancelled), announced=bool(announced),
+                                   health=health))
         return claims
 
     async def claim_popped(self, job_ids: Sequence[str]) -> dict[str, JobClaim]:

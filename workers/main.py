@@ -227,7 +227,7 @@ class FreeferenceWorker(Worker):
             return
         due_by_ms = timestamp_ms() - _SCAN_GRACE_MS if due_by_ms is None else due_by_ms
         for claim in await self.claimer.claim(job_ids[:free], due_by_ms=due_by_ms):
-            if claim.payload is None or claim.cancelled:
+            if not claim.runnable or claim.payload is None:
                 # Expired (its caller gave up long ago) or its caller left before pickup.
                 self._in_background(self._forget_job(claim.job_id))
                 continue
