@@ -184,6 +184,10 @@ class FreeferenceWorker(Worker):
                 log.warning("ready list unavailable (%s); retrying in %.2fs", type(exc).__name__, backoff_s)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
+            except RedisError as exc:  # e.g. a server without BLMPOP (Redis < 7): the scan still finds every job
+                log.error("ready list pop refused (%s); retrying in %.2fs", type(exc).__name__, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 2.0)
             finally:
                 for _ in range(held):
                     self.sem.release()
