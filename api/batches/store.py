@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from api.batches.validate import LineError
 from api.errors import OpenAIError
+from api.ids import BATCH_ID, FILE_ID, quoted, well_formed
 from workers.protocol import (
     BATCH_ACTIVE_KEY,
     BatchLine,
@@ -75,7 +76,8 @@ def _now() -> int:
 
 
 def not_found(kind: str, object_id: str) -> OpenAIError:
-    return OpenAIError(404, f"No such {kind}: '{object_id}'.", code=f"{kind}_not_found", param="id")
+    """The one answer for an id that is malformed, unknown or another key's: nothing tells them apart."""
+    return OpenAIError(404, f"No such {kind}{quoted(object_id)}.", code=f"{kind}_not_found", param="id")
 
 
 def file_object(record: FileRecord) -> dict[str, Any]:
@@ -104,6 +106,8 @@ async def create_file(redis: Redis, owner: str, filename: str, purpose: str, con
 
 async def get_file(redis: Redis, owner: str, file_id: str) -> FileRecord:
     """The caller's file; 404 when it does not exist or belongs to another key."""
+    if not well_formed(FILE_ID, file_id):
+        raise not_found("file", file_id)
     raw = await redis.get(file_meta_key(file_id))
     record = FileRecord.model_validate_json(raw) if raw else None
     if record is None or record.owner != owner:
@@ -186,6 +190,8 @@ async def fail_batch(redis: Redis, batch_id: str, errors: list[LineError], error
 
 async def get_batch(redis: Redis, owner: str, batch_id: str) -> dict[str, Any]:
     """The caller's batch as an OpenAI batch object; 404 for unknown or foreign ids."""
+    if not well_formed(BATCH_ID, batch_id):
+        raise not_found("batch", batch_id)
     fields: dict[bytes, bytes] = await redis.hgetall(batch_key(batch_id))  # type: ignore[misc]
     spec = BatchSpec.model_validate_json(fields[b"spec"]) if b"spec" in fields else None
     if spec is None or spec.owner != owner:

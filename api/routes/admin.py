@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from api.auth import require_master
 from api.deps import RedisDep, SettingsDep
 from api.errors import OpenAIError, invalid_request
+from api.ids import KEY_ID, quoted, well_formed
 from api.keys import (
     KEY_PREFIX,
     EffectiveLimits,
@@ -70,12 +71,14 @@ def _view(record: KeyRecord, settings: Settings) -> KeyView:
 
 
 def _key_not_found(key_id: str) -> OpenAIError:
-    return OpenAIError(404, f"No API key with id '{key_id}'.", code="key_not_found", param="key_id")
+    return OpenAIError(404, f"No API key with id{quoted(key_id)}.", code="key_not_found", param="key_id")
 
 
 def _checked_id(key_id: str) -> str:
     if key_id.startswith(KEY_PREFIX):
         raise invalid_request("Name keys by their id (key_…), never by the key itself in a URL.", param="key_id")
+    if not well_formed(KEY_ID, key_id):
+        raise _key_not_found(key_id)  # before its id names a Redis key (api/ids.py)
     return key_id
 
 

@@ -27,7 +27,7 @@ def _lines(count: int) -> list[BatchLine]:
 
 async def _started(redis: FakeRedis, count: int) -> BatchSpec:
     now = int(time.time())
-    spec = BatchSpec(id="batch_1", owner="key_a", endpoint="/v1/chat/completions", input_file_id="file-1",
+    spec = BatchSpec(id="batch_" + "1" * 24, owner="key_a", endpoint="/v1/chat/completions", input_file_id="file-1",
                      completion_window="24h", created_at=now, expires_at=now + 60)
     await api_store.create_batch(redis, spec)
     assert await api_store.start_batch(redis, spec.id, _lines(count))
@@ -147,7 +147,7 @@ async def test_expiry_and_finalizer_takeover(redis: FakeRedis) -> None:
 
 async def test_interrupted_validation_fails_and_cleans_up(redis: FakeRedis) -> None:
     now = int(time.time())
-    spec = BatchSpec(id="batch_2", owner="key_a", endpoint="/v1/chat/completions", input_file_id="file-1",
+    spec = BatchSpec(id="batch_" + "2" * 24, owner="key_a", endpoint="/v1/chat/completions", input_file_id="file-1",
                      completion_window="24h", created_at=now, expires_at=now + 60)
     await api_store.create_batch(redis, spec)
     # Lines half-written by an API process that died while validating.
