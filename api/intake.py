@@ -59,7 +59,7 @@ async def admit_and_enqueue(request: Request, settings: Settings, dispatcher: Di
         return None  # no limits to charge: admission costs no round trip
     raw_body = await request.body()
     try:
-        body, raw = parse_chat_request(raw_body)
+        body, raw = parse_chat_request(raw_body, settings.max_json_depth)
         check_chat_request(catalog, body, "pro", settings.max_messages)  # everything but the tier rule
     except OpenAIError:
         return None

@@ -10,6 +10,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from api.errors import OpenAIError, invalid_request
+from api.jsondepth import nesting_exceeds, too_deep
 
 # Gateway-only fields: consumed here, never sent upstream.
 GATEWAY_FIELDS = frozenset({"models", "route"})
@@ -112,8 +113,11 @@ def _param_path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def parse_chat_request(raw: bytes) -> tuple[ChatCompletionRequest, dict[str, Any]]:
-    """Decode and validate a request body; returns the model and the raw JSON object."""
+def parse_chat_request(raw: bytes, max_depth: int) -> tuple[ChatCompletionRequest, dict[str, Any]]:
+    """Decode and validate a request body; returns the model and the raw JSON object.
+
+    400 for JSON nested deeper than `max_depth` (settings.max_json_depth).
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -126,6 +130,8 @@ def parse_chat_request(raw: bytes) -> tuple[ChatCompletionRequest, dict[str, Any
         raise invalid_request(f"We could not parse the JSON body of your request: {exc.msg}.") from None
     if not isinstance(data, dict):
         raise invalid_request("Request body must be a JSON object.")
+    if nesting_exceeds(data, max_depth, raw):
+        raise too_deep(max_depth)
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # so the client side always closes first: a server that closes at the moment a client
     # reuses the connection makes that request fail with a read error before it reaches us.
     http_keepalive_s: int = Field(default=75, gt=0)
+    # Deepest nesting of objects and arrays accepted in any JSON a caller sends (bodies, batch
+    # lines): far above what real tool schemas use, far below where serializers give up (~254).
+    max_json_depth: int = Field(default=64, ge=8, le=200)
     max_messages: int = Field(default=2048, gt=0)
     # Protective limits (api/backpressure.py); 0 disables one. Past the first, a process answers
     # 503 + Retry-After at once instead of queueing without bound; past the second, 429.

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from api.errors import OpenAIError
+from api.jsondepth import nesting_exceeds, too_deep
 from api.modelref import check_chat_request, normalize_model
 from api.schemas import GATEWAY_FIELDS, parse_chat_request
 from settings import Settings
@@ -89,6 +90,9 @@ def _check_line(raw: bytes, number: int, seen: set[str], owner: Owner, catalog: 
         raise invalid("invalid_json_line", "This line is not parseable as valid JSON.") from None
     if not isinstance(data, dict):
         raise invalid("invalid_json_line", "Each line must be a JSON object.")
+    # The body sits one level below the line: it gets the same bound as a live request's body.
+    if nesting_exceeds(data, settings.max_json_depth + 1, raw):
+        raise invalid("invalid_request", too_deep(settings.max_json_depth).body.message, "body")
     custom_id = data.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         raise invalid("missing_required_parameter", "Missing or empty 'custom_id' (a string).", "custom_id")
@@ -114,7 +118,7 @@ def _check_line(raw: bytes, number: int, seen: set[str], owner: Owner, catalog: 
 
 def _chat_job(raw: dict[str, Any], owner: Owner, catalog: CatalogFile, settings: Settings) -> ChatJob:
     """The same admission checks and job shape as a live chat request (api/routes/chat.py)."""
-    body, raw = parse_chat_request(orjson.dumps(raw))
+    body, raw = parse_chat_request(orjson.dumps(raw), settings.max_json_depth)
     if body.stream:
         raise OpenAIError(400, "Streaming is not supported in batch requests.", code="invalid_request",
                           param="stream")

@@ -123,7 +123,7 @@ async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, sett
                     dispatcher: Dispatcher, catalog: CatalogFile, first: JobHandle | None) -> Response:
     """Run the job (`first`: already queued by admit_and_enqueue), retrying once on a lost worker."""
     if first is None:
-        body, raw = parse_chat_request(await request.body())
+        body, raw = parse_chat_request(await request.body(), settings.max_json_depth)
         check_chat_request(catalog, body, key.tier, settings.max_messages)
         job = build_job(request, key.id, key.tier, body, raw, settings.request_timeout_s)
         await request.app.state.stream_limiter.acquire(request, key.id, job)  # 429 past the key's open streams
