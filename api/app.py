@@ -12,6 +12,7 @@ from api.backpressure import InflightLimitMiddleware, StreamLimiter
 from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
 from api.fastpath import DirectRoute
+from api.gate import KeyGate
 from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import EdgeMiddleware
 from api.openapi_schema import install_openapi
@@ -41,6 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.hub = hub
         app.state.dispatcher = Dispatcher(redis, hub, conf)
         app.state.gatekeeper = Gatekeeper(redis, conf)
+        app.state.key_gate = KeyGate(redis, conf)
         app.state.stream_limiter = StreamLimiter(redis, conf.max_streams_per_key)
         app.state.background = BackgroundWrites()
         try:
@@ -56,15 +58,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.dependency_overrides[get_settings] = lambda: settings
     install_error_handlers(app)
     install_openapi(app)  # documents the real error answers (api/openapi_schema.py)
+    conf = current_settings()
     # File uploads get their own limit (plus room for the multipart framing); the route checks the file itself.
-    upload_limit = current_settings().batch_upload_max_bytes + 64 * 1024
+    upload_limit = conf.batch_upload_max_bytes + 64 * 1024
     # Each add wraps the previous: metrics (outermost) see every answer, 413s and 503s included.
     # Innermost: the chat route served without FastAPI's routing layers (api/fastpath.py).
     app.add_middleware(DirectRoute, fastapi_app=app, route=chat.completions_route())
-    app.add_middleware(InflightLimitMiddleware, max_inflight=current_settings().max_inflight_requests,
+    app.add_middleware(InflightLimitMiddleware, max_inflight=conf.max_inflight_requests,
                        paths=("/v1/chat/completions",))
-    app.add_middleware(EdgeMiddleware, max_body_bytes=current_settings().max_body_bytes,
-                       path_limits={"/v1/files": upload_limit})
+    app.add_middleware(EdgeMiddleware, max_body_bytes=conf.max_body_bytes, body_timeout_s=conf.http_body_timeout_s,
+                       body_min_bytes_per_s=conf.http_body_min_bytes_per_s,
+                       max_open_bodies_per_key=conf.http_max_open_bodies_per_key,
+                       path_limits={"/v1/files": upload_limit},
+                       # Their admission script checks the key again itself (api/gate.py).
+                       admitted_paths=("/v1/chat/completions",))
     app.state.metrics = Metrics()
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     app.include_router(health.router)

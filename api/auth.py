@@ -9,12 +9,15 @@ import hashlib
 import hmac
 
 from fastapi import Request
+from starlette.datastructures import Headers
 
 from api.errors import OpenAIError
 from api.keys import KeyRecord, lookup_key
 from settings import Settings
 
 MASTER_RECORD = KeyRecord(id="master", name="master", tier="pro", created=0, kind="master")
+# Where the edge (api/gate.py) leaves the record it read, so the route does not read it again.
+KEY_RECORD_STATE = "ff_key_record"
 
 
 def unauthorized(message: str) -> OpenAIError:
@@ -25,16 +28,27 @@ def unauthorized(message: str) -> OpenAIError:
     )
 
 
-def bearer_token(request: Request) -> str:
-    """The token of 'Authorization: Bearer <token>'; 401 when missing or malformed."""
-    header = request.headers.get("authorization")
+def presented_key(headers: Headers) -> str:
+    """The key of 'Authorization: Bearer <key>' (or of 'x-api-key', as Anthropic's clients send it).
+
+    401 when neither is there or the Authorization header is malformed.
+    """
+    header = headers.get("authorization")
     if not header:
+        token = headers.get("x-api-key", "").strip()
+        if token and " " not in token:
+            return token
         raise unauthorized("You didn't provide an API key. Send it as 'Authorization: Bearer ff-…'.")
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token or " " in token:
         raise unauthorized("Malformed Authorization header; expected 'Bearer <key>'.")
     return token
+
+
+def bearer_token(request: Request) -> str:
+    """The request's key (presented_key); 401 when missing or malformed."""
+    return presented_key(request.headers)
 
 
 def is_master_key(settings: Settings, token: str) -> bool:
@@ -50,6 +64,9 @@ def is_master_key(settings: Settings, token: str) -> bool:
 
 async def authenticate(request: Request, settings: Settings) -> KeyRecord:
     """The caller's key record; 401 for missing, malformed, unknown or revoked keys."""
+    checked: KeyRecord | None = request.scope.get("state", {}).get(KEY_RECORD_STATE)
+    if checked is not None:
+        return checked  # read by the edge for this very request
     token = bearer_token(request)
     if is_master_key(settings, token):
         return MASTER_RECORD

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import OpenAIError, error_response
 from api.metrics import LIMIT_HEADER
+from settings.logfields import STORE_DOWN
 from workers.protocol import ChatJob, key_streams_key
 
 log = logging.getLogger("freeference.backpressure")
@@ -119,6 +120,6 @@ class StreamLimiter:
             try:
                 await self._redis.zrem(key, member)
             except (RedisError, OSError) as exc:  # the slot expires with the request's deadline
-                log.warning("stream slot not released (%s)", type(exc).__name__)
+                log.warning("stream slot not released (%s)", type(exc).__name__, extra=STORE_DOWN)
 
         finish.append(release)

@@ -16,6 +16,7 @@ from api.errors import OpenAIError
 from api.metrics import note_event, note_submitted
 from api.relay import CALLER_LEFT, Deadline, Event, ReplyHub
 from settings import Settings
+from settings.logfields import STORE_DOWN
 from workers.protocol import (
     ARQ_JOB_FUNCTION,
     AcceptedEvent,
@@ -223,7 +224,7 @@ class Dispatcher:
             await self._stop_job(handle)
         except (RedisError, OSError) as exc:
             # Redis is down: the worker's own publishes fail too, which ends the job there.
-            log.warning("could not cancel job %s (%s)", handle.job.job_id, type(exc).__name__)
+            log.warning("could not cancel job %s (%s)", handle.job.job_id, type(exc).__name__, extra=STORE_DOWN)
 
     async def _stop_job(self, handle: JobHandle) -> None:
         if handle.worker_id is not None:

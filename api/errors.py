@@ -5,11 +5,13 @@ from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
+from settings.logfields import STORE_DOWN
 from workers.protocol import ErrorBody
 
 log = logging.getLogger("freeference.api")
@@ -20,6 +22,7 @@ _TYPE_BY_STATUS = {
     403: "permission_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     502: "upstream_error",
@@ -85,8 +88,10 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    code = {400: "invalid_request_error", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    if isinstance(exc.__cause__, RecursionError):  # FastAPI's JSON parse of a body nested past Python's stack
+        message = "The JSON is nested too deeply."
     return error_response(
         exc.status_code,
         ErrorBody(message=message, type=_TYPE_BY_STATUS.get(exc.status_code, "api_error"), code=code),
@@ -96,23 +101,36 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # The traceback goes to the log (without the request body); the caller gets a generic body.
-    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    log.error("unhandled error on %s %s", request.method, request.url.path[:200], exc_info=exc)
     return error_response(
         500, ErrorBody(message="Internal server error", type="api_error", code="internal_error")
     )
 
 
+def store_unavailable() -> OpenAIError:
+    """Redis is restarting or unreachable: a retryable 503."""
+    return OpenAIError(503, "The gateway's data store is unavailable; please retry.", code="store_unavailable",
+                       headers={"Retry-After": "2"})
+
+
 async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
-    # Redis is restarting or unreachable: a retryable 503, not a 500 with a traceback.
-    log.warning("redis unavailable on %s %s (%s)", request.method, request.url.path, type(exc).__name__)
-    return error_response(
-        503, ErrorBody(message="The gateway's data store is unavailable; please retry.", type="service_unavailable",
-                       code="store_unavailable"), {"Retry-After": "2"})
+    # Not a 500 with a traceback.
+    log.warning("redis unavailable on %s %s (%s)", request.method, request.url.path[:200], type(exc).__name__,
+                extra=STORE_DOWN)
+    error = store_unavailable()
+    return error_response(error.status, error.body, error.headers)
+
+
+async def _client_left(request: Request, exc: Exception) -> Response:
+    # The caller hung up before its body was complete, or the edge answered 413 / 408 in the
+    # app's place (api/middleware.py, which logs the first): nobody to answer, nothing wrong here.
+    return Response(status_code=499)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Every error the app can raise leaves as an OpenAI error body."""
     app.add_exception_handler(OpenAIError, _openai_error)
+    app.add_exception_handler(ClientDisconnect, _client_left)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RedisConnectionError, _store_unavailable)

@@ -93,7 +93,12 @@ async def lookup_key(redis: Redis, key: str) -> KeyRecord | None:
     No secret is compared here: the key is hashed and the hash is a Redis key name, so the
     time taken does not depend on how much of a guess matches a real key.
     """
-    raw = await redis.get(api_key_record_key(hash_key(key)))
+    return await lookup_digest(redis, hash_key(key))
+
+
+async def lookup_digest(redis: Redis, digest: str) -> KeyRecord | None:
+    """The record of the key with this sha256 hex digest, or None."""
+    raw = await redis.get(api_key_record_key(digest))
     return KeyRecord.model_validate_json(raw) if raw else None
 
 

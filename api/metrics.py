@@ -10,6 +10,7 @@ Each app owns its registry: no process-global metric state, and tests may build 
 
 import logging
 import time
+from collections import Counter as Tally
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -17,12 +18,13 @@ from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from settings.logfields import STORE_DOWN
 from workers.protocol import (
     LIVE_DEPLOYMENTS_KEY,
     WORKER_HEARTBEAT_PREFIX,
@@ -38,6 +40,13 @@ log = logging.getLogger("freeference.metrics")
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 BREAKER_STATES = ("closed", "half_open", "open", "cooling", "gone")
+# Set in a request's state by the edge when the caller left before its body was complete
+# (api/middleware.py): counted as status 499, the caller's doing, not the gateway's.
+CLIENT_LEFT_STATE = "ff_client_left"
+CLIENT_LEFT_STATUS = 499
+# Request heads refused by the HTTP protocol (api/http_protocol.py), by reason. Process-wide, unlike
+# the rest: the protocol serves connections before and outside any app.
+HEAD_REFUSALS: Tally[str] = Tally()
 # Set by a route or middleware on a refusal it makes itself, so the limit is named in metrics.
 LIMIT_HEADER = "x-freeference-limit"
 
@@ -76,6 +85,7 @@ class Metrics:
                                       registry=r)
         self.cluster = ClusterCollector()
         r.register(self.cluster)
+        r.register(_HeadRefusals())
         # labels() costs microseconds per call; the label sets are few (routes, models, providers).
         self._children: dict[tuple[str, ...], Any] = {}
 
@@ -189,6 +199,8 @@ class MetricsMiddleware:
             if stream:
                 m.inflight_streams.dec()
             _CURRENT.reset(token)
+            if scope.get("state", {}).get(CLIENT_LEFT_STATE):
+                status = CLIENT_LEFT_STATUS
             self._record(scope, obs, status, labels, stream, first_body_s)
 
     def _record(self, scope: Scope, obs: RequestObservation, status: int, labels: dict[bytes, bytes],
@@ -247,7 +259,7 @@ class ClusterCollector(Collector):
                 healths = await pipe.execute()
             snap.redis_up = True
         except (RedisError, OSError) as exc:
-            log.warning("metrics: redis unavailable at scrape (%s)", type(exc).__name__)
+            log.warning("metrics: redis unavailable at scrape (%s)", type(exc).__name__, extra=STORE_DOWN)
             self.snapshot = snap
             return
         snap.workers = len(infos)
@@ -273,6 +285,16 @@ class ClusterCollector(Collector):
         for deployment, state in snap.breakers.items():
             for candidate in BREAKER_STATES:
                 family.add_metric([deployment, candidate], 1.0 if candidate == state else 0.0)
+        yield family
+
+
+class _HeadRefusals(Collector):
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("freeference_request_heads_refused",
+                                     "Requests refused before any app saw them: head too large, too many header "
+                                     "lines, head too slow, or a connection idle from its start.", labels=["reason"])
+        for reason, count in sorted(HEAD_REFUSALS.items()):
+            family.add_metric([reason], count)
         yield family
 
 

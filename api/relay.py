@@ -11,6 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from settings.logfields import STORE_DOWN, STORE_UP
 from workers.protocol import reply_channel, split_event
 
 log = logging.getLogger("freeference.relay")
@@ -82,6 +83,7 @@ class ReplyHub:
             pubsub: PubSub | None = None
             try:
                 pubsub = await self._subscribe()
+                log.info("reply channel subscribed", extra=STORE_UP)  # logged only after an outage
                 self.connected = True
                 self._subscribed.set()
                 backoff_s = 0.05
@@ -93,7 +95,7 @@ class ReplyHub:
                 self._subscribed.clear()
                 for queue in self._queues.values():
                     queue.put_nowait(LOST)
-                log.warning("reply channel lost (%s); resubscribing in %.2fs", type(exc).__name__, backoff_s)
+                log.warning("reply channel lost (%s); resubscribing", type(exc).__name__, extra=STORE_DOWN)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
             finally:

@@ -25,6 +25,7 @@ from api.dispatch import WorkerLost
 from api.errors import OpenAIError
 from api.ratelimit import counter_ttl_ms
 from api.relay import Event
+from settings.logfields import STORE_DOWN
 from workers.protocol import DoneEvent, RouteInfo, StartEvent, usage_key
 
 log = logging.getLogger("freeference.usage")
@@ -183,7 +184,8 @@ class UsageRecorder:
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             # The answer already exists; losing one accounting line must not turn it into an error.
-            log.warning("usage for %s not recorded: %s", self._admission.key.id, type(exc).__name__)
+            log.warning("usage for %s not recorded: %s", self._admission.key.id, type(exc).__name__,
+                        extra=STORE_DOWN)
 
 
 def _parse_day(date: str, raw: dict[bytes, bytes]) -> DayUsage:

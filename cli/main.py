@@ -35,15 +35,19 @@ def _tune_gc() -> None:
 def _run_api(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from api.http_protocol import bounded_protocol
     from settings import get_settings
 
     _tune_gc()
+    settings = get_settings()
+    # httptools, with bounds on the request head that uvicorn does not have for it (api/http_protocol.py).
+    http = bounded_protocol(settings.http_max_header_bytes, settings.http_max_headers, settings.http_header_timeout_s)
     # log_config=None: uvicorn's loggers go through our JSON handler instead of its own format.
     # No `server: uvicorn` header: it tells callers nothing they need, names our stack, and every
     # header costs a client ~20 µs to parse on this machine (docs/performance.md).
     uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, log_level="warning",
-                access_log=False, http="httptools", loop="uvloop", timeout_graceful_shutdown=30, log_config=None,
-                timeout_keep_alive=get_settings().http_keepalive_s, server_header=False)
+                access_log=False, http=http, loop="uvloop", timeout_graceful_shutdown=30, log_config=None,
+                timeout_keep_alive=settings.http_keepalive_s, server_header=False)
     return 0
 
 

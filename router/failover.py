@@ -22,6 +22,7 @@ from router.keys import KeyRotation, NoUsableKey, quota_from_headers
 from router.policy import POLICY, Outcome, Tuning, classify, cooling_s, retry_wait_s
 from router.providers.openai_compat import OpenAICompatProvider
 from router.select import NoneAvailable
+from settings.logfields import STORE_DOWN
 
 __all__ = ["AllFailed", "AttemptLog", "FailoverExecutor", "MidStreamFailure", "RunState"]
 
@@ -71,7 +72,7 @@ class FailoverExecutor:
         try:
             return await self._health.snapshot(deployments)
         except (RedisError, OSError) as exc:
-            log.warning("health unavailable (%s): routing without it", type(exc).__name__)
+            log.warning("health unavailable (%s): routing without it", type(exc).__name__, extra=STORE_DOWN)
             return HealthSnapshot(at_ms=0)
 
     async def complete(self, ranked: Sequence[Deployment], body: dict[str, Any], state: RunState,
@@ -185,7 +186,8 @@ class FailoverExecutor:
         try:
             await self._health.release_probe(deployment)
         except (RedisError, OSError) as exc:
-            log.warning("could not release the probe of %s: %s", deployment.key, type(exc).__name__)
+            log.warning("could not release the probe of %s: %s", deployment.key, type(exc).__name__,
+                        extra=STORE_DOWN)
 
     async def _succeeded(self, deployment: Deployment, api_key: str | None, first_chunk_ms: float | None,
                          headers: Any) -> None:
@@ -195,7 +197,7 @@ class FailoverExecutor:
         try:
             await self._health.record_success(deployment, first_chunk_ms, quota, api_key)
         except (RedisError, OSError) as exc:
-            log.warning("could not record health of %s: %s", deployment.key, type(exc).__name__)
+            log.warning("could not record health of %s: %s", deployment.key, type(exc).__name__, extra=STORE_DOWN)
 
     async def _learn(self, deployment: Deployment, api_key: str | None, outcome: Outcome, exc: UpstreamError,
                      probe: bool, health: HealthSnapshot) -> None:
@@ -222,7 +224,7 @@ class FailoverExecutor:
                 # The probe got an answer about the request itself: the route is alive.
                 await self._health.record_success(deployment, None, None, None)
         except (RedisError, OSError) as err:
-            log.warning("could not record health of %s: %s", deployment.key, type(err).__name__)
+            log.warning("could not record health of %s: %s", deployment.key, type(err).__name__, extra=STORE_DOWN)
         if probe and effect == "ban_key":
             # The answer was about our key, not the route: a worker with another key may probe now.
             await self._release_probe(deployment)

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from router.catalog import ProviderRuntime, RuntimeCatalog
 from router.health import HealthStore, now_ms
+from settings.logfields import STORE_DOWN
 from workers.protocol import LIVE_DEPLOYMENTS_KEY, LiveDeployment, catalog_refresh_lock_key
 
 log = logging.getLogger("freeference.catalog")
@@ -60,7 +61,7 @@ class CatalogRefresher:
                 for provider in self._catalog.providers.values():
                     await self.maybe_refresh(provider)
             except (RedisError, OSError) as exc:
-                log.warning("catalog refresh skipped: %s", type(exc).__name__)
+                log.warning("catalog refresh skipped: %s", type(exc).__name__, extra=STORE_DOWN)
             await asyncio.sleep(self.tick_s())
 
     async def publish_live(self) -> None:

@@ -34,6 +34,20 @@ class Settings(BaseSettings):
     # so the client side always closes first: a server that closes at the moment a client
     # reuses the connection makes that request fail with a read error before it reaches us.
     http_keepalive_s: int = Field(default=75, gt=0)
+    # Hostile-input bounds (docs/security.md). A request head (request line and headers) larger
+    # than this, or with more header lines, is answered 431 and the connection closed.
+    http_max_header_bytes: int = Field(default=32 * 1024, ge=1024)
+    http_max_headers: int = Field(default=100, ge=8)
+    # A request head must be complete this long after its first byte (a fresh connection that
+    # sends nothing is closed after it too): slowloris connections are dropped.
+    http_header_timeout_s: float = Field(default=15.0, gt=0)
+    # A body must arrive within this, plus one second per http_body_min_bytes_per_s it carries,
+    # so a large upload at a fair rate finishes while a trickle is answered 408.
+    http_body_timeout_s: float = Field(default=30.0, gt=0)
+    http_body_min_bytes_per_s: int = Field(default=256 * 1024, gt=0)
+    # Bodies one key may have arriving at once in one API process (429 past it). A body that
+    # comes with its headers is whole at once; only slow uploads count against this.
+    http_max_open_bodies_per_key: int = Field(default=32, ge=1)
     # Deepest nesting of objects and arrays accepted in any JSON a caller sends (bodies, batch
     # lines): far above what real tool schemas use, far below where serializers give up (~254).
     max_json_depth: int = Field(default=64, ge=8, le=200)

@@ -23,6 +23,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.failover import RunState
+from settings.logfields import STORE_DOWN
 from workers.batch_pacing import LagGovernor
 from workers.batch_store import BatchStore, BatchView, output_line
 from workers.jobs import WorkerState, error_event, execute
@@ -78,7 +79,7 @@ class BatchRunner:
                     await self._tick()
                     backoff_s = 0.05
                 except _REDIS_DOWN as exc:
-                    log.warning("batch runner: redis unavailable (%s)", type(exc).__name__)
+                    log.warning("batch runner: redis unavailable (%s)", type(exc).__name__, extra=STORE_DOWN)
                     await asyncio.sleep(backoff_s)
                     backoff_s = min(backoff_s * 2, 2.0)
                     continue

@@ -11,6 +11,8 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
+from settings.logfields import STORE_DOWN
+
 log = logging.getLogger("freeference.worker")
 
 # A command (PUBLISH channel message, or any other) and the future of its reply.
@@ -121,7 +123,7 @@ class EventPublisher:
                     if not future.done():  # its job may have been cancelled meanwhile
                         future.set_result(int(reply) if command[0] == "PUBLISH" else reply)
         except (RedisError, OSError, TimeoutError) as exc:
-            log.warning("publishing %d events failed (%s)", len(batch), type(exc).__name__)
+            log.warning("publishing %d events failed (%s)", len(batch), type(exc).__name__, extra=STORE_DOWN)
             if self._connection is not None:
                 with contextlib.suppress(RedisError, OSError):
                     await self._connection.disconnect()

@@ -22,6 +22,7 @@ from router.intent import classify_request
 from router.select import NoCandidates, NoneAvailable, NothingFits, candidate_groups, estimate_tokens, rank
 from settings import Settings
 from settings.catalog import Intent
+from settings.logfields import STORE_DOWN
 from workers.claim import JobClaim
 from workers.events import EventPublisher
 from workers.protocol import (
@@ -220,7 +221,7 @@ class Confirmation:
         try:
             won = await self._claim
         except (RedisError, OSError) as exc:  # whether this worker holds the job is unknown: it must not run
-            log.warning("job %s not run: its claim failed (%s)", job.job_id, type(exc).__name__)
+            log.warning("job %s not run: its claim failed (%s)", job.job_id, type(exc).__name__, extra=STORE_DOWN)
             return NotClaimed()
         if not won.runnable:
             return NotClaimed()
@@ -229,7 +230,8 @@ class Confirmation:
                 await self._state.events.publish(
                     job.reply_channel, encode_event(job.job_id, "accepted", accepted_payload(self._state.worker_id)))
             except (RedisError, OSError) as exc:
-                log.warning("job %s: its pickup was not announced (%s)", job.job_id, type(exc).__name__)
+                log.warning("job %s: its pickup was not announced (%s)", job.job_id, type(exc).__name__,
+                            extra=STORE_DOWN)
         return won.health
 
 
@@ -269,6 +271,10 @@ async def _run(job: ChatJob, state: WorkerState, out: Publisher, confirmed: Conf
     except CallerGone:
         log.info("job %s stopped: its API process is gone", job.job_id)
         return
+    except (RedisError, ConnectionError) as exc:
+        # Redis went away mid-job: the API waiting for it lost its reply channel too and tells its caller.
+        log.warning("job %s ended: redis unavailable (%s)", job.job_id, type(exc).__name__, extra=STORE_DOWN)
+        return
     except Exception as exc:  # every failure kind is mapped; anything else is a bug, logged
         try:
             await confirmed()  # a job that failed before its claim settled answers only if it is ours
@@ -281,7 +287,11 @@ async def _run(job: ChatJob, state: WorkerState, out: Publisher, confirmed: Conf
         return
     done.failures = _failures(run)
     done.timings = WorkerTimings(upstream_ms=((first_output_s or time.monotonic()) - started) * 1000)
-    await out.send("done", done.model_dump_json().encode())
+    try:
+        await out.send("done", done.model_dump_json().encode())
+    except (RedisError, ConnectionError) as exc:
+        log.warning("job %s: its result was not delivered, redis unavailable (%s)", job.job_id, type(exc).__name__,
+                    extra=STORE_DOWN)
 
 
 def _failures(run: RunState) -> list[AttemptFailure]:

@@ -27,6 +27,7 @@ from router.catalog import RuntimeCatalog
 from router.providers.transport import upstream_client
 from settings import Settings, get_settings
 from settings.catalog import load_catalog
+from settings.logfields import STORE_DOWN, STORE_UP
 from settings.redis_url import sentinel_target
 from workers.batches import run_batches
 from workers.claim import Claimer, JobClaim
@@ -135,7 +136,7 @@ class FreeferenceWorker(Worker):
                     await self._poll_iteration()
                 backoff_s = 0.05
             except _REDIS_DOWN as exc:
-                log.warning("redis unavailable (%s); retrying in %.2fs", type(exc).__name__, backoff_s)
+                log.warning("redis unavailable (%s); retrying", type(exc).__name__, extra=STORE_DOWN)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
                 continue
@@ -181,7 +182,7 @@ class FreeferenceWorker(Worker):
                     # the middle of the work before their first upstream byte.
                     await asyncio.sleep(_POP_REISSUE_DELAY_S)
             except _REDIS_DOWN as exc:
-                log.warning("ready list unavailable (%s); retrying in %.2fs", type(exc).__name__, backoff_s)
+                log.warning("ready list unavailable (%s); retrying", type(exc).__name__, extra=STORE_DOWN)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
             except RedisError as exc:  # e.g. a server without BLMPOP (Redis < 7): the scan still finds every job
@@ -351,11 +352,16 @@ class FreeferenceWorker(Worker):
         while True:
             state: WorkerState = self.ctx["state"]
             info = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(), "running": len(state.running)})
-            with contextlib.suppress(*_REDIS_DOWN):
+            try:
                 async with self.pool.pipeline(transaction=False) as pipe:
                     pipe.set(key, info, px=ttl_ms)
                     pipe.zadd(WORKERS_KEY, {self.worker_id: int(time.time() * 1000) + ttl_ms})
                     await pipe.execute()
+            except _REDIS_DOWN as exc:
+                log.warning("heartbeat not written (%s)", type(exc).__name__, extra=STORE_DOWN)
+            else:
+                # Ends an outage the log is holding back (said once a beat, logged only after one).
+                log.info("redis reachable again", extra=STORE_UP)
             await asyncio.sleep(self.settings.worker_heartbeat_s)
 
     async def _watch_callers(self) -> None:
@@ -397,7 +403,8 @@ class FreeferenceWorker(Worker):
             await self.pool.delete(worker_heartbeat_key(self.worker_id), self.health_check_key)
             await self.pool.zrem(WORKERS_KEY, self.worker_id)
         except _REDIS_DOWN as exc:
-            log.warning("redis unavailable while stopping (%s); the heartbeat expires by itself", type(exc).__name__)
+            log.warning("redis unavailable while stopping (%s); the heartbeat expires by itself", type(exc).__name__,
+                        extra=STORE_DOWN)
         if self.on_shutdown:
             await self.on_shutdown(self.ctx)
         with contextlib.suppress(*_REDIS_DOWN):

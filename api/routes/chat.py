@@ -10,7 +10,7 @@ from fastapi.responses import Response, StreamingResponse
 from fastapi.routing import APIRoute
 
 from api.admission import admit
-from api.dispatch import Dispatcher, JobHandle, WorkerLost
+from api.dispatch import Dispatcher, JobHandle, ReplyLost, WorkerLost
 from api.errors import OpenAIError
 from api.intake import admit_and_enqueue, build_job
 from api.keys import KeyRecord
@@ -136,10 +136,9 @@ async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, sett
             caller.follow(handle)
             try:
                 return await _respond(handle, dispatcher, caller, usage)
-            except WorkerLost:  # _respond already released the job
+            except WorkerLost as lost:  # _respond already released the job
                 if attempt == MAX_WORKER_LOSS_RETRIES:
-                    raise OpenAIError(502, "The worker handling this request stopped; please retry.",
-                                      code="worker_lost", headers={"Retry-After": "1"}) from None
+                    raise _lost(lost) from None
                 job = job.model_copy(update={"job_id": new_job_id(request.app.state.hub.process_id)})
         raise AssertionError("unreachable")
     finally:
@@ -185,6 +184,16 @@ async def _respond(handle: JobHandle, dispatcher: Dispatcher, caller: _CallerWat
             await dispatcher.release(handle)
 
 
+def _lost(lost: WorkerLost) -> OpenAIError:
+    """The error for a job whose events stopped: its worker died, or Redis (the reply path) went away."""
+    if isinstance(lost, ReplyLost):
+        # Nothing is wrong with the request or upstream: the gateway's store blinked. Retryable.
+        return OpenAIError(503, "The gateway lost its connection to its data store while answering; please retry.",
+                           code="service_unavailable", headers={"Retry-After": "2"})
+    return OpenAIError(502, "The worker handling this request stopped; please retry.", code="worker_lost",
+                       headers={"Retry-After": "1"})
+
+
 async def _single(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
@@ -207,10 +216,8 @@ async def _sse(first_chunk: bytes, events: AsyncGenerator[Event, None], handle: 
                 error = ErrorEvent.model_validate_json(payload)
                 yield b"data: " + orjson.dumps({"error": error.error.model_dump()}) + b"\n\n"
                 return
-    except WorkerLost:
-        body = {"error": {"message": "The worker handling this stream stopped.", "type": "upstream_error",
-                          "param": None, "code": "worker_lost"}}
-        yield b"data: " + orjson.dumps(body) + b"\n\n"
+    except WorkerLost as lost:
+        yield b"data: " + orjson.dumps({"error": _lost(lost).body.model_dump()}) + b"\n\n"
     except OpenAIError as exc:
         yield b"data: " + orjson.dumps({"error": exc.body.model_dump()}) + b"\n\n"
     finally:

@@ -88,8 +88,11 @@ def test_unknown_model_is_404_and_free_pin_is_403(shared_gateway: Gateway, key: 
                                                      b'"content": "x"}]}'), 403, "tier_not_allowed")
 
 
-def test_unknown_route_is_openai_404(shared_gateway: Gateway) -> None:
-    _assert_openai_error(httpx.get(shared_gateway.base_url + "/v1/nope", timeout=5), 404)
+def test_unknown_route_is_openai_404(shared_gateway: Gateway, key: str) -> None:
+    # Without a key, /v1 tells an anonymous caller nothing, not even which paths exist.
+    _assert_openai_error(httpx.get(shared_gateway.base_url + "/v1/nope", timeout=5), 401)
+    _assert_openai_error(httpx.get(shared_gateway.base_url + "/v1/nope", headers={"Authorization": f"Bearer {key}"},
+                                   timeout=5), 404)
 
 
 def test_service_stays_up_after_bad_input(shared_gateway: Gateway, upstream: FakeUpstream, key: str) -> None:
