@@ -10,32 +10,19 @@ import openai
 import pytest
 
 from bench.fake_upstream import reply_tokens
-from cli.embedded_redis import free_port, start_server
-from tests.support.processes import FakeUpstream, Gateway, StreamProbe, base_env, catalog_yaml, wait_for
+from tests.support.processes import (
+    FakeUpstream,
+    Gateway,
+    OwnRedis,
+    StreamProbe,
+    base_env,
+    catalog_yaml,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
-
-
-class OwnRedis:
-    """A server this test owns, so it may stop and restart it on the same port (AOF keeps the keys)."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
-        self.data_dir = data_dir
-        self.process = start_server(self.port, data_dir=data_dir)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
-
-    def start(self) -> None:
-        self.process = start_server(self.port, data_dir=self.data_dir)
 
 
 @pytest.fixture

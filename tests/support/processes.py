@@ -16,7 +16,7 @@ import openai
 from redis import Redis
 
 from api.keys import KeyLimits, create_key
-from cli.embedded_redis import free_port
+from cli.embedded_redis import free_port, start_server
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -151,6 +151,26 @@ class Gateway:
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(self.log_dir.glob("*.log")))
+
+
+class OwnRedis:
+    """A server this test owns, so it may stop and restart it on the same port (AOF keeps the keys)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.process = start_server(self.port, data_dir=data_dir)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+    def start(self) -> None:
+        self.process = start_server(self.port, data_dir=self.data_dir)
 
 
 def catalog_yaml(upstream_url: str, models: list[dict[str, Any]] | None = None,
