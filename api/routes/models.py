@@ -1,5 +1,11 @@
 """GET /v1/models, /v1/models/random and /v1/models/{id}: what the workers can route right now.
 
+Two kinds of model ids are listed: the capability ids (`text-basic`, `code`, `reasoning` … and
+`auto`, owned by `freeference`), which every key may send and which fail over inside their
+capability; and the exact upstream models, which only pro keys may pin (so only pro keys see
+them listed). A capability's context window and capabilities are those of its candidates that
+a worker can route right now.
+
 The API imports no routing code: the catalog file says what models are, the workers publish
 which deployments they can serve (LIVE_DEPLOYMENTS_KEY) and their shared health hashes say
 which are healthy. Both are read with one round trip each.
@@ -8,6 +14,7 @@ which are healthy. Both are read with one round trip each.
 import random
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -17,6 +24,7 @@ from redis.asyncio import Redis
 from api.admission import charge_random_model
 from api.deps import CatalogDep, CurrentKey, RedisDep, SettingsDep
 from api.errors import OpenAIError
+from api.keys import KeyRecord
 from settings import Settings
 from settings.catalog import CatalogFile, ModelConfig
 from workers.protocol import LIVE_DEPLOYMENTS_KEY, DeploymentHealth, LiveDeployment, deployment_health_key
@@ -25,6 +33,19 @@ router = APIRouter()
 
 # With no health information to go on, a caller asking for a random model retries after this.
 _DEFAULT_RETRY_AFTER_S = 5
+AUTO = "auto"
+# Capability ids have no creation date of their own; this is the gateway's first release.
+_CAPABILITY_CREATED = 1_735_689_600
+
+
+@dataclass(frozen=True)
+class Routable:
+    """One deployment a worker can route right now."""
+
+    key: str
+    model: ModelConfig
+    provider: str
+    health: DeploymentHealth
 
 
 async def _live(redis: Redis, settings: Settings) -> dict[str, LiveDeployment]:
@@ -43,69 +64,114 @@ async def _health(redis: Redis, keys: list[str]) -> dict[str, DeploymentHealth]:
     return {key: DeploymentHealth.from_hash(raw) for key, raw in zip(keys, results, strict=True)}
 
 
-async def _routable(redis: Redis, settings: Settings, catalog: CatalogFile
-                    ) -> tuple[dict[str, list[tuple[str, LiveDeployment]]], dict[str, DeploymentHealth]]:
-    """Model id → its live, not-vanished deployments (key, entry); and their health."""
+async def _routable(redis: Redis, settings: Settings, catalog: CatalogFile) -> dict[str, list[Routable]]:
+    """Model id → its live deployments that have not vanished upstream, in catalog order."""
     live = await _live(redis, settings)
     health = await _health(redis, sorted(live))
-    known = {m.id for m in catalog.models}
-    by_model: dict[str, list[tuple[str, LiveDeployment]]] = defaultdict(list)
+    models = {m.id: m for m in catalog.models}
+    by_model: dict[str, list[Routable]] = defaultdict(list)
     for key, entry in live.items():
-        if entry.model in known and not health[key].gone:
-            by_model[entry.model].append((key, entry))
-    return by_model, health
+        model = models.get(entry.model)
+        if model is not None and not health[key].gone:
+            by_model[entry.model].append(Routable(key, model, entry.provider, health[key]))
+    return {m.id: by_model[m.id] for m in catalog.models if m.id in by_model}
 
 
-def _card(model: ModelConfig, owned_by: str) -> dict[str, Any]:
+def _candidates(catalog: CatalogFile, by_model: dict[str, list[Routable]], capability: str) -> list[Routable]:
+    """The routable deployments of a capability id (every intent for `auto`), best score first."""
+    if capability == AUTO:
+        found = [r for deployments in by_model.values() for r in deployments]
+        return sorted(found, key=lambda r: -max(r.model.scores.values(), default=0.0))
+    intent = catalog.capabilities[capability].intent
+    found = [r for deployments in by_model.values() for r in deployments if intent in r.model.scores]
+    return sorted(found, key=lambda r: -r.model.scores[intent])
+
+
+def _capability_card(capability: str, candidates: list[Routable]) -> dict[str, Any]:
+    features = dict.fromkeys(c for r in candidates for c in r.model.capabilities)
+    return {"id": capability, "object": "model", "created": _CAPABILITY_CREATED, "owned_by": "freeference",
+            "context_window": max(r.model.context_window for r in candidates), "capabilities": list(features)}
+
+
+def _model_card(model: ModelConfig, owned_by: str) -> dict[str, Any]:
     return {"id": model.id, "object": "model", "created": model.created, "owned_by": owned_by,
             "context_window": model.context_window, "capabilities": list(model.capabilities)}
 
 
-def _first_model(catalog: CatalogFile, model_id: str) -> ModelConfig | None:
-    return next((m for m in catalog.models if m.id == model_id), None)
+def _capability_ids(catalog: CatalogFile) -> list[str]:
+    return [*catalog.capabilities, AUTO]
+
+
+def _may_pin(key: KeyRecord) -> bool:
+    return key.tier == "pro"
 
 
 @router.get("/v1/models")
-async def list_models(_: CurrentKey, redis: RedisDep, settings: SettingsDep, catalog: CatalogDep) -> dict[str, Any]:
-    """Every model some worker can route to right now (catalog order)."""
-    by_model, _health_by_key = await _routable(redis, settings, catalog)
-    cards: list[dict[str, Any]] = []
-    for model in catalog.models:
-        if model.id in by_model and all(c["id"] != model.id for c in cards):
-            cards.append(_card(model, by_model[model.id][0][1].provider))
+async def list_models(key: CurrentKey, redis: RedisDep, settings: SettingsDep, catalog: CatalogDep) -> dict[str, Any]:
+    """The capability ids with a routable candidate, then (pro keys) every routable exact model."""
+    by_model = await _routable(redis, settings, catalog)
+    cards = [_capability_card(capability, candidates) for capability in _capability_ids(catalog)
+             if (candidates := _candidates(catalog, by_model, capability))]
+    if _may_pin(key):
+        cards += [_model_card(deployments[0].model, deployments[0].provider) for deployments in by_model.values()]
     return {"object": "list", "data": cards}
 
 
 @router.get("/v1/models/random")
 async def random_model(request: Request, key: CurrentKey, redis: RedisDep, settings: SettingsDep,
                        catalog: CatalogDep) -> JSONResponse:
-    """A random model with a healthy deployment right now (10 requests/hour per key)."""
+    """A random model with a healthy deployment right now, as an id this key may send (10 an hour per key).
+
+    Free keys get a capability id (its healthy candidates fail over among themselves); pro keys
+    an exact model. `contextWindow` and `providerId` are those of the deployment serving it now.
+    """
     limit_headers = await charge_random_model(request, key, settings.models_random_per_hour)
-    by_model, health = await _routable(redis, settings, catalog)
+    by_model = await _routable(redis, settings, catalog)
     now_ms = int(time.time() * 1000)
-    healthy = [(model_id, entry) for model_id, deployments in by_model.items()
-               for key_name, entry in deployments if health[key_name].state(now_ms) == "closed"]
+    healthy = {model_id: [r for r in deployments if r.health.state(now_ms) == "closed"]
+               for model_id, deployments in by_model.items()}
+    healthy = {model_id: deployments for model_id, deployments in healthy.items() if deployments}
     if not healthy:
-        waits = [h.blocked_for_ms(now_ms) for h in health.values() if not h.gone and h.blocked_for_ms(now_ms)]
+        waits = [r.health.blocked_for_ms(now_ms) for deployments in by_model.values() for r in deployments
+                 if r.health.blocked_for_ms(now_ms)]
         retry_after_s = max(1, round(min(waits) / 1000)) if waits else _DEFAULT_RETRY_AFTER_S
         raise OpenAIError(503, "No model has a healthy deployment right now.", code="no_models_available",
                           headers={**limit_headers, "Retry-After": str(retry_after_s)})
-    model_id, entry = random.choice(healthy)
-    model = _first_model(catalog, model_id)
-    assert model is not None  # _routable keeps catalog models only
-    capabilities = {cap_id: cap.name for cap_id, cap in catalog.capabilities.items() if cap.intent in model.scores}
-    body = {"modelId": model.id, "name": model.name or model.id, "capabilityMapping": capabilities,
-            "contextWindow": model.context_window, "providerId": entry.provider}
+    if _may_pin(key):
+        serving = random.choice([r for deployments in healthy.values() for r in deployments])
+        model = serving.model
+        body = {"modelId": model.id, "name": model.name or model.id,
+                "capabilityMapping": _best_capability(catalog, model), "contextWindow": model.context_window,
+                "providerId": serving.provider}
+    else:
+        offered = {capability: candidates for capability in catalog.capabilities
+                   if (candidates := _candidates(catalog, healthy, capability))}
+        capability = random.choice(sorted(offered))
+        serving = offered[capability][0]  # the best healthy candidate is what serves it now
+        body = {"modelId": capability, "name": catalog.capabilities[capability].name,
+                "capabilityMapping": capability, "contextWindow": serving.model.context_window,
+                "providerId": serving.provider}
     return JSONResponse(body, headers=limit_headers)
+
+
+def _best_capability(catalog: CatalogFile, model: ModelConfig) -> str:
+    """The capability id whose intent the model scores best in."""
+    ranked = sorted(((model.scores.get(cap.intent, -1.0), cap_id) for cap_id, cap in catalog.capabilities.items()),
+                    key=lambda pair: -pair[0])
+    return ranked[0][1] if ranked and ranked[0][0] >= 0 else AUTO
 
 
 @router.get("/v1/models/{model_id:path}")
 async def retrieve_model(model_id: str, _: CurrentKey, redis: RedisDep, settings: SettingsDep,
                          catalog: CatalogDep) -> dict[str, Any]:
-    """One model (ids may contain '/' and ':'), if some worker can route to it."""
-    model = _first_model(catalog, model_id)
-    by_model, _health_by_key = await _routable(redis, settings, catalog) if model else ({}, {})
-    if model is None or model_id not in by_model:
-        raise OpenAIError(404, f"The model '{model_id}' does not exist or is not available.", code="model_not_found",
-                          param="model")
-    return _card(model, by_model[model_id][0][1].provider)
+    """One capability id or exact model (ids may contain '/' and ':'), if some worker can route to it."""
+    by_model = await _routable(redis, settings, catalog)
+    if model_id in _capability_ids(catalog):
+        candidates = _candidates(catalog, by_model, model_id)
+        if candidates:
+            return _capability_card(model_id, candidates)
+    elif model_id in by_model:
+        serving = by_model[model_id][0]
+        return _model_card(serving.model, serving.provider)
+    raise OpenAIError(404, f"The model '{model_id}' does not exist or is not available.", code="model_not_found",
+                      param="model")

@@ -47,20 +47,51 @@ def wait_for(check: Callable[[], bool], timeout_s: float = 10) -> bool:
     return False
 
 
+CAPABILITIES = ["text-basic", "code", "reasoning", "auto"]
+
+
 def test_list_and_retrieve(gateway: Gateway, key: str) -> None:
     client = gateway.client(key)
-    models = client.models.list()
-    assert [m.id for m in models.data] == [*GENERAL, "code-refused", SLASHY]
+    # A free key sees the ids it may send: the capability ids, owned by the gateway.
+    assert [m.id for m in client.models.list().data] == CAPABILITIES
     raw = httpx.get(gateway.base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
-    first = raw["data"][0]
+    text_basic = raw["data"][0]
+    # Its window and capabilities are those of its routable candidates (the largest window).
+    assert text_basic == {"id": "text-basic", "object": "model", "created": text_basic["created"],
+                          "owned_by": "freeference", "context_window": 32768, "capabilities": ["chat", "code"]}
+    assert raw["data"][2]["context_window"] == 65536  # reasoning: the slashy model only
+    # A pro key may pin exact models, so it sees them too.
+    pro = gateway.client(gateway.create_key("pro"))
+    assert [m.id for m in pro.models.list().data] == [*CAPABILITIES, *GENERAL, "code-refused", SLASHY]
+    listed = httpx.get(gateway.base_url + "/v1/models", headers={"Authorization": f"Bearer {pro.api_key}"}).json()
+    first = next(m for m in listed["data"] if m["id"] == "general-best")
     assert first == {"id": "general-best", "object": "model", "created": first["created"], "owned_by": "fake-a",
                      "context_window": 8192, "capabilities": ["chat"]}
     slashy = client.models.retrieve(SLASHY)  # '/' and ':' in the path
     assert (slashy.id, slashy.owned_by) == (SLASHY, "fake-b")
+    assert client.models.retrieve("code").owned_by == "freeference"
     with pytest.raises(openai.NotFoundError) as info:
         client.models.retrieve("no-such-model")
     assert info.value.code == "model_not_found"
     assert httpx.get(gateway.base_url + "/v1/models").status_code == 401
+
+
+@pytest.mark.parametrize("tier", ["free", "pro"])
+def test_the_resilient_app_example_works_as_written(gateway: Gateway, key: str, tier: str) -> None:
+    """The product's own example: take a random model, send its modelId as `model`."""
+    client = gateway.client(key if tier == "free" else gateway.create_key("pro"))
+    model = httpx.get(gateway.base_url + "/v1/models/random",
+                      headers={"Authorization": f"Bearer {client.api_key}"}).json()
+    reply = client.chat.completions.create(model=model["modelId"], messages=[{"role": "user", "content": "Hi"}])
+    assert reply.choices[0].message.content
+    assert set(model) == {"modelId", "name", "capabilityMapping", "contextWindow", "providerId"}
+    assert isinstance(model["capabilityMapping"], str)
+    if tier == "free":  # a capability id, named by its display name
+        assert model["modelId"] == model["capabilityMapping"] in ("text-basic", "code", "reasoning")
+        assert model["name"] in ("General Chat Model", "Code Model", "Reasoning Model")
+    else:  # an exact model, which a pro key may pin
+        assert model["modelId"] in [*GENERAL, SLASHY] and reply.model == model["modelId"]
+        assert model["capabilityMapping"] in ("text-basic", "code", "reasoning")
 
 
 def test_random_model_shape_and_health(gateway: Gateway, upstream: FakeUpstream, key: str) -> None:
@@ -70,12 +101,19 @@ def test_random_model_shape_and_health(gateway: Gateway, upstream: FakeUpstream,
     assert body["modelId"] in [*GENERAL, "code-refused", SLASHY]
     if body["modelId"] == "general-best":
         assert body["name"] == "Best General" and body["contextWindow"] == 8192 and body["providerId"] == "fake-a"
+        assert body["capabilityMapping"] == "text-basic"
     # The primary cools down (429 with a long Retry-After): random never offers it meanwhile.
     upstream.script("general-best", {"status": 429, "retry_after": 120})
     assert ask(gateway, key, stream=False).model == "general-backup"
     offered = {httpx.get(gateway.base_url + "/v1/models/random", headers=master).json()["modelId"] for _ in range(30)}
     assert "general-best" not in offered
     assert len(offered) >= 2  # random, not fixed
+    # For a free key, text-basic is now served by its best healthy candidate.
+    free = {"Authorization": f"Bearer {gateway.create_key('free')}"}
+    for _ in range(10):
+        body = httpx.get(gateway.base_url + "/v1/models/random", headers=free).json()
+        if body["modelId"] == "text-basic":
+            assert (body["contextWindow"], body["providerId"]) == (32768, "fake-b")
 
 
 def test_random_is_503_when_nothing_is_healthy(gateway: Gateway, upstream: FakeUpstream, key: str) -> None:
@@ -114,7 +152,7 @@ def test_a_model_that_vanished_upstream_leaves_rotation_and_comes_back(gateway: 
     upstream.set_models(["general-best", "general-backup", "coder", "slashy"])  # general-small retired
 
     def listed() -> list[str]:
-        return [m.id for m in client.models.list().data]
+        return [m.id for m in gateway.client(pro).models.list().data]
 
     assert wait_for(lambda: "general-small" not in listed())
     with pytest.raises(openai.NotFoundError):
