@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     upload_limit = conf.batch_upload_max_bytes + 64 * 1024
     # Each add wraps the previous: metrics (outermost) see every answer, 413s and 503s included.
     # Innermost: the chat route served without FastAPI's routing layers (api/fastpath.py).
-    app.add_middleware(DirectRoute, fastapi_app=app, route=chat.completions_route())
+    app.add_middleware(DirectRoute, fastapi_app=app, routes=[chat.completions_route()])
     app.add_middleware(InflightLimitMiddleware, max_inflight=conf.max_inflight_requests,
                        paths=("/v1/chat/completions",))
     app.add_middleware(EdgeMiddleware, max_body_bytes=conf.max_body_bytes, body_timeout_s=conf.http_body_timeout_s,

@@ -1,7 +1,8 @@
-"""The chat route without FastAPI's routing layers: the innermost middleware serves it directly.
+"""The completion routes without FastAPI's routing layers: the innermost middleware serves them directly.
 
-`POST /v1/chat/completions` is nearly every request the gateway sees, and the endpoint takes
-its own request apart (no dependencies, no FastAPI body parsing). Between our middlewares and
+`POST /v1/chat/completions` (and its dialects, `/v1/responses` and `/v1/messages`) is nearly
+every request the gateway sees, and each endpoint takes its own request apart (no
+dependencies, no FastAPI body parsing). Between our middlewares and
 the endpoint FastAPI still ran its exception middleware, its exit-stack middleware, the match
 of the path against every route, the route's request/response wrapper and its dependency
 solving: a few hundred microseconds on this machine per request (docs/performance.md). This
@@ -10,7 +11,7 @@ as before. The route stays registered, so the OpenAPI schema and every other cal
 app see it unchanged, and errors leave through the same handlers the app installs.
 """
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
@@ -20,23 +21,23 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 
 class DirectRoute:
-    """Pure ASGI: serves `route` by calling its endpoint, rendering errors with the app's handlers."""
+    """Pure ASGI: serves `routes` by calling their endpoints, rendering errors with the app's handlers."""
 
-    def __init__(self, app: ASGIApp, fastapi_app: FastAPI, route: APIRoute) -> None:
+    def __init__(self, app: ASGIApp, fastapi_app: FastAPI, routes: Sequence[APIRoute]) -> None:
         self.app = app
         self._fastapi_app = fastapi_app
-        self._route = route
-        self._methods = frozenset(route.methods or ())
-        self._endpoint: Callable[[Request], Awaitable[Response]] = route.endpoint
+        self._routes = {(route.path, method): route for route in routes for method in route.methods or ()}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self._route.path or scope["method"] not in self._methods:
+        route = self._routes.get((scope["path"], scope["method"])) if scope["type"] == "http" else None
+        if route is None:
             await self.app(scope, receive, send)
             return
-        scope["route"] = self._route  # as FastAPI's router sets it (metrics label by its template)
+        scope["route"] = route  # as FastAPI's router sets it (metrics label by its template)
         request = Request(scope, receive, send)
+        endpoint: Callable[[Request], Awaitable[Response]] = route.endpoint
         try:
-            response = await self._endpoint(request)
+            response = await endpoint(request)
         except Exception as exc:
             handler = self._handler_for(exc)
             if handler is None:

@@ -17,12 +17,13 @@ from fastapi import Request
 from api.admission import Admission, JobOnAdmit, estimate_prompt_tokens
 from api.auth import bearer_token, is_master_key
 from api.backpressure import StreamLimiter
+from api.dialects.base import Dialect
 from api.dispatch import Dispatcher, JobHandle
 from api.errors import OpenAIError
 from api.keys import hash_key, key_id_for_digest
 from api.modelref import check_chat_request, normalize_model, pins_exact_model
 from api.ratelimit import rate_limited
-from api.schemas import GATEWAY_FIELDS, ChatCompletionRequest, parse_chat_request
+from api.schemas import GATEWAY_FIELDS, ChatCompletionRequest
 from settings import Settings
 from settings.catalog import CatalogFile
 from workers.protocol import ChatJob, Tier, new_job_id, ready_list_key
@@ -47,8 +48,8 @@ def build_job(request: Request, key_id: str, tier: Tier | None, body: ChatComple
     )
 
 
-async def admit_and_enqueue(request: Request, settings: Settings, dispatcher: Dispatcher,
-                            catalog: CatalogFile) -> tuple[Admission, JobHandle] | None:
+async def admit_and_enqueue(request: Request, settings: Settings, dispatcher: Dispatcher, catalog: CatalogFile,
+                            dialect: Dialect) -> tuple[Admission, JobHandle] | None:
     """Admit and queue the request in one round trip; None when it must take the separate steps.
 
     Raises 401 / 429 / 403 as admission would. The returned handle is registered for the job's
@@ -58,14 +59,14 @@ async def admit_and_enqueue(request: Request, settings: Settings, dispatcher: Di
     if is_master_key(settings, token):
         return None  # no limits to charge: admission costs no round trip
     raw_body = await request.body()
+    key_id = key_id_for_digest(hash_key(token))
     try:
-        body, raw = parse_chat_request(raw_body, settings.max_json_depth)
+        body, raw = await dialect.translate(raw_body, key_id)
         check_chat_request(catalog, body, "pro", settings.max_messages)  # everything but the tier rule
     except OpenAIError:
         return None
     now = time.time()
     estimate = estimate_prompt_tokens(raw_body)
-    key_id = key_id_for_digest(hash_key(token))
     job = build_job(request, key_id, None, body, raw, settings.request_timeout_s)
     limiter: StreamLimiter = request.app.state.stream_limiter
     slot = limiter.slot(request, key_id, job)

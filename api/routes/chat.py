@@ -1,87 +1,15 @@
-"""POST /v1/chat/completions: validate, enqueue, and relay the worker's events."""
+"""POST /v1/chat/completions: the gateway's own format, relayed byte for byte (api/pipeline.py)."""
 
-import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
-
-import anyio
-import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from fastapi.routing import APIRoute
 
-from api.admission import admit
-from api.dispatch import Dispatcher, JobHandle, ReplyLost, WorkerLost
-from api.errors import OpenAIError
-from api.intake import admit_and_enqueue, build_job
-from api.keys import KeyRecord
-from api.modelref import check_chat_request
-from api.relay import CALLER_LEFT, Event
-from api.schemas import ChatCompletionRequest, parse_chat_request
-from api.usage import UsageRecorder
+from api.dialects.base import ChatDialect
+from api.pipeline import serve
+from api.schemas import ChatCompletionRequest
 from settings import Settings
-from settings.catalog import CatalogFile
-from workers.protocol import DoneEvent, ErrorEvent, RouteInfo, new_job_id
 
 router = APIRouter()
-
-# A worker that dies before the first token costs the caller one silent retry, not an error.
-MAX_WORKER_LOSS_RETRIES = 1
-
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-def _route_headers(request_id: str, route: RouteInfo | None) -> dict[str, str]:
-    headers = {"x-request-id": request_id}
-    if route is not None:
-        headers["x-freeference-model"] = route.model
-        headers["x-freeference-provider"] = route.provider
-        headers["x-freeference-attempts"] = str(route.attempts)
-        if route.intent:
-            headers["x-freeference-intent"] = route.intent
-        if route.intent_reason:
-            # Header values must be latin-1; the reason is short ASCII from the classifier.
-            headers["x-freeference-intent-reason"] = route.intent_reason.encode("ascii", "replace").decode()[:200]
-    return headers
-
-
-def _error_from_event(payload: bytes) -> OpenAIError:
-    event = ErrorEvent.model_validate_json(payload)
-    headers = {}
-    if event.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(event.retry_after_s)))
-    error = OpenAIError(event.status, event.error.message, code=event.error.code, param=event.error.param,
-                        type_=event.error.type, headers=headers)
-    return error
-
-
-class _CallerWatch:
-    """Turns the caller's disconnect into a CALLER_LEFT event in the current job's queue.
-
-    One task per request instead of racing a task per event against the disconnect: every
-    reply event then reaches the route with a plain await.
-    """
-
-    def __init__(self, request: Request) -> None:
-        self._handle: JobHandle | None = None
-        self._left = False
-        self._task = asyncio.ensure_future(self._watch(request))
-
-    def follow(self, handle: JobHandle) -> None:
-        self._handle = handle
-        if self._left:
-            handle.queue.put_nowait(CALLER_LEFT)
-
-    def stop(self) -> None:
-        """From here on the streaming response listens for the disconnect itself."""
-        self._task.cancel()
-
-    async def _watch(self, request: Request) -> None:
-        # The body was already read, so the next ASGI message is the disconnect.
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-        self._left = True
-        if self._handle is not None:
-            self._handle.queue.put_nowait(CALLER_LEFT)
 
 
 @router.post(
@@ -91,135 +19,10 @@ class _CallerWatch:
 )
 async def chat_completions(request: Request) -> Response:
     """Create a chat completion (OpenAI schema; `model` optional, `stream` for SSE)."""
-    # The hottest route takes what it needs from app.state and runs admission itself: FastAPI
-    # resolving it as five dependencies cost about a third as much as the whole admission
-    # round trip (docs/performance.md). Every answer carries admission's x-ratelimit-* headers.
     settings: Settings = request.app.state.settings
-    dispatcher: Dispatcher = request.app.state.dispatcher
-    catalog: CatalogFile = request.app.state.catalog
-    queued = await admit_and_enqueue(request, settings, dispatcher, catalog)
-    if queued is None:  # the master key or an invalid body: admission, then the checks, then the enqueue
-        admission, first = await admit(request, settings), None
-    else:
-        admission, first = queued
-    usage = UsageRecorder(request.app.state.redis, admission, settings.usage_retention_days,
-                          request.app.state.background)
-    try:
-        response = await _complete(request, admission.key, usage, settings, dispatcher, catalog, first)
-    except OpenAIError as exc:
-        await usage.failed()  # a no-op unless a job ran and ended without an outcome
-        exc.headers = {**admission.headers, **exc.headers}
-        raise
-    response.headers.update(admission.headers)
-    return response
+    return await serve(request, ChatDialect(settings.max_json_depth))
 
 
 def completions_route() -> APIRoute:
     """The route of POST /v1/chat/completions (served by api/fastpath.DirectRoute)."""
     return next(r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is chat_completions)
-
-
-async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, settings: Settings,
-                    dispatcher: Dispatcher, catalog: CatalogFile, first: JobHandle | None) -> Response:
-    """Run the job (`first`: already queued by admit_and_enqueue), retrying once on a lost worker."""
-    if first is None:
-        body, raw = parse_chat_request(await request.body(), settings.max_json_depth)
-        check_chat_request(catalog, body, key.tier, settings.max_messages)
-        job = build_job(request, key.id, key.tier, body, raw, settings.request_timeout_s)
-        await request.app.state.stream_limiter.acquire(request, key.id, job)  # 429 past the key's open streams
-    else:
-        job = first.job
-    caller = _CallerWatch(request)
-    try:
-        for attempt in range(MAX_WORKER_LOSS_RETRIES + 1):
-            handle = first if attempt == 0 and first is not None else await dispatcher.submit(job)
-            caller.follow(handle)
-            try:
-                return await _respond(handle, dispatcher, caller, usage)
-            except WorkerLost as lost:  # _respond already released the job
-                if attempt == MAX_WORKER_LOSS_RETRIES:
-                    raise _lost(lost) from None
-                job = job.model_copy(update={"job_id": new_job_id(request.app.state.hub.process_id)})
-        raise AssertionError("unreachable")
-    finally:
-        caller.stop()
-
-
-async def _respond(handle: JobHandle, dispatcher: Dispatcher, caller: _CallerWatch,
-                   usage: UsageRecorder) -> Response:
-    """Hold the status until the first chunk, the completion or an error arrives."""
-    events = usage.watch(dispatcher.events(handle), handle.job.requested_model)
-    route: RouteInfo | None = None
-    handed_over = False
-    try:
-        while True:
-            try:
-                event_type, payload = await anext(events)
-            except StopAsyncIteration:
-                raise OpenAIError(502, "The job ended without a result.", code="upstream_failed") from None
-            if event_type == CALLER_LEFT[0]:  # release() below cancels the job
-                return Response(status_code=499)
-            if event_type == "start":
-                route = usage.route
-            elif event_type == "error":
-                raise _error_from_event(payload)
-            elif event_type == "done":
-                done = usage.done or DoneEvent.model_validate_json(payload)  # usage.watch parsed it already
-                headers = _route_headers(handle.job.request_id, done.route)
-                if handle.job.stream:  # a stream with no chunk at all is still a stream
-                    return StreamingResponse(_single(b"data: [DONE]\n\n"), media_type="text/event-stream",
-                                             headers={**_SSE_HEADERS, **headers})
-                content = orjson.dumps(done.completion) if done.completion is not None else b"{}"
-                return Response(content, media_type="application/json", headers=headers)
-            elif event_type == "chunk":
-                caller.stop()
-                handed_over = True
-                return StreamingResponse(
-                    _sse(payload, events, handle, dispatcher), media_type="text/event-stream",
-                    headers={**_SSE_HEADERS, **_route_headers(handle.job.request_id, route)},
-                )
-    finally:
-        if not handed_over:
-            await events.aclose()
-            await dispatcher.release(handle)
-
-
-def _lost(lost: WorkerLost) -> OpenAIError:
-    """The error for a job whose events stopped: its worker died, or Redis (the reply path) went away."""
-    if isinstance(lost, ReplyLost):
-        # Nothing is wrong with the request or upstream: the gateway's store blinked. Retryable.
-        return OpenAIError(503, "The gateway lost its connection to its data store while answering; please retry.",
-                           code="service_unavailable", headers={"Retry-After": "2"})
-    return OpenAIError(502, "The worker handling this request stopped; please retry.", code="worker_lost",
-                       headers={"Retry-After": "1"})
-
-
-async def _single(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
-async def _sse(first_chunk: bytes, events: AsyncGenerator[Event, None], handle: JobHandle,
-               dispatcher: Dispatcher) -> AsyncIterator[bytes]:
-    try:
-        yield b"data: " + first_chunk + b"\n\n"
-        async for event_type, payload in events:
-            if event_type == "chunk":
-                yield b"data: " + payload + b"\n\n"
-            elif event_type == "done":
-                yield b"data: [DONE]\n\n"
-                return
-            elif event_type == CALLER_LEFT[0]:  # raced the hand-over; nobody is listening
-                return
-            elif event_type == "error":
-                # After the first byte the status is sent: report in-band and end without
-                # [DONE], so no client mistakes a truncated answer for a whole one.
-                error = ErrorEvent.model_validate_json(payload)
-                yield b"data: " + orjson.dumps({"error": error.error.model_dump()}) + b"\n\n"
-                return
-    except WorkerLost as lost:
-        yield b"data: " + orjson.dumps({"error": _lost(lost).body.model_dump()}) + b"\n\n"
-    except OpenAIError as exc:
-        yield b"data: " + orjson.dumps({"error": exc.body.model_dump()}) + b"\n\n"
-    finally:
-        with anyio.CancelScope(shield=True):
-            await dispatcher.release(handle)

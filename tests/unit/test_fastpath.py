@@ -36,7 +36,7 @@ def _client() -> TestClient:
     app = FastAPI()
     install_error_handlers(app)
     route = next(r for r in router.routes if isinstance(r, APIRoute) and "POST" in (r.methods or ()))
-    app.add_middleware(DirectRoute, fastapi_app=app, route=route)
+    app.add_middleware(DirectRoute, fastapi_app=app, routes=[route])
     app.include_router(router)
     return TestClient(app, raise_server_exceptions=False)
 
