@@ -59,7 +59,7 @@ class InflightLimitMiddleware:
         guarded = scope["path"] in self.paths
         if guarded and self.max_inflight and self.inflight >= self.max_inflight:
             error = overloaded(self.max_inflight)
-            await error_response(error.status, error.body, error.headers)(scope, receive, send)
+            await error_response(error.status, error.body, error.headers, scope["path"])(scope, receive, send)
             return
         callbacks: list[Callable[[], Awaitable[None]]] = []
         scope.setdefault("state", {})[_ON_FINISH] = callbacks

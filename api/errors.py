@@ -58,7 +58,32 @@ def invalid_request(message: str, param: str | None = None) -> OpenAIError:
     return OpenAIError(400, message, code="invalid_request_error", param=param)
 
 
-def error_response(status: int, body: ErrorBody, headers: Mapping[str, str] | None = None) -> JSONResponse:
+# Anthropic's Messages API callers get Anthropic's error format (api/dialects/messages.py): the
+# body {"type": "error", "error": {"type", "message"}} and its error types. 503 becomes 529
+# overloaded_error, which Anthropic's clients retry as they retry Anthropic's own overload.
+# Source: https://docs.anthropic.com/en/api/errors ("HTTP errors", "Error shapes")
+ANTHROPIC_PATH_PREFIX = "/v1/messages"
+_ANTHROPIC_TYPE_BY_STATUS = {
+    401: "authentication_error", 403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+    429: "rate_limit_error", 529: "overloaded_error",
+}
+ANTHROPIC_OVERLOADED = 529
+
+
+def anthropic_error(status: int, body: ErrorBody) -> tuple[int, dict[str, object]]:
+    """(status, body) of an error in Anthropic's format."""
+    status = ANTHROPIC_OVERLOADED if status == 503 else status
+    # Other 4xx are invalid_request_error, other 5xx api_error, as Anthropic's own.
+    kind = _ANTHROPIC_TYPE_BY_STATUS.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return status, {"type": "error", "error": {"type": kind, "message": body.message}}
+
+
+def error_response(status: int, body: ErrorBody, headers: Mapping[str, str] | None = None,
+                   path: str = "") -> JSONResponse:
+    """The error answer, in the format of the API the path belongs to (OpenAI's unless Anthropic's)."""
+    if path.startswith(ANTHROPIC_PATH_PREFIX):
+        status, content = anthropic_error(status, body)
+        return JSONResponse(content, status_code=status, headers=dict(headers or {}))
     return JSONResponse({"error": body.model_dump()}, status_code=status, headers=dict(headers or {}))
 
 
@@ -72,21 +97,21 @@ def _location(loc: tuple[int | str, ...]) -> str | None:
     return out
 
 
-async def _openai_error(_: Request, exc: Exception) -> JSONResponse:
+async def _openai_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, OpenAIError)
-    return error_response(exc.status, exc.body, exc.headers)
+    return error_response(exc.status, exc.body, exc.headers, request.url.path)
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
     param = _location(tuple(first.get("loc", ())))
     message = f"Invalid value for '{param}': {first['msg']}" if param else str(first["msg"])
     return error_response(400, ErrorBody(message=message, type="invalid_request_error", param=param,
-                                         code="invalid_request_error"))
+                                         code="invalid_request_error"), path=request.url.path)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     code = {400: "invalid_request_error", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
@@ -95,7 +120,7 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     return error_response(
         exc.status_code,
         ErrorBody(message=message, type=_TYPE_BY_STATUS.get(exc.status_code, "api_error"), code=code),
-        exc.headers,
+        exc.headers, request.url.path,
     )
 
 
@@ -103,8 +128,8 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # The traceback goes to the log (without the request body); the caller gets a generic body.
     log.error("unhandled error on %s %s", request.method, request.url.path[:200], exc_info=exc)
     return error_response(
-        500, ErrorBody(message="Internal server error", type="api_error", code="internal_error")
-    )
+        500, ErrorBody(message="Internal server error", type="api_error", code="internal_error"),
+        path=request.url.path)
 
 
 def store_unavailable() -> OpenAIError:
@@ -118,7 +143,7 @@ async def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("redis unavailable on %s %s (%s)", request.method, request.url.path[:200], type(exc).__name__,
                 extra=STORE_DOWN)
     error = store_unavailable()
-    return error_response(error.status, error.body, error.headers)
+    return error_response(error.status, error.body, error.headers, request.url.path)
 
 
 async def _client_left(request: Request, exc: Exception) -> Response:

@@ -10,7 +10,8 @@ import re
 FILE_ID = re.compile(r"file-[0-9a-f]{24}")
 BATCH_ID = re.compile(r"batch_[0-9a-f]{24}")
 KEY_ID = re.compile(r"key_[0-9a-f]{16}")
-_ISSUED = (FILE_ID, BATCH_ID, KEY_ID)
+RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
+_ISSUED = (FILE_ID, BATCH_ID, KEY_ID, RESPONSE_ID)
 
 
 def well_formed(pattern: re.Pattern[str], value: str) -> bool:

@@ -21,7 +21,7 @@ from api.dialects.base import Dialect
 from api.dispatch import Dispatcher, JobHandle
 from api.errors import OpenAIError
 from api.keys import hash_key, key_id_for_digest
-from api.modelref import check_chat_request, normalize_model, pins_exact_model
+from api.modelref import check_chat_request, fallbacks, pins_exact_model, resolve_model
 from api.ratelimit import rate_limited
 from api.schemas import GATEWAY_FIELDS, ChatCompletionRequest
 from settings import Settings
@@ -30,7 +30,7 @@ from workers.protocol import ChatJob, Tier, new_job_id, ready_list_key
 
 
 def build_job(request: Request, key_id: str, tier: Tier | None, body: ChatCompletionRequest, raw: dict[str, Any],
-              timeout_s: float) -> ChatJob:
+              timeout_s: float, catalog: CatalogFile) -> ChatJob:
     """The job for a validated request (`tier` is None when it is not read yet: see ChatJob)."""
     forwarded = {k: v for k, v in raw.items() if k not in GATEWAY_FIELDS}
     return ChatJob(
@@ -39,8 +39,8 @@ def build_job(request: Request, key_id: str, tier: Tier | None, body: ChatComple
         reply_channel=request.app.state.hub.channel,
         body=forwarded,
         stream=bool(body.stream),
-        requested_model=normalize_model(body.model),
-        fallback_models=list(body.models or []),
+        requested_model=resolve_model(catalog, body.model),
+        fallback_models=fallbacks(catalog, body),
         intent_hint=body.route.intent if body.route else None,
         key_id=key_id,
         tier=tier,
@@ -67,7 +67,7 @@ async def admit_and_enqueue(request: Request, settings: Settings, dispatcher: Di
         return None
     now = time.time()
     estimate = estimate_prompt_tokens(raw_body)
-    job = build_job(request, key_id, None, body, raw, settings.request_timeout_s)
+    job = build_job(request, key_id, None, body, raw, settings.request_timeout_s, catalog)
     limiter: StreamLimiter = request.app.state.stream_limiter
     slot = limiter.slot(request, key_id, job)
     payload, ttl_ms, now_ms = dispatcher.serialize(job)

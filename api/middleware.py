@@ -140,7 +140,7 @@ def _with_request_id(send: Send, request_id: str) -> Send:
 
 async def _refuse(error: OpenAIError, scope: Scope, receive: Receive, send: Send, close: bool) -> None:
     headers = {**error.headers, "Connection": "close"} if close else error.headers
-    await error_response(error.status, error.body, headers)(scope, receive, send)
+    await error_response(error.status, error.body, headers, scope.get("path", ""))(scope, receive, send)
 
 
 class _Arriving:

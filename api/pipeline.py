@@ -119,7 +119,7 @@ async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, sett
     if first is None:
         body, raw = await dialect.translate(await request.body(), key.id)
         check_chat_request(catalog, body, key.tier, settings.max_messages)
-        job = build_job(request, key.id, key.tier, body, raw, settings.request_timeout_s)
+        job = build_job(request, key.id, key.tier, body, raw, settings.request_timeout_s, catalog)
         await request.app.state.stream_limiter.acquire(request, key.id, job)  # 429 past the key's open streams
     else:
         job = first.job

@@ -118,6 +118,12 @@ def parse_chat_request(raw: bytes, max_depth: int) -> tuple[ChatCompletionReques
 
     400 for JSON nested deeper than `max_depth` (settings.max_json_depth).
     """
+    data = parse_json_object(raw, max_depth)
+    return validate_chat_body(data), data
+
+
+def parse_json_object(raw: bytes, max_depth: int) -> dict[str, Any]:
+    """A request body's JSON object (400 for bad UTF-8, bad JSON, another type, or nesting past `max_depth`)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -132,11 +138,15 @@ def parse_chat_request(raw: bytes, max_depth: int) -> tuple[ChatCompletionReques
         raise invalid_request("Request body must be a JSON object.")
     if nesting_exceeds(data, max_depth, raw):
         raise too_deep(max_depth)
+    return data
+
+
+def validate_chat_body(data: dict[str, Any]) -> ChatCompletionRequest:
+    """A chat completion request (the dialects' translations go through the same checks); 400 naming the field."""
     try:
-        request = ChatCompletionRequest.model_validate(data)
+        return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
         raise _validation_to_openai(exc) from None
-    return request, data
 
 
 def _validation_to_openai(exc: ValidationError) -> OpenAIError:

@@ -69,10 +69,25 @@ class CapabilityConfig(_Strict):
     intent: Intent
 
 
+# Model names clients send on their own (LangChain's and LlamaIndex's OpenAI clients default to
+# gpt-3.5-turbo, Codex sends OpenAI model ids, Claude Code sends claude-* ids) → a capability id
+# or "auto". The first matching pattern (fnmatch, case-sensitive) wins; a name the catalog knows
+# exactly is never aliased. A target capability the catalog lacks means "auto".
+DEFAULT_MODEL_ALIASES: dict[str, str] = {
+    "gpt-*codex*": "code",
+    "codex-*": "code",
+    "gpt-*": "auto",
+    "chatgpt-*": "auto",
+    "o[0-9]*": "reasoning",
+    "claude-*": "auto",
+}
+
+
 class CatalogFile(_Strict):
     providers: list[ProviderConfig]
     models: list[ModelConfig]
     capabilities: dict[str, CapabilityConfig]
+    model_aliases: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_MODEL_ALIASES))
 
     @model_validator(mode="after")
     def _consistent(self) -> "CatalogFile":

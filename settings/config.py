@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     # Workers re-publish their routable deployments this often; the API trusts entries 3x as old.
     live_deployments_publish_s: float = Field(default=5.0, gt=0)
     models_random_per_hour: int = Field(default=10, ge=1)
+    # Responses API answers are kept this long for previous_response_id and GET (OpenAI keeps 30 days).
+    responses_ttl_s: float = Field(default=30 * 86_400.0, gt=0)
 
     # Batches (docs/batches.md). Files live in Redis: the upload limit is also a memory budget.
     batch_upload_max_bytes: int = Field(default=200 * 1024 * 1024, gt=0)  # OpenAI's limit

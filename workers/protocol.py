@@ -114,6 +114,14 @@ def usage_key(key_id: str, day: str) -> str:
     return f"ff:usage:{key_id}:{day}"
 
 
+def stored_response_key(owner: str, response_id: str) -> str:
+    """A Responses API answer kept for `previous_response_id` and retrieval: JSON, with a TTL.
+
+    Named by its owner's key id, so another key's response simply does not exist.
+    """
+    return f"ff:response:{owner}:{response_id}"
+
+
 def cancelled_job_key(job_id: str) -> str:
     """Set by the API when a caller left before the worker announced itself."""
     return f"ff:cancelled:{job_id}"

@@ -13,7 +13,7 @@ import orjson
 
 from api.errors import OpenAIError
 from api.jsondepth import nesting_exceeds, too_deep
-from api.modelref import check_chat_request, normalize_model
+from api.modelref import check_chat_request, fallbacks, resolve_model
 from api.schemas import GATEWAY_FIELDS, parse_chat_request
 from settings import Settings
 from settings.catalog import CatalogFile
@@ -127,7 +127,7 @@ def _chat_job(raw: dict[str, Any], owner: Owner, catalog: CatalogFile, settings:
     return ChatJob(
         job_id=uuid.uuid4().hex, request_id="", reply_channel="",
         body={k: v for k, v in raw.items() if k not in GATEWAY_FIELDS and k != "stream"},
-        stream=False, requested_model=normalize_model(body.model), fallback_models=list(body.models or []),
+        stream=False, requested_model=resolve_model(catalog, body.model), fallback_models=fallbacks(catalog, body),
         intent_hint=body.route.intent if body.route else None,
         key_id=owner.key_id, tier=owner.tier, deadline_unix_ms=int(time.time() * 1000),
     )
