@@ -17,14 +17,14 @@ from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import EdgeMiddleware
 from api.openapi_schema import install_openapi
 from api.relay import ReplyHub
-from api.routes import admin, batches, chat, files, health, models, responses
+from api.routes import admin, batches, chat, files, health, messages, models, responses
 from settings import Settings, get_settings
 from settings.catalog import load_catalog
 from settings.redis_url import redis_client
 
 # Routes that run a completion job: served past FastAPI's routing (api/fastpath.py), counted
 # against the in-flight limit, and admitted by the script that also checks the key.
-COMPLETION_PATHS = ("/v1/chat/completions", "/v1/responses")
+COMPLETION_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/messages")
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -67,7 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     upload_limit = conf.batch_upload_max_bytes + 64 * 1024
     # Each add wraps the previous: metrics (outermost) see every answer, 413s and 503s included.
     # Innermost: the chat route served without FastAPI's routing layers (api/fastpath.py).
-    app.add_middleware(DirectRoute, fastapi_app=app, routes=[chat.completions_route(), responses.create_route()])
+    app.add_middleware(DirectRoute, fastapi_app=app,
+                       routes=[chat.completions_route(), responses.create_route(), messages.create_route()])
     app.add_middleware(InflightLimitMiddleware, max_inflight=conf.max_inflight_requests, paths=COMPLETION_PATHS)
     app.add_middleware(EdgeMiddleware, max_body_bytes=conf.max_body_bytes, body_timeout_s=conf.http_body_timeout_s,
                        body_min_bytes_per_s=conf.http_body_min_bytes_per_s,
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(responses.router)
+    app.include_router(messages.router)
     app.include_router(models.router)
     app.include_router(files.router)
     app.include_router(batches.router)

@@ -194,10 +194,13 @@ async def _single(data: bytes) -> AsyncIterator[bytes]:
 
 async def _sse(stream: DialectStream, first_chunk: bytes, events: AsyncGenerator[Event, None], handle: JobHandle,
                dispatcher: Dispatcher, usage: UsageRecorder) -> AsyncIterator[bytes]:
+    keepalive_s = stream.keepalive_s
     try:
         yield stream.start() + stream.chunk(first_chunk)
-        async for event_type, payload in events:
-            if event_type == "chunk":
+        async for event_type, payload in (events if keepalive_s is None else _with_quiet(events, keepalive_s)):
+            if event_type == _QUIET:
+                yield stream.keepalive()
+            elif event_type == "chunk":
                 yield stream.chunk(payload)
             elif event_type == "done":
                 yield stream.done(usage.done or DoneEvent.model_validate_json(payload))
@@ -217,3 +220,28 @@ async def _sse(stream: DialectStream, first_chunk: bytes, events: AsyncGenerator
     finally:
         with anyio.CancelScope(shield=True):
             await dispatcher.release(handle)
+
+
+_QUIET = "quiet"
+
+
+async def _with_quiet(events: AsyncGenerator[Event, None], every_s: float) -> AsyncIterator[Event]:
+    """`events`, plus a ("quiet", b"") whenever none came for `every_s` (dialects that ping idle streams)."""
+    pending: asyncio.Task[Event] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield _QUIET, b""
+                continue
+            try:
+                event = pending.result()
+            except StopAsyncIteration:
+                return
+            pending = None
+            yield event
+    finally:
+        if pending is not None:
+            pending.cancel()

@@ -18,6 +18,12 @@ from workers.protocol import DoneEvent, ErrorBody
 class DialectStream(Protocol):
     """One streamed answer in a dialect: SSE bytes for each job event, in order."""
 
+    # Seconds of quiet after which keepalive() goes out (None: never).
+    keepalive_s: float | None
+
+    def keepalive(self) -> bytes:
+        """What goes out when the stream has been quiet for keepalive_s."""
+
     def start(self) -> bytes:
         """What goes out before the first chunk (the status is already decided)."""
 
@@ -46,6 +52,11 @@ class Dialect(Protocol):
 
 class ChatStream:
     """Chat completions: chunks pass through byte for byte."""
+
+    keepalive_s: float | None = None
+
+    def keepalive(self) -> bytes:
+        return b""
 
     def start(self) -> bytes:
         return b""

@@ -95,6 +95,11 @@ def _reasoning_item(item_id: str, text: str) -> dict[str, Any]:
 class ResponsesStream:
     """Chat chunks in, Responses events out (one instance per streamed answer)."""
 
+    keepalive_s: float | None = None
+
+    def keepalive(self) -> bytes:
+        return b""
+
     def __init__(self, render: Render, on_finished: Callable[[dict[str, Any]], None]) -> None:
         self._render = render
         self._on_finished = on_finished  # the final response object, for storing it
