@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
+from api.errors import ANTHROPIC_OVERLOADED, ANTHROPIC_PATH_PREFIX
 from workers.protocol import ErrorBody
 
 _COMPONENTS = "#/components/schemas/"
@@ -26,23 +27,37 @@ _DESCRIPTIONS = {
     429: "The caller's own limits (Retry-After says when to retry)",
     502: "Every eligible upstream failed",
     503: "No model or worker available, data store down, or this process is full (Retry-After)",
+    529: "Anthropic's overloaded_error: what OpenAI-format paths answer as 503",
     504: "The request exceeded its deadline",
 }
-# Errors any authenticated route can answer; chat adds the upstream ones.
+# Errors any authenticated route can answer; the completion routes add the upstream ones.
 _API_ERRORS = (400, 401, 403, 404, 413, 429, 503)
 _CHAT_ERRORS = (*_API_ERRORS, 502, 504)
+_COMPLETION_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/messages")
+# Anthropic's error envelope and statuses on the /v1/messages paths (api/errors.anthropic_error).
+_ANTHROPIC_ERROR_REF = {"$ref": _COMPONENTS + "AnthropicErrorResponse"}
+_ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"], "properties": {
+    "type": {"type": "string", "enum": ["error"]},
+    "error": {"type": "object", "required": ["type", "message"],
+              "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
 
 
 _READINESS = {"type": "object", "properties": {"status": {"type": "string"}, "redis": {"type": "boolean"},
                                                "workers": {"type": "integer"}}}
 # Answers the route code builds by hand (no response_model), described here.
+def _answer(description: str) -> dict[str, Any]:
+    # One SSE event: `data` is a chunk or event of the dialect, an in-band error, or [DONE].
+    return {"200": {"description": description, "content": {
+        "application/json": {"schema": {"type": "object"}},
+        "text/event-stream": {"schema": {"type": "object", "required": ["data"],
+                                         "properties": {"data": {"type": "string"}}}}}}}
+
+
 _EXTRA_RESPONSES: dict[tuple[str, str], dict[str, Any]] = {
-    ("/v1/chat/completions", "post"): {"200": {
-        "description": "A chat.completion object, or an SSE stream of chat.completion.chunk when stream is true",
-        "content": {"application/json": {"schema": {"type": "object"}},
-                    # One SSE event: `data` is a chat.completion.chunk, an in-band error, or [DONE].
-                    "text/event-stream": {"schema": {"type": "object", "required": ["data"],
-                                                     "properties": {"data": {"type": "string"}}}}}}},
+    ("/v1/chat/completions", "post"): _answer(
+        "A chat.completion object, or an SSE stream of chat.completion.chunk when stream is true"),
+    ("/v1/responses", "post"): _answer("A response object, or an SSE stream of Responses events when stream is true"),
+    ("/v1/messages", "post"): _answer("A message object, or an SSE stream of Messages events when stream is true"),
     ("/readyz", "get"): {
         "200": {"description": "Ready", "content": {"application/json": {"schema": _READINESS}}},
         "503": {"description": "Not ready: Redis, the reply channel or every worker is down",
@@ -57,7 +72,7 @@ class ErrorResponse(BaseModel):
 
 
 def _errors_for(path: str) -> tuple[int, ...]:
-    if path == "/v1/chat/completions":
+    if path in _COMPLETION_PATHS:
         return _CHAT_ERRORS
     if path.startswith(("/v1/", "/admin/")):
         return _API_ERRORS
@@ -85,22 +100,27 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     document["paths"] = _hoist_defs(document["paths"], components)
     components["ErrorResponse"] = _hoist_defs(ErrorResponse.model_json_schema(ref_template=_COMPONENTS + "{model}"),
                                               components)
+    components["AnthropicErrorResponse"] = _ANTHROPIC_ERROR
     for path, operations in document["paths"].items():
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
             responses.update(_EXTRA_RESPONSES.get((path, method), {}))
+            anthropic = path.startswith(ANTHROPIC_PATH_PREFIX)
             if responses.pop("422", None) is not None:  # FastAPI's validation error: sent as a 400 instead
-                responses.setdefault("400", _error_response(400))
+                responses.setdefault("400", _error_response(400, anthropic))
             for status in _errors_for(path):
-                responses.setdefault(str(status), _error_response(status))
+                if anthropic and status == 503:
+                    status = ANTHROPIC_OVERLOADED
+                responses.setdefault(str(status), _error_response(status, anthropic))
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
     app.openapi_schema = document
     return document
 
 
-def _error_response(status: int) -> dict[str, Any]:
-    return {"description": _DESCRIPTIONS.get(status, "Error"), "content": {"application/json": {"schema": _ERROR_REF}}}
+def _error_response(status: int, anthropic: bool = False) -> dict[str, Any]:
+    schema = _ANTHROPIC_ERROR_REF if anthropic else _ERROR_REF
+    return {"description": _DESCRIPTIONS.get(status, "Error"), "content": {"application/json": {"schema": schema}}}
 
 
 def install_openapi(app: FastAPI) -> None:

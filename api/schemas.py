@@ -106,6 +106,26 @@ class ChatCompletionRequest(BaseModel):
     reasoning: dict[str, Any] | None = None
 
 
+def deepest(exc: ValidationError) -> Any:
+    """The most specific of a validation's errors: in a union, the branch that got furthest."""
+    return max(exc.errors(), key=lambda err: len(err["loc"]))
+
+
+def located_param(loc: tuple[int | str, ...], data: Any) -> str | None:
+    """The JSON path ("input[2].content") of a validation error's location in `data`.
+
+    Steps that are not keys or indexes of the data (the tags pydantic puts in a union's
+    location) are skipped; a last step that is missing (a required field) is kept.
+    """
+    out, node = "", data
+    for step, part in enumerate(loc):
+        if isinstance(part, int) and isinstance(node, list) and 0 <= part < len(node):
+            out, node = out + f"[{part}]", node[part]
+        elif isinstance(part, str) and isinstance(node, dict) and (part in node or step == len(loc) - 1):
+            out, node = out + (f".{part}" if out else part), node.get(part)
+    return out or None
+
+
 def _param_path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:

@@ -25,8 +25,8 @@ class MessagesDialect:
         self._model = ""
 
     async def translate(self, raw: bytes, key_id: str) -> tuple[ChatCompletionRequest, dict[str, Any]]:
-        request = parse_messages_request(raw, self._max_json_depth, need_max_tokens=True)
-        chat = to_chat(request)
+        request, data = parse_messages_request(raw, self._max_json_depth, need_max_tokens=True)
+        chat = to_chat(request, data)
         self._model = request.model
         return validate_chat_body(chat), chat
 
@@ -40,7 +40,7 @@ class MessagesDialect:
 def count_tokens(raw: bytes, max_json_depth: int) -> int:
     """The gateway's estimate of a Messages request's input tokens (about four bytes of JSON a token,
     as admission estimates them): providers count with their own tokenizers, which the gateway does not have."""
-    chat = to_chat(parse_messages_request(raw, max_json_depth, need_max_tokens=False))
+    chat = to_chat(*parse_messages_request(raw, max_json_depth, need_max_tokens=False))
     validate_chat_body(chat)
     counted = {k: chat[k] for k in ("messages", "tools") if k in chat}
     return max(1, len(orjson.dumps(counted)) // 4)

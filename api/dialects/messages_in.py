@@ -19,75 +19,173 @@ search, code execution, computer use …), documents and other block types Anthr
 are refused with a 400 that names them.
 """
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from api.errors import invalid_request
-from api.schemas import parse_json_object
+from api.schemas import RouteHint, deepest, located_param, parse_json_object
 
 
-class MessagesRequest(BaseModel):
-    """The fields of a Messages request the gateway reads (others, e.g. cache_control, are ignored)."""
-
+class _Shape(BaseModel):
+    # Fields beyond these (cache_control, citations …) are accepted and ignored.
     model_config = ConfigDict(extra="ignore")
 
+
+class TextBlock(_Shape):
+    type: Literal["text"]
+    text: str
+
+
+class Base64Source(_Shape):
+    type: Literal["base64"]
+    media_type: str
+    data: str
+
+
+class UrlSource(_Shape):
+    type: Literal["url"]
+    url: str
+
+
+class ImageBlock(_Shape):
+    type: Literal["image"]
+    source: Annotated[Base64Source | UrlSource, Field(discriminator="type")]
+
+
+class ToolUseBlock(_Shape):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+class ToolResultBlock(_Shape):
+    type: Literal["tool_result"]
+    tool_use_id: str
+    content: str | list[Annotated[TextBlock | ImageBlock, Field(discriminator="type")]] | None = None
+    is_error: bool | None = None
+
+
+class ThinkingBlock(_Shape):
+    type: Literal["thinking"]
+    thinking: str
+
+
+class RedactedThinkingBlock(_Shape):
+    type: Literal["redacted_thinking"]
+    data: str
+
+
+UserBlock = Annotated[TextBlock | ImageBlock | ToolResultBlock, Field(discriminator="type")]
+AssistantBlock = Annotated[TextBlock | ToolUseBlock | ThinkingBlock | RedactedThinkingBlock,
+                           Field(discriminator="type")]
+
+
+class UserTurn(_Shape):
+    role: Literal["user"]
+    content: str | Annotated[list[UserBlock], Field(min_length=1)]
+
+
+class AssistantTurn(_Shape):
+    role: Literal["assistant"]
+    content: str | Annotated[list[AssistantBlock], Field(min_length=1)]
+
+
+class ClientTool(_Shape):
+    """A tool the client runs (Anthropic's own server tools are not served here)."""
+
+    type: Literal["custom"] | None = None
+    name: str = Field(min_length=1)
+    description: str | None = None
+    input_schema: dict[str, Any]
+
+
+class ToolChoice(_Shape):
+    type: Literal["auto", "any", "none"]
+    disable_parallel_tool_use: bool | None = None
+
+
+class NamedToolChoice(_Shape):
+    type: Literal["tool"]
+    name: str
+    disable_parallel_tool_use: bool | None = None
+
+
+class RequestMetadata(_Shape):
+    user_id: str | None = None
+
+
+class MessagesRequestBase(_Shape):
     model: str = Field(min_length=1)
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)  # required on /v1/messages, not on count_tokens
-    system: str | list[dict[str, Any]] | None = None
+    messages: Annotated[list[Annotated[UserTurn | AssistantTurn, Field(discriminator="role")]], Field(min_length=1)]
+    system: str | list[TextBlock] | None = None
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, ge=0, le=1)
     top_k: int | None = Field(default=None, ge=0)
-    metadata: dict[str, Any] | None = None
+    metadata: RequestMetadata | None = None
     stream: bool = False
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: dict[str, Any] | None = None
+    tools: list[ClientTool] | None = None
+    tool_choice: Annotated[ToolChoice | NamedToolChoice, Field(discriminator="type")] | None = None
     # Gateway extensions, as on chat: ordered fallbacks and an intent override.
-    models: list[str] | None = None
-    route: dict[str, Any] | None = None
+    models: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
+    route: RouteHint | None = None
 
 
-def parse_messages_request(raw: bytes, max_depth: int, need_max_tokens: bool) -> MessagesRequest:
-    """The validated request (400 naming the problem)."""
+class MessagesRequest(MessagesRequestBase):
+    """A Messages request: what the gateway serves (other fields are accepted and ignored)."""
+
+    max_tokens: int = Field(ge=1)  # required, as Anthropic requires it
+
+
+class CountTokensRequest(MessagesRequestBase):
+    """A count_tokens request: a Messages request without max_tokens."""
+
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
+def parse_messages_request(raw: bytes, max_depth: int, need_max_tokens: bool) -> tuple[MessagesRequestBase,
+                                                                                       dict[str, Any]]:
+    """The validated request and its JSON (400 naming the problem, in Anthropic's words)."""
     data = parse_json_object(raw, max_depth)
+    model = MessagesRequest if need_max_tokens else CountTokensRequest
     try:
-        request = MessagesRequest.model_validate(data)
+        request = model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
-        raise invalid_request(f"{param}: {err['msg']}", param=param) from None
-    if need_max_tokens and request.max_tokens is None:
-        raise invalid_request("max_tokens: Field required", param="max_tokens")
-    return request
+        err = deepest(exc)
+        param = located_param(tuple(err["loc"]), data)
+        raise invalid_request(f"{param}: {err['msg']}" if param else str(err["msg"]), param=param) from None
+    return request, data
 
 
-def to_chat(request: MessagesRequest) -> dict[str, Any]:
-    """The chat completion body for this request."""
+def to_chat(request: MessagesRequestBase, data: dict[str, Any]) -> dict[str, Any]:
+    """The chat completion body for this request (`data`: its JSON, validated already)."""
     messages: list[dict[str, Any]] = []
-    system = _system_text(request.system)
+    system = _system_text(data.get("system"))
     if system:
         messages.append({"role": "system", "content": system})
-    for index, message in enumerate(request.messages):
+    for index, message in enumerate(data["messages"]):
         _add_message(messages, message, f"messages.{index}")
     body: dict[str, Any] = {"model": request.model, "messages": messages}
-    if request.max_tokens is not None:
-        body["max_tokens"] = request.max_tokens
+    max_tokens = getattr(request, "max_tokens", None)
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
     if request.tools:
-        body["tools"] = [_tool(tool, f"tools.{i}") for i, tool in enumerate(request.tools)]
+        body["tools"] = [_tool(tool) for tool in request.tools]
     if request.tool_choice is not None:
         _apply_tool_choice(body, request.tool_choice)
     if request.stop_sequences:
         body["stop"] = request.stop_sequences
-    for name in ("temperature", "top_p", "top_k", "models", "route"):
+    for name in ("temperature", "top_p", "top_k", "models"):
         value = getattr(request, name)
         if value is not None:
             body[name] = value
-    user = (request.metadata or {}).get("user_id")
-    if isinstance(user, str):
-        body["user"] = user
+    if request.route is not None:
+        body["route"] = request.route.model_dump(exclude_none=True)
+    if request.metadata is not None and request.metadata.user_id is not None:
+        body["user"] = request.metadata.user_id
     if request.stream:
         body["stream"] = True
     return body
@@ -195,31 +293,17 @@ def _tool_result(block: dict[str, Any], param: str) -> tuple[str, list[dict[str,
     return (f"Error: {text}" if block.get("is_error") else text), images
 
 
-def _tool(tool: Any, param: str) -> dict[str, Any]:
-    if not isinstance(tool, dict) or tool.get("type") not in (None, "custom"):
-        kind = tool.get("type") if isinstance(tool, dict) else None
-        raise invalid_request(f"Tools of type {kind!r} are not supported; only client tools with an input_schema "
-                              "are.", param=param)
-    if not isinstance(tool.get("name"), str) or not isinstance(tool.get("input_schema"), dict):
-        raise invalid_request("A tool needs a 'name' and an 'input_schema'.", param=param)
-    function = {"name": tool["name"], "parameters": tool["input_schema"]}
-    if isinstance(tool.get("description"), str):
-        function["description"] = tool["description"]
+def _tool(tool: ClientTool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name, "parameters": tool.input_schema}
+    if tool.description is not None:
+        function["description"] = tool.description
     return {"type": "function", "function": function}
 
 
-def _apply_tool_choice(body: dict[str, Any], choice: dict[str, Any]) -> None:
-    kind = choice.get("type")
-    if kind == "auto":
-        body["tool_choice"] = "auto"
-    elif kind == "any":
-        body["tool_choice"] = "required"
-    elif kind == "none":
-        body["tool_choice"] = "none"
-    elif kind == "tool" and isinstance(choice.get("name"), str):
-        body["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+def _apply_tool_choice(body: dict[str, Any], choice: ToolChoice | NamedToolChoice) -> None:
+    if isinstance(choice, NamedToolChoice):
+        body["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
     else:
-        raise invalid_request("tool_choice.type must be auto, any, tool (with a name) or none.",
-                              param="tool_choice.type")
-    if choice.get("disable_parallel_tool_use") and body.get("tools"):
+        body["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
+    if choice.disable_parallel_tool_use and body.get("tools"):
         body["parallel_tool_calls"] = False

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import orjson
+from pydantic import BaseModel
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -67,8 +68,8 @@ class ResponsesDialect:
         self._owner = ""
 
     async def translate(self, raw: bytes, key_id: str) -> tuple[ChatCompletionRequest, dict[str, Any]]:
-        request = parse_responses_request(raw, self._settings.max_json_depth)
-        conversation = input_items(request)
+        request, data = parse_responses_request(raw, self._settings.max_json_depth)
+        conversation = input_items(data)
         if request.previous_response_id is not None:
             previous = await load_response(self._redis, key_id, request.previous_response_id)
             conversation = [*previous["conversation"], *previous["response"]["output"], *conversation]
@@ -97,7 +98,10 @@ class ResponsesDialect:
         """The `response` object as it stands."""
         request = self._request
         assert request is not None  # translate() ran before any event
-        text_format = (request.text or {}).get("format") or {"type": "text"}
+        fmt = request.text.format if request.text else None
+        text_format = fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}
+        tool_choice = request.tool_choice
+        choice = tool_choice.model_dump() if isinstance(tool_choice, BaseModel) else tool_choice or "auto"
         return {
             "id": self._id, "object": "response", "created_at": self._created_at, "status": status, "error": None,
             "incomplete_details": {"reason": incomplete_reason} if incomplete_reason else None,
@@ -107,7 +111,8 @@ class ResponsesDialect:
             "previous_response_id": request.previous_response_id,
             "reasoning": {"effort": (request.reasoning or {}).get("effort"), "summary": None},
             "store": request.store, "temperature": request.temperature, "text": {"format": text_format},
-            "tool_choice": request.tool_choice or "auto", "tools": request.tools or [], "top_p": request.top_p,
+            "tool_choice": choice, "tools": [t.model_dump(exclude_none=True) for t in request.tools or []],
+            "top_p": request.top_p,
             "truncation": "disabled", "usage": usage_of(chat_usage), "user": request.user,
             "metadata": request.metadata or {},
         }

@@ -17,65 +17,174 @@ Anything the chat path cannot carry (built-in tools, file inputs, background mod
 references, stored prompts) is refused with a 400 that names it, never silently dropped.
 """
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
-from api.errors import invalid_request
-from api.schemas import parse_json_object
+from api.errors import OpenAIError, invalid_request
+from api.schemas import RouteHint, deepest, located_param, parse_json_object
 
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 _TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_text")
 
 
-class ResponsesRequest(BaseModel):
-    """The fields of a Responses request the gateway reads (others are accepted and ignored)."""
-
+class _Shape(BaseModel):
+    # Fields beyond these (ids, statuses, annotations …) are accepted and ignored.
     model_config = ConfigDict(extra="ignore")
 
-    input: str | list[dict[str, Any]]
+
+class InputText(_Shape):
+    type: Literal["input_text"]
+    text: str
+
+
+class OutputText(_Shape):
+    type: Literal["output_text"]
+    text: str
+
+
+class InputImage(_Shape):
+    type: Literal["input_image"]
+    image_url: str
+    detail: Literal["low", "high", "auto"] | None = None
+
+
+class RefusalPart(_Shape):
+    type: Literal["refusal"]
+    refusal: str
+
+
+UserPart = Annotated[InputText | OutputText | InputImage, Field(discriminator="type")]
+TextPart = Annotated[InputText | OutputText | RefusalPart, Field(discriminator="type")]
+
+
+class UserMessageItem(_Shape):
+    type: Literal["message"] = "message"
+    role: Literal["user"]
+    content: str | Annotated[list[UserPart], Field(min_length=1)]
+
+
+class TextMessageItem(_Shape):
+    """System, developer and assistant turns carry text (images go in user turns)."""
+
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "assistant"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+
+
+MessageItem = Annotated[UserMessageItem | TextMessageItem, Field(discriminator="role")]
+
+
+class FunctionCallItem(_Shape):
+    type: Literal["function_call"]
+    call_id: str
+    name: str
+    arguments: str
+
+
+class FunctionCallOutputItem(_Shape):
+    type: Literal["function_call_output"]
+    call_id: str
+    output: str | list[InputText]
+
+
+class ReasoningItem(_Shape):
+    type: Literal["reasoning"]
+
+
+def _item_kind(value: Any) -> str | None:
+    # An item without a type is a message (OpenAI's "easy input message").
+    if isinstance(value, dict):
+        return str(value.get("type", "message"))
+    return getattr(value, "type", None)
+
+
+InputItem = Annotated[
+    Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
+    | Annotated[FunctionCallOutputItem, Tag("function_call_output")] | Annotated[ReasoningItem, Tag("reasoning")],
+    Discriminator(_item_kind)]
+
+
+class FunctionTool(_Shape):
+    type: Literal["function"]
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class FunctionChoice(_Shape):
+    type: Literal["function"]
+    name: str
+
+
+class PlainText(_Shape):
+    type: Literal["text"]
+
+
+class JsonObject(_Shape):
+    type: Literal["json_object"]
+
+
+class JsonSchema(_Shape):
+    type: Literal["json_schema"]
+    name: str
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class TextConfig(_Shape):
+    format: Annotated[PlainText | JsonObject | JsonSchema, Field(discriminator="type")] | None = None
+
+
+class ResponsesRequest(_Shape):
+    """A Responses request: what the gateway serves (other fields are accepted and ignored)."""
+
+    input: str | Annotated[list[InputItem], Field(min_length=1)]
     model: str | None = None
     instructions: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    text: dict[str, Any] | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: Literal["auto", "none", "required"] | FunctionChoice | None = None
+    text: TextConfig | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     parallel_tool_calls: bool | None = None
-    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        default=None, max_length=16)
     store: bool = True
     previous_response_id: str | None = None
     stream: bool = False
     reasoning: dict[str, Any] | None = None
     user: str | None = None
-    background: bool | None = None
+    # Not served here: background runs, stored prompts and conversation objects (None only).
+    background: Literal[False] | None = None
+    prompt: None = None
+    conversation: None = None
     # Gateway extensions, as on chat: ordered fallbacks and an intent override.
-    models: list[str] | None = None
-    route: dict[str, Any] | None = None
+    models: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)] | None = None
+    route: RouteHint | None = None
 
 
-def parse_responses_request(raw: bytes, max_depth: int) -> ResponsesRequest:
-    """The validated request (400 naming the problem)."""
+def parse_responses_request(raw: bytes, max_depth: int) -> tuple[ResponsesRequest, dict[str, Any]]:
+    """The validated request and its JSON (400 naming the problem)."""
     data = parse_json_object(raw, max_depth)
     try:
         request = ResponsesRequest.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"] if not str(p)[:1].isupper()) or None
+        err = deepest(exc)
+        param = located_param(tuple(err["loc"]), data)
         raise invalid_request(f"Invalid value for '{param}': {err['msg']}.", param=param) from None
-    for name, value in (("background", request.background), ("prompt", data.get("prompt")),
-                        ("conversation", data.get("conversation"))):
-        if value:
-            raise invalid_request(f"'{name}' is not supported by this gateway.", param=name)
-    return request
+    return request, data
 
 
-def input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
-    """The request's input as a list of items (a string is one user message)."""
-    if isinstance(request.input, str):
-        return [{"type": "message", "role": "user", "content": request.input}]
-    return request.input
+def input_items(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The request's input items as sent (a string is one user message); validated already."""
+    given = data["input"]
+    if isinstance(given, str):
+        return [{"type": "message", "role": "user", "content": given}]
+    return [item if "type" in item else {"type": "message", **item} for item in given]
 
 
 def to_chat(request: ResponsesRequest, conversation: list[dict[str, Any]]) -> dict[str, Any]:
@@ -86,23 +195,32 @@ def to_chat(request: ResponsesRequest, conversation: list[dict[str, Any]]) -> di
     for index, item in enumerate(conversation):
         _add_item(messages, item, f"input[{index}]")
     if not messages:
-        raise invalid_request("'input' must contain at least one message.", param="input")
+        raise OpenAIError(400, "'input' must contain at least one message (reasoning items alone are no request).",
+                          code="no_messages", param="input")
     body: dict[str, Any] = {"messages": messages}
     if request.model is not None:
         body["model"] = request.model
     if request.tools:
-        body["tools"] = [_tool(tool, f"tools[{i}]") for i, tool in enumerate(request.tools)]
-    if request.tool_choice is not None:
-        body["tool_choice"] = _tool_choice(request.tool_choice)
-    response_format = _response_format(request.text)
-    if response_format is not None:
-        body["response_format"] = response_format
+        body["tools"] = [{"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
+                         for tool in request.tools]
+    if isinstance(request.tool_choice, FunctionChoice):
+        body["tool_choice"] = {"type": "function", "function": {"name": request.tool_choice.name}}
+    elif request.tool_choice is not None:
+        body["tool_choice"] = request.tool_choice
+    fmt = request.text.format if request.text else None
+    if isinstance(fmt, JsonObject):
+        body["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, JsonSchema):
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": fmt.model_dump(exclude={"type"}, exclude_none=True, by_alias=True)}
     for source, target in (("max_output_tokens", "max_tokens"), ("temperature", "temperature"),
                            ("top_p", "top_p"), ("parallel_tool_calls", "parallel_tool_calls"), ("user", "user"),
-                           ("models", "models"), ("route", "route")):
+                           ("models", "models")):
         value = getattr(request, source)
         if value is not None:
             body[target] = value
+    if request.route is not None:
+        body["route"] = request.route.model_dump(exclude_none=True)
     effort = (request.reasoning or {}).get("effort")
     if isinstance(effort, str):
         body["reasoning_effort"] = effort
@@ -178,35 +296,4 @@ def _joined_text(content: Any, param: str) -> str:
         texts.append(str(part.get("text") or part.get("refusal") or ""))
     return "".join(texts)
 
-
-def _tool(tool: Any, param: str) -> dict[str, Any]:
-    if not isinstance(tool, dict) or tool.get("type") != "function":
-        kind = tool.get("type") if isinstance(tool, dict) else None
-        raise invalid_request(f"Tools of type {kind!r} are not supported; only function tools are.", param=param)
-    if not isinstance(tool.get("name"), str):
-        raise invalid_request("A function tool needs a 'name'.", param=f"{param}.name")
-    function = {k: tool[k] for k in ("name", "description", "parameters", "strict") if tool.get(k) is not None}
-    return {"type": "function", "function": function}
-
-
-def _tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
-    if isinstance(choice, str):
-        if choice not in ("auto", "none", "required"):
-            raise invalid_request(f"Unsupported tool_choice {choice!r}.", param="tool_choice")
-        return choice
-    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}
-    raise invalid_request("tool_choice must be 'auto', 'none', 'required' or a function.", param="tool_choice")
-
-
-def _response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
-    fmt = (text or {}).get("format")
-    if not isinstance(fmt, dict) or fmt.get("type") in (None, "text"):
-        return None
-    if fmt["type"] == "json_object":
-        return {"type": "json_object"}
-    if fmt["type"] == "json_schema":
-        schema = {k: fmt[k] for k in ("name", "schema", "strict", "description") if k in fmt}
-        return {"type": "json_schema", "json_schema": schema}
-    raise invalid_request(f"Unsupported text.format type {fmt['type']!r}.", param="text.format.type")
 

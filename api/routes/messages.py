@@ -8,12 +8,14 @@ from fastapi.routing import APIRoute
 
 from api.deps import CurrentKey, SettingsDep
 from api.dialects.messages import MessagesDialect, count_tokens
+from api.dialects.messages_in import CountTokensRequest, MessagesRequest
 from api.pipeline import serve
 
 router = APIRouter()
 
 
-@router.post("/v1/messages")
+@router.post("/v1/messages", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": MessagesRequest.model_json_schema()}}}})
 async def create_message(request: Request) -> Response:
     """Create a message (Anthropic Messages API; `x-api-key` or a bearer key; `stream` for SSE events)."""
     return await serve(request, MessagesDialect(request.app.state.settings.max_json_depth))
@@ -24,7 +26,8 @@ def create_route() -> APIRoute:
     return next(r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is create_message)
 
 
-@router.post("/v1/messages/count_tokens")
+@router.post("/v1/messages/count_tokens", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": CountTokensRequest.model_json_schema()}}}})
 async def count_message_tokens(request: Request, _: CurrentKey, settings: SettingsDep) -> dict[str, Any]:
     """The gateway's estimate of a message request's input tokens."""
     return {"input_tokens": count_tokens(await request.body(), settings.max_json_depth)}

@@ -8,12 +8,14 @@ from fastapi.routing import APIRoute
 
 from api.deps import CurrentKey, RedisDep
 from api.dialects.responses import ResponsesDialect, delete_response, load_response
+from api.dialects.responses_in import ResponsesRequest
 from api.pipeline import serve
 
 router = APIRouter()
 
 
-@router.post("/v1/responses")
+@router.post("/v1/responses", openapi_extra={"requestBody": {"required": True, "content": {
+    "application/json": {"schema": ResponsesRequest.model_json_schema(by_alias=True)}}}})
 async def create_response(request: Request) -> Response:
     """Create a model response (OpenAI Responses API; `model` optional, `stream` for SSE events)."""
     state = request.app.state
