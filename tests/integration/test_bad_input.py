@@ -82,8 +82,11 @@ def test_bad_credentials_are_401(shared_gateway: Gateway, header: str | None) ->
 
 
 def test_unknown_model_is_404_and_free_pin_is_403(shared_gateway: Gateway, key: str) -> None:
-    _assert_openai_error(_post(shared_gateway, key, b'{"model": "gpt-17", "messages": [{"role": "user", '
+    _assert_openai_error(_post(shared_gateway, key, b'{"model": "no-such-model", "messages": [{"role": "user", '
                                                      b'"content": "x"}]}'), 404, "model_not_found")
+    # A client's own default model name (gpt-…) is an alias: routed by intent, not refused.
+    aliased = _post(shared_gateway, key, b'{"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]}')
+    assert aliased.status_code == 200 and aliased.json()["model"] == "general-best"
     _assert_openai_error(_post(shared_gateway, key, b'{"model": "coder", "messages": [{"role": "user", '
                                                      b'"content": "x"}]}'), 403, "tier_not_allowed")
 
