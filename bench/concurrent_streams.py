@@ -1,0 +1,191 @@
+"""Many concurrent long streams: the gateway beside the fake upstream, at growing counts.
+
+    python -m bench.concurrent_streams [--counts 100,500,1000,2000,5000] [--chunks 40]
+        [--interval-ms 250] [--workers 1] [--repo PATH] [--env NAME=VALUE ...]
+
+LLM answers are long streams that mostly wait on the provider, so what a gateway must hold is
+many open streams at once. Starts a private Valkey, the fake upstream (every answer paced:
+`--chunks` tokens `--interval-ms` apart), one API and `--workers` workers with default settings
+(bench/harness.py), then for each count N opens N streams at once, first straight to the fake,
+then through the gateway, and reports per N:
+
+- streams whole and in order, and the failures by kind (HTTP status and code, in-band error
+  code, or exception);
+- time to the first token, p50 / p99, and how fast refusals came (a refusal must be at once);
+- CPU of the gateway's processes (API, workers, Redis) per streamed chunk;
+- resident memory of API and workers per open stream (growth from before the burst to the
+  moment every stream has its first token, divided by the streams open then).
+
+The client is aiohttp (far cheaper per stream than httpx), one connection per stream.
+"""
+
+import argparse
+import asyncio
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import uvloop
+
+from bench.fake_upstream import reply_tokens
+from bench.harness import AUTO_MODEL, DIRECT_AUTH, Stack, cpu_seconds, load_average, percentile, running_stack
+from settings import Settings
+
+
+@dataclass
+class Outcome:
+    """One stream's fate."""
+
+    ok: bool
+    kind: str  # "ok", "HTTP 503 no_workers", "in-band upstream_failed", "ClientPayloadError", …
+    first_token_s: float | None = None
+    answered_s: float = 0.0  # until the status line (for refusals: how fast they came)
+    chunks: int = 0
+
+
+@dataclass
+class Phase:
+    outcomes: list[Outcome] = field(default_factory=list)
+    cpu_s: float = 0.0
+    rss_per_stream_kb: float | None = None
+
+    def summary(self, name: str, count: int) -> str:
+        kinds = Counter(o.kind for o in self.outcomes if not o.ok)
+        ttft = [o.first_token_s for o in self.outcomes if o.ok and o.first_token_s is not None]
+        refusals = [o.answered_s for o in self.outcomes if o.kind.startswith("HTTP")]
+        chunks = sum(o.chunks for o in self.outcomes)
+        line = f"    {name:<8} {sum(o.ok for o in self.outcomes):>5}/{count} whole"
+        if ttft:
+            line += f", TTFT p50 {percentile(ttft, 50):.2f} s p99 {percentile(ttft, 99):.2f} s"
+        if kinds:
+            line += ", failures: " + ", ".join(f"{n}× {k}" for k, n in kinds.most_common())
+        if refusals:
+            line += f" (refused within p99 {percentile(refusals, 99) * 1000:.0f} ms)"
+        if self.cpu_s and chunks:
+            line += f"; CPU {self.cpu_s * 1000 / chunks:.3f} ms/chunk"
+        if self.rss_per_stream_kb is not None:
+            line += f"; RSS {self.rss_per_stream_kb:.1f} KB/stream"
+        return line
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def one_stream(session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: bytes,
+                     expected: list[str], first_tokens: list[float]) -> Outcome:
+    started = time.perf_counter()
+    pieces: list[str] = []
+    first: float | None = None
+    try:
+        async with session.post(url, data=body, headers=headers) as response:
+            answered = time.perf_counter() - started
+            if response.status != 200:
+                payload = await response.read()
+                try:
+                    code = orjson.loads(payload)["error"]["code"]
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    code = "?"
+                return Outcome(False, f"HTTP {response.status} {code}", answered_s=answered)
+            done = False
+            async for line in response.content:
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:].strip()
+                if data == b"[DONE]":
+                    done = True
+                    break
+                chunk = orjson.loads(data)
+                if "error" in chunk:
+                    return Outcome(False, f"in-band {chunk['error'].get('code')}", first, answered, len(pieces))
+                for choice in chunk.get("choices") or []:
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        if first is None:
+                            first = time.perf_counter() - started
+                            first_tokens.append(first)
+                        pieces.append(content)
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return Outcome(False, type(exc).__name__, first, time.perf_counter() - started, len(pieces))
+    whole = done and pieces == expected
+    return Outcome(whole, "ok" if whole else "truncated", first, answered, len(pieces))
+
+
+async def burst(url: str, headers: dict[str, str], body: bytes, count: int, expected: list[str],
+                cpu_pids: list[int], memory_pids: list[int]) -> Phase:
+    phase = Phase()
+    first_tokens: list[float] = []
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=600, sock_read=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        cpu_before = sum(cpu_seconds(pid) for pid in cpu_pids)
+        rss_before = sum(rss_kb(pid) for pid in memory_pids)
+        tasks = [asyncio.create_task(one_stream(session, url, headers, body, expected, first_tokens))
+                 for _ in range(count)]
+        peak_rss: float | None = None
+        while not all(t.done() for t in tasks):
+            await asyncio.sleep(0.1)
+            open_now = sum(1 for t in tasks if not t.done())
+            if peak_rss is None and memory_pids and len(first_tokens) >= open_now > 0:
+                # Every stream still open has its first token: the per-stream state is all there.
+                peak_rss = (sum(rss_kb(pid) for pid in memory_pids) - rss_before) / open_now
+        phase.outcomes = [t.result() for t in tasks]
+        phase.cpu_s = sum(cpu_seconds(pid) for pid in cpu_pids) - cpu_before
+        phase.rss_per_stream_kb = peak_rss
+    return phase
+
+
+async def run(stack: Stack, counts: list[int], chunks: int, interval_ms: float) -> None:
+    expected = reply_tokens(AUTO_MODEL, chunks)
+    await asyncio.to_thread(stack.fake.set_default, AUTO_MODEL, {"token_interval_s": interval_ms / 1000})
+    direct_body = orjson.dumps({"model": AUTO_MODEL, "messages": [{"role": "user", "content": "Count."}],
+                                "max_tokens": chunks, "stream": True})
+    # text-basic: the capability whose best candidate is the paced model.
+    via_body = orjson.dumps({"model": "text-basic", "messages": [{"role": "user", "content": "Count."}],
+                             "max_tokens": chunks, "stream": True})
+    pids = stack.pids()
+    gateway_pids = [pid for role, pid in pids.items() if role.startswith(("api", "worker", "redis"))]
+    # Memory per stream: API and workers (Redis grows with the queue, not per open stream).
+    memory_pids = [pid for role, pid in pids.items() if role.startswith(("api", "worker"))]
+    print(f"bench.concurrent_streams: {chunks} chunks {interval_ms:g} ms apart "
+          f"({chunks * interval_ms / 1000:g} s an answer), {len(stack.gateway.workers)} worker(s)", flush=True)
+    for count in counts:
+        print(f"  N = {count} (load {load_average()})", flush=True)
+        direct = await burst(stack.direct_url, {"Authorization": DIRECT_AUTH, "Content-Type": "application/json"},
+                             direct_body, count, expected, [], [])
+        print(direct.summary("direct", count), flush=True)
+        via = await burst(stack.gateway_url, {"Authorization": f"Bearer {stack.key}",
+                                              "Content-Type": "application/json"},
+                          via_body, count, expected, gateway_pids, memory_pids)
+        print(via.summary("gateway", count), flush=True)
+        await asyncio.sleep(2)  # let the last connections close before the next burst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--counts", default="100,500,1000,2000,5000")
+    parser.add_argument("--chunks", type=int, default=40)
+    parser.add_argument("--interval-ms", type=float, default=250.0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--repo", type=Path, default=None, help="run the gateway from another checkout")
+    parser.add_argument("--env", action="append", default=[], help="extra gateway setting NAME=VALUE")
+    args = parser.parse_args()
+    env: dict[str, Any] = dict(item.split("=", 1) for item in args.env)
+    # One key opens every stream here; the per-key stream cap is not what is measured.
+    env.setdefault("FREEFERENCE_MAX_STREAMS_PER_KEY", "100000")
+    # The product's defaults, where the harness (built for tests) sets shorter ones.
+    for name in ("pickup_timeout_s", "request_timeout_s"):
+        env.setdefault(f"FREEFERENCE_{name.upper()}", str(Settings.model_fields[name].default))
+    with running_stack(workers=args.workers, repo=args.repo, **env) as stack:
+        uvloop.run(run(stack, [int(n) for n in args.counts.split(",")], args.chunks, args.interval_ms))
+
+
+if __name__ == "__main__":
+    main()
