@@ -30,11 +30,17 @@ class RunState:
     """What one request has done so far; the caller reads it for route metadata and errors."""
 
     attempts: list[AttemptLog] = field(default_factory=list)
+    # Candidates passed over before any call: they cannot serve this request (their profile or
+    # what they answered earlier says so). Not attempts: nothing reached their provider.
+    skipped: list[AttemptLog] = field(default_factory=list)
     chunks_sent: int = 0
     usage: dict[str, Any] | None = None
     # What the caller already holds of choice 0, so another model can continue it (prefill).
     text_sent: str = ""
     content_chunks: int = 0
+    # Characters of everything generated so far (all choices, tool-call arguments, reasoning),
+    # for a usage estimate when the provider sends none.
+    output_chars: int = 0
     # False once anything but plain text of choice 0 went out (tool calls, n > 1): not continuable.
     continuable: bool = True
     stream_id: str | None = None
@@ -45,7 +51,7 @@ class RunState:
 
     def forget_output(self) -> None:
         """A non-streaming attempt failed: nothing reached the caller, start over."""
-        self.chunks_sent = self.content_chunks = 0
+        self.chunks_sent = self.content_chunks = self.output_chars = 0
         self.text_sent, self.continuable, self.stream_id, self.usage = "", True, None, None
 
 
@@ -74,6 +80,8 @@ async def stream_attempt(provider: OpenAICompatProvider, deployment: Deployment,
     ends the attempt as a success (the usage chunk that follows the finish ends it at once).
     """
     continuing = state.chunks_sent > 0
+    # `body` is already this provider's (router/providers/profile.py); a prefill message carries
+    # only the fields its profile names (prefill_fields).
     upstream_body = continuation_body(body, deployment, state) if continuing else dict(body)
     upstream_body["model"] = deployment.model.upstream_name
     loop = asyncio.get_running_loop()
@@ -151,6 +159,7 @@ async def _forward(deployment: Deployment, chunk: dict[str, Any], choices: list[
         chunk["id"] = state.stream_id  # a continued answer stays one stream for the caller
     for choice in choices:
         delta = choice.get("delta") or {}
+        state.output_chars += _delta_chars(delta)
         if choice.get("index", 0) != 0 or any(k not in ("role", "content", "refusal") for k in delta
                                                 if delta[k] is not None):
             state.continuable = False
@@ -161,3 +170,16 @@ async def _forward(deployment: Deployment, chunk: dict[str, Any], choices: list[
         await on_start(deployment, len(state.attempts) + 1)
     await on_chunk(chunk)
     state.chunks_sent += 1
+
+
+def _delta_chars(delta: dict[str, Any]) -> int:
+    chars = 0
+    for name in ("content", "reasoning", "reasoning_content", "refusal"):
+        value = delta.get(name)
+        if isinstance(value, str):
+            chars += len(value)
+    for call in delta.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            chars += len(function.get("arguments") or "") + len(function.get("name") or "")
+    return chars

@@ -1,10 +1,12 @@
 """The runtime catalog: which providers are enabled here, their deployments, and lookups."""
 
+import functools
 import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from router.providers.profile import CompiledProfile
 from settings.catalog import CatalogFile, Intent, ModelConfig, ProviderConfig
 
 log = logging.getLogger("freeference.catalog")
@@ -15,6 +17,11 @@ class ProviderRuntime:
     config: ProviderConfig
     base_url: str
     api_keys: tuple[str, ...]
+
+    @functools.cached_property
+    def profile(self) -> CompiledProfile:
+        """The profile's request side, compiled once (router/providers/profile.py)."""
+        return CompiledProfile.compile(self.config.profile)
 
     @property
     def id(self) -> str:

@@ -13,11 +13,19 @@ class UpstreamError(Exception):
 
 
 class RateLimited(UpstreamError):
+    """Quota (class d): 429, 402 out of credits, a per-minute token overrun. Waited out at its scope."""
+
     reason = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after_s: float | None) -> None:
-        super().__init__(message, status=429)
+    def __init__(self, message: str, *, retry_after_s: float | None, status: int = 429, daily: bool = False,
+                 scope: str | None = None) -> None:
+        super().__init__(message, status=status)
         self.retry_after_s = retry_after_s
+        # A daily (or otherwise long) cap: the key (or key and model) sits out until retry_after_s.
+        self.daily = daily
+        # "key", "model" or "account" when the answer itself says what the limit covers;
+        # None: the provider profile's scope.
+        self.scope = scope
 
 
 class UpstreamServerError(UpstreamError):
@@ -54,6 +62,18 @@ class ContentRejected(UpstreamError):
     """A safety / content-policy refusal: returned to the caller, never routed around."""
 
     reason = "content_policy"
+
+
+class NotServable(UpstreamError):
+    """Class b: this deployment cannot serve this request (a field or feature it does not take, a
+    per-request token cap, no endpoint for tools). The next candidate is tried; nobody cools it."""
+
+    reason = "not_servable"
+
+    def __init__(self, message: str, *, status: int | None = None, feature: str | None = None) -> None:
+        super().__init__(message, status=status)
+        # What it lacks ("logprobs", "tools", "tokens"), remembered so later requests skip it.
+        self.feature = feature
 
 
 class RequestRejected(UpstreamError):

@@ -7,8 +7,10 @@ answer, so a cut is retried from scratch and a truncated completion is never ret
 """
 
 import asyncio
+import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -16,11 +18,13 @@ from redis.exceptions import RedisError
 from router.assemble import CompletionAssembler
 from router.attempt import AttemptLog, OnChunk, OnStart, RunState, stream_attempt
 from router.catalog import Deployment
-from router.errors import UpstreamError
-from router.health import HealthSnapshot, HealthStore, KeyState, key_fingerprint, now_ms
-from router.keys import KeyRotation, NoUsableKey, quota_from_headers
-from router.policy import POLICY, Outcome, Tuning, classify, cooling_s, retry_wait_s
+from router.errors import NotServable, RateLimited, UpstreamError
+from router.health import HealthSnapshot, HealthStore, KeyState, key_fingerprint, now_ms, quota_scope
+from router.keys import KeyRotation, NoUsableKey
+from router.policy import POLICY, Outcome, Tuning, classify, park_s, retry_wait_s
+from router.providers import limits
 from router.providers.openai_compat import OpenAICompatProvider
+from router.providers.profile import droppable, request_needs
 from router.select import NoneAvailable
 from settings.logfields import STORE_DOWN
 
@@ -34,6 +38,12 @@ MODEL_GONE_COOLDOWN_S = 300.0
 _BUSY_RETRY_AFTER_S = 1.0
 # A retry wait must leave at least this much of the request's budget for the retry itself.
 _MIN_ATTEMPT_BUDGET_S = 0.5
+# A deployment that said it cannot serve a feature (tools, a field) is skipped for requests that
+# need it this long, in this worker, before it is asked again (providers add features).
+UNSUPPORTED_MEMORY_S = 3600.0
+# Features learned per request rather than per deployment: a per-request size cap says nothing
+# about the next request.
+_UNLEARNED = frozenset({"tokens"})
 
 
 class AllFailed(Exception):
@@ -64,6 +74,12 @@ class FailoverExecutor:
         self._tuning = tuning
         self._sleep = sleep
         self._bookkeeping: set[asyncio.Task[None]] = set()
+        # (deployment key, feature) → monotonic time until which that deployment is not asked
+        # for requests needing that feature (class b answers, DESIGN.md §5).
+        self._unsupported: dict[tuple[str, str], float] = {}
+        # deployment key → fields it refused that a request may go without: dropped for it
+        # from then on, as if its profile listed them (this worker's lifetime).
+        self._refused_fields: dict[str, frozenset[str]] = {}
 
     async def snapshot(self, deployments: Sequence[Deployment]) -> HealthSnapshot:
         """Shared health of the candidates; an empty snapshot when Redis cannot tell."""
@@ -99,11 +115,18 @@ class FailoverExecutor:
                    *, forward_usage_chunk: bool, visible: bool, restart: Callable[[], None] | None) -> Deployment:
         last: UpstreamError | None = None
         min_context = 0
+        needs = request_needs(body) if self._unsupported else frozenset()
         for deployment in ranked:
             midstream = visible and state.chunks_sent > 0
             if deployment.model.context_window <= min_context:
                 continue
             if midstream and not (state.continuable and deployment.model.supports_prefill):
+                continue
+            try:
+                prepared = self._prepare(deployment, body, needs)
+            except NotServable as exc:  # known before any call: skipped, nothing to learn
+                state.skipped.append(AttemptLog(deployment.key, deployment.provider.id, exc.reason, None,
+                                                exc.message))
                 continue
             probe = health.of(deployment).state(health.at_ms) == "half_open"
             if probe and not await self._claim_probe(deployment):
@@ -121,13 +144,18 @@ class FailoverExecutor:
                         restart()
                         state.forget_output()
                     try:
-                        result = await stream_attempt(self._provider, deployment, body, api_key, budget_s(), state,
-                                                      on_start, on_chunk, forward_usage_chunk)
+                        result = await stream_attempt(self._provider, deployment, prepared, api_key, budget_s(),
+                                                      state, on_start, on_chunk, forward_usage_chunk)
                     except UpstreamError as exc:
                         outcome = classify(exc, self._tuning)
                         self._record(state, deployment, exc, outcome)
-                        await self._learn(deployment, api_key, outcome, exc, probe, health)
                         last = exc
+                        if self._learn_field_drop(deployment, exc, prepared):
+                            # A field its profile did not know it refuses, and one it may go without:
+                            # never sent to it again, and this request asks once more without it.
+                            prepared = self._prepare(deployment, body, needs)
+                            continue
+                        await self._learn(deployment, api_key, outcome, exc, probe, health)
                         rule = POLICY[outcome]
                         if visible and state.chunks_sent > 0:
                             break  # the caller holds part of an answer: continue elsewhere, never retry here
@@ -155,12 +183,49 @@ class FailoverExecutor:
                     await asyncio.shield(self._release_probe(deployment))
                 raise
         if last is None:
+            if state.skipped and len(state.skipped) == len(ranked):
+                # Every candidate lacks something this request needs: no upstream call can help.
+                raise AllFailed(NotServable(state.skipped[-1].message))
             # Nothing was tried: every candidate was being probed by another worker or had no
             # usable key left. That is "unavailable right now", not an upstream failure.
             raise NoneAvailable(_BUSY_RETRY_AFTER_S)
         if visible and state.chunks_sent > 0:
             raise MidStreamFailure(last)
         raise AllFailed(last)
+
+    def _prepare(self, deployment: Deployment, body: dict[str, Any], needs: frozenset[str]) -> dict[str, Any]:
+        """The body for this deployment (its profile applied), or NotServable before any call."""
+        if needs:
+            now = time.monotonic()
+            for feature in needs:
+                until = self._unsupported.get((deployment.key, feature))
+                if until is not None and until > now:
+                    raise NotServable(f"{deployment.key} answered earlier that it does not support {feature}",
+                                      feature=feature)
+        prepared = self._provider.prepare(deployment, body)
+        for name in self._refused_fields.get(deployment.key, ()):
+            prepared.pop(name, None)
+        return prepared
+
+    def _learn_field_drop(self, deployment: Deployment, exc: UpstreamError, sent: dict[str, Any]) -> bool:
+        """True when `exc` refused a top-level field this request may go without (now dropped for it)."""
+        field = exc.feature if isinstance(exc, NotServable) else None
+        if not field or field not in sent or not droppable(field, sent[field]):
+            return False
+        known = self._refused_fields.get(deployment.key, frozenset())
+        if field in known:
+            return False
+        self._refused_fields[deployment.key] = known | {field}
+        log.warning("%s refused the field %r: it is no longer sent there", deployment.key, field)
+        return True
+
+    def _remember_unsupported(self, deployment: Deployment, exc: UpstreamError) -> None:
+        feature = getattr(exc, "feature", None)
+        if feature and feature not in _UNLEARNED:
+            self._unsupported[(deployment.key, feature)] = time.monotonic() + UNSUPPORTED_MEMORY_S
+            if len(self._unsupported) > 10_000:  # bounded: drop what has lapsed
+                now = time.monotonic()
+                self._unsupported = {k: v for k, v in self._unsupported.items() if v > now}
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -190,10 +255,11 @@ class FailoverExecutor:
                         extra=STORE_DOWN)
 
     async def _succeeded(self, deployment: Deployment, api_key: str | None, first_chunk_ms: float | None,
-                         headers: Any) -> None:
+                         headers: Mapping[str, str] | None) -> None:
         if self._health is None:
             return
-        quota = quota_from_headers(headers, now_ms()) if headers else None
+        reading = limits.read(headers, deployment.provider.config.profile.limits.headers) if headers else None
+        quota = reading if reading is not None and not reading.empty else None
         try:
             await self._health.record_success(deployment, first_chunk_ms, quota, api_key)
         except (RedisError, OSError) as exc:
@@ -205,12 +271,14 @@ class FailoverExecutor:
         if self._health is None:
             return
         effect = POLICY[outcome].health
+        if effect == "unsupported":
+            self._remember_unsupported(deployment, exc)
         try:
             if effect == "failure":
                 if await self._health.record_failure(deployment, probe=probe):
                     log.warning("circuit breaker opened for %s", deployment.key)
-            elif effect in ("cool_retry_after", "cool_default"):
-                await self._health.cool(deployment, cooling_s(outcome, exc, self._tuning))
+            elif effect == "park":
+                await self._park(deployment, api_key, outcome, exc, health)
             elif effect == "gone":
                 await self._health.cool(deployment, MODEL_GONE_COOLDOWN_S)
             elif effect == "ban_key" and api_key is not None:
@@ -220,14 +288,35 @@ class FailoverExecutor:
                     banned_until_ms=now_ms() + int(self._health.tuning.key_ban_s * 1000))
                 log.warning("an upstream key of %s was refused (%s): out of rotation", deployment.provider.id,
                             exc.status)
-            elif effect == "none" and probe:
+            elif effect in ("none", "unsupported") and probe:
                 # The probe got an answer about the request itself: the route is alive.
                 await self._health.record_success(deployment, None, None, None)
         except (RedisError, OSError) as err:
             log.warning("could not record health of %s: %s", deployment.key, type(err).__name__, extra=STORE_DOWN)
-        if probe and effect == "ban_key":
-            # The answer was about our key, not the route: a worker with another key may probe now.
+        if probe and (effect == "ban_key" or (effect == "park" and api_key is not None)):
+            # The answer was about our key's quota, not the route: a worker with another key may probe now.
             await self._release_probe(deployment)
+
+    async def _park(self, deployment: Deployment, api_key: str | None, outcome: Outcome, exc: UpstreamError,
+                    health: HealthSnapshot) -> None:
+        """Take the key's quota out at the scope it applies to, for exactly the wait stated."""
+        assert self._health is not None
+        scope = (exc.scope if isinstance(exc, RateLimited) else None) or quota_scope(deployment)
+        seconds = park_s(outcome, exc, self._tuning)
+        until_ms = await self._health.park(deployment, api_key, scope, seconds)
+        if api_key is None:
+            return
+        # This request must not pick the same key for the same quota either.
+        key_id = (deployment.provider.id, key_fingerprint(api_key))
+        current = health.keys.get(key_id) or KeyState()
+        if scope == "model":
+            models = {**current.models, deployment.model.upstream_name: until_ms}
+            health.keys[key_id] = dataclasses.replace(current, models=models)
+        else:
+            health.keys[key_id] = dataclasses.replace(current, exhausted_until_ms=until_ms)
+        if outcome is Outcome.QUOTA_EXHAUSTED:
+            log.warning("quota of a %s key (%s scope) is exhausted for %.0f s: parked, not retried before then",
+                        deployment.provider.id, scope, seconds)
 
     @staticmethod
     def _record(state: RunState, deployment: Deployment, exc: UpstreamError, outcome: Outcome) -> None:

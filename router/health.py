@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 
 from router.catalog import Deployment
+from router.providers.limits import QuotaReading
 from workers.protocol import (
     DeploymentHealth,
     deployment_health_key,
@@ -65,6 +66,18 @@ return 1
 """
 
 
+# KEYS: a key-state (or health) hash. ARGV: field, until_ms, ttl_ms. Never moves a park earlier:
+# two workers told different waits (a day cap and a minute's) keep the longer one.
+_PARK = """
+local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+# Key-state fields "m:<upstream model>": that key's quota for that model is out until then.
+MODEL_PARK_PREFIX = "m:"
+
+
 def now_ms() -> int:
     """Wall-clock milliseconds (shared across processes and machines)."""
     return int(time.time() * 1000)
@@ -82,12 +95,15 @@ def key_fingerprint(api_key: str) -> str:
 
 @dataclass(frozen=True)
 class KeyState:
-    """Quota and ban state of one upstream key."""
+    """Quota and ban state of one upstream key (and of its per-model quotas)."""
 
     banned_until_ms: int = 0
-    exhausted_until_ms: int = 0
+    exhausted_until_ms: int = 0  # the key's (or its account's) quota is out until then
     remaining_requests: int | None = None
     limit_requests: int | None = None
+    # upstream model → the key's quota for that model is out until then (providers whose
+    # limits apply per model: Groq, Gemini, Cerebras, Mistral, GitHub Models).
+    models: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_hash(cls, raw: Mapping[bytes, bytes]) -> "KeyState":
@@ -97,12 +113,17 @@ class KeyState:
         def opt(name: str) -> int | None:
             return int(float(f[name])) if f.get(name) not in (None, "") else None
 
-        return cls(int(f.get("banned_until_ms", 0)), int(f.get("exhausted_until_ms", 0)),
-                   opt("remaining_requests"), opt("limit_requests"))
+        models = {k[len(MODEL_PARK_PREFIX):]: int(float(v)) for k, v in f.items() if k.startswith(MODEL_PARK_PREFIX)}
+        return cls(int(float(f.get("banned_until_ms", 0))), int(float(f.get("exhausted_until_ms", 0))),
+                   opt("remaining_requests"), opt("limit_requests"), models)
 
-    def usable(self, at_ms: int) -> bool:
-        """Neither banned (401/403) nor out of quota at `at_ms`."""
-        return self.banned_until_ms <= at_ms and self.exhausted_until_ms <= at_ms
+    def blocked_until_ms(self, model: str | None = None) -> int:
+        """When this key may serve `model` again (the past: now)."""
+        return max(self.banned_until_ms, self.exhausted_until_ms, self.models.get(model, 0) if model else 0)
+
+    def usable(self, at_ms: int, model: str | None = None) -> bool:
+        """Neither banned (401/403) nor out of quota (for `model`, if given) at `at_ms`."""
+        return self.blocked_until_ms(model) <= at_ms
 
     def headroom(self) -> float:
         """Fraction of the request quota left (1.0 when the provider does not say)."""
@@ -130,8 +151,9 @@ class HealthSnapshot:
         return self.keys.get((provider, key_fingerprint(api_key))) or KeyState()
 
     def usable_keys(self, deployment: Deployment) -> list[str]:
-        """The provider's keys that are neither banned nor exhausted right now."""
-        return [k for k in deployment.provider.api_keys if self.key(deployment.provider.id, k).usable(self.at_ms)]
+        """The provider's keys that are neither banned nor out of quota for this model right now."""
+        provider, model = deployment.provider.id, deployment.model.upstream_name
+        return [k for k in deployment.provider.api_keys if self.key(provider, k).usable(self.at_ms, model)]
 
     def headroom(self, deployment: Deployment) -> float:
         """Best quota headroom over the deployment's usable keys (1.0 for keyless providers)."""
@@ -169,6 +191,7 @@ class HealthStore:
         self.tuning = tuning
         self._sink = sink
         self._failure = redis.register_script(_RECORD_FAILURE)
+        self._park = redis.register_script(_PARK)
 
     async def snapshot(self, deployments: Iterable[Deployment]) -> HealthSnapshot:
         """Health of every deployment and every key of their providers: one pipelined round trip."""
@@ -190,17 +213,26 @@ class HealthStore:
         await self._redis.delete(deployment_probe_key(deployment.key))
 
     async def record_success(self, deployment: Deployment, latency_ms: float | None,
-                             quota: Mapping[str, str | int] | None, api_key: str | None) -> None:
+                             quota: QuotaReading | None, api_key: str | None) -> None:
         """Close the breaker, fold the latency into the EWMA, store quota headers: one round trip."""
         keys = [deployment_health_key(deployment.key), deployment_probe_key(deployment.key)]
         args = [str(latency_ms if latency_ms is not None else -1), str(self.tuning.ewma_alpha), str(_HEALTH_TTL_MS)]
         # EVAL, not a Script object: redis-py checks a pipeline's scripts with SCRIPT EXISTS
         # first, which would be a second round trip on every success.
         commands: list[tuple[str, ...]] = [("EVAL", _RECORD_SUCCESS, str(len(keys)), *keys, *args)]
-        if quota and api_key:
+        if quota is not None and api_key:
             key_state = upstream_key_state_key(deployment.provider.id, key_fingerprint(api_key))
-            fields = [str(part) for pair in quota.items() for part in pair]
-            commands += [("HSET", key_state, *fields), ("PEXPIRE", key_state, str(_HEALTH_TTL_MS))]
+            fields = [(name, value) for name, value in (("remaining_requests", quota.remaining_requests),
+                                                        ("limit_requests", quota.limit_requests)) if value is not None]
+            if fields:
+                commands.append(("HSET", key_state, *(str(part) for pair in fields for part in pair)))
+            field_name = park_field(deployment, quota_scope(deployment))
+            if quota.wait_s:  # an answer that used up the last of a limit: park before the next call
+                until = str(now_ms() + int(quota.wait_s * 1000))
+                commands.append(("EVAL", _PARK, "1", key_state, field_name, until, str(_HEALTH_TTL_MS)))
+            elif quota.remaining_requests:  # the provider says there is quota again: a park is over
+                commands.append(("HSET", key_state, field_name, "0"))
+            commands.append(("PEXPIRE", key_state, str(_HEALTH_TTL_MS)))
         if self._sink is not None:
             sink = self._sink
             await asyncio.gather(*(sink.submit_command(*command) for command in commands))
@@ -225,6 +257,19 @@ class HealthStore:
                           {"cooling_until_ms": now_ms() + int(seconds * 1000)},
                           drop=deployment_probe_key(deployment.key))
 
+    async def park(self, deployment: Deployment, api_key: str | None, scope: str, seconds: float) -> int:
+        """Take this key's quota (for this model, if its scope is "model") out until `seconds` from now.
+
+        A keyless deployment cools instead. Returns the unix ms it is parked until.
+        """
+        until_ms = now_ms() + int(seconds * 1000)
+        if api_key is None:
+            await self.cool(deployment, seconds)
+            return until_ms
+        key_state = upstream_key_state_key(deployment.provider.id, key_fingerprint(api_key))
+        await self._park(keys=[key_state], args=[park_field(deployment, scope), until_ms, _HEALTH_TTL_MS])
+        return until_ms
+
     async def ban_key(self, deployment: Deployment, api_key: str) -> None:
         """Take an upstream key out of rotation (it got 401/403)."""
         await self._write(upstream_key_state_key(deployment.provider.id, key_fingerprint(api_key)),
@@ -247,6 +292,16 @@ class HealthStore:
                 pipe.hset(deployment_health_key(key), "gone", "1" if gone else "0")
                 pipe.pexpire(deployment_health_key(key), _HEALTH_TTL_MS)
             await pipe.execute()
+
+
+def quota_scope(deployment: Deployment) -> str:
+    """What the provider's limits apply to: "key", "model" or "account" (profile data)."""
+    return deployment.provider.config.profile.limits.scope
+
+
+def park_field(deployment: Deployment, scope: str) -> str:
+    """The key-state field a park at this scope writes (a key stands for its account)."""
+    return f"{MODEL_PARK_PREFIX}{deployment.model.upstream_name}" if scope == "model" else "exhausted_until_ms"
 
 
 def snapshot_keys(deployments: Sequence[Deployment]) -> list[str]:

@@ -13,6 +13,7 @@ from router.errors import (
     ContentRejected,
     ContextTooLong,
     ModelUnavailable,
+    NotServable,
     RateLimited,
     RequestRejected,
     StreamBroken,
@@ -28,6 +29,8 @@ class Outcome(StrEnum):
     RATE_LIMITED_SHORT = "429 short Retry-After"
     RATE_LIMITED_LONG = "429 long Retry-After"
     RATE_LIMITED_NO_HINT = "429 without Retry-After"
+    QUOTA_EXHAUSTED = "daily / account quota (429, 402)"
+    NOT_SERVABLE = "this deployment cannot serve this request"
     SERVER_ERROR = "5xx / reset / refused"
     TIMEOUT = "connect / first-token / idle timeout"
     CONTEXT_TOO_LONG = "400 context length"
@@ -39,7 +42,9 @@ class Outcome(StrEnum):
 
 Wait = Literal["none", "retry_after", "jittered"]
 Then = Literal["failover", "failover_larger_context", "return"]
-Health = Literal["none", "cool_retry_after", "cool_default", "failure", "ban_key", "gone"]
+# park: the key's quota (at the provider's scope: key, key and model, or account) sits out the
+# wait; unsupported: this deployment is remembered as lacking what the request needed.
+Health = Literal["none", "park", "failure", "ban_key", "gone", "unsupported"]
 
 
 @dataclass(frozen=True)
@@ -53,9 +58,13 @@ class Rule:
 
 
 POLICY: dict[Outcome, Rule] = {
-    Outcome.RATE_LIMITED_SHORT: Rule(1, "retry_after", "failover", "cool_retry_after"),
-    Outcome.RATE_LIMITED_LONG: Rule(0, "none", "failover", "cool_retry_after"),
-    Outcome.RATE_LIMITED_NO_HINT: Rule(1, "jittered", "failover", "cool_default"),
+    Outcome.RATE_LIMITED_SHORT: Rule(1, "retry_after", "failover", "park"),
+    Outcome.RATE_LIMITED_LONG: Rule(0, "none", "failover", "park"),
+    Outcome.RATE_LIMITED_NO_HINT: Rule(1, "jittered", "failover", "park"),
+    # A day cap or an empty account: no call before its reset (at most one per reset window).
+    Outcome.QUOTA_EXHAUSTED: Rule(0, "none", "failover", "park"),
+    # Another model may well serve it; this one is not cooled for everyone else's requests.
+    Outcome.NOT_SERVABLE: Rule(0, "none", "failover", "unsupported"),
     Outcome.SERVER_ERROR: Rule(1, "jittered", "failover", "failure"),
     # A silent route only multiplies the wait: never retried.
     Outcome.TIMEOUT: Rule(0, "none", "failover", "failure"),
@@ -76,17 +85,20 @@ class Tuning:
     retry_backoff_s: float = 0.2
     rate_limit_backoff_s: float = 0.5
     rate_limit_cooldown_s: float = 10.0
+    quota_park_default_s: float = 3600.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "Tuning":
         """Tuning from the process settings."""
         return cls(settings.short_retry_after_max_s, settings.retry_backoff_s, settings.rate_limit_backoff_s,
-                   settings.rate_limit_cooldown_s)
+                   settings.rate_limit_cooldown_s, settings.quota_park_default_s)
 
 
 def classify(error: UpstreamError, tuning: Tuning) -> Outcome:
     """The policy row for one typed upstream failure."""
     if isinstance(error, RateLimited):
+        if error.daily:
+            return Outcome.QUOTA_EXHAUSTED
         if error.retry_after_s is None:
             return Outcome.RATE_LIMITED_NO_HINT
         if error.retry_after_s <= tuning.short_retry_after_max_s:
@@ -96,6 +108,8 @@ def classify(error: UpstreamError, tuning: Tuning) -> Outcome:
         return Outcome.TIMEOUT
     if isinstance(error, UpstreamServerError):
         return Outcome.SERVER_ERROR
+    if isinstance(error, NotServable):
+        return Outcome.NOT_SERVABLE
     if isinstance(error, ContextTooLong):
         return Outcome.CONTEXT_TOO_LONG
     if isinstance(error, ContentRejected | RequestRejected):
@@ -127,11 +141,13 @@ def retry_wait_s(outcome: Outcome, error: UpstreamError, retry_number: int, tuni
     return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
 
 
-def cooling_s(outcome: Outcome, error: UpstreamError, tuning: Tuning) -> float:
-    """How long the deployment is marked cooling after this failure (0 = not at all)."""
-    rule = POLICY[outcome]
-    if rule.health == "cool_retry_after" and isinstance(error, RateLimited) and error.retry_after_s:
+def park_s(outcome: Outcome, error: UpstreamError, tuning: Tuning) -> float:
+    """How long a quota failure parks the key at its scope (0 = not at all): exactly the wait the
+    provider stated; a default when it stated none."""
+    if POLICY[outcome].health != "park":
+        return 0.0
+    if isinstance(error, RateLimited) and error.retry_after_s:
         return error.retry_after_s
-    if rule.health == "cool_default":
-        return tuning.rate_limit_cooldown_s
-    return 0.0
+    if outcome is Outcome.QUOTA_EXHAUSTED:
+        return tuning.quota_park_default_s
+    return tuning.rate_limit_cooldown_s

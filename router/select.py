@@ -119,4 +119,4 @@ def _blocked_for_ms(d: Deployment, health: HealthSnapshot) -> int | None:
     if not d.provider.api_keys or health.usable_keys(d):
         return 0
     states = [health.key(d.provider.id, k) for k in d.provider.api_keys]
-    return max(min(max(s.banned_until_ms, s.exhausted_until_ms) for s in states) - health.at_ms, 1)
+    return max(min(s.blocked_until_ms(d.model.upstream_name) for s in states) - health.at_ms, 1)

@@ -25,6 +25,67 @@ class ProviderTimeouts(_Strict):
     total_s: float = Field(default=120.0, gt=0)
 
 
+ErrorDialect = Literal["openai", "openrouter", "gemini", "mistral"]
+HeaderDialect = Literal["openai", "groq", "cerebras", "openrouter", "none"]
+QuotaScope = Literal["key", "model", "account"]
+DailyReset = Literal["utc_midnight", "pacific_midnight"]
+
+
+class LimitsProfile(_Strict):
+    """How a provider reports its limits, and what they apply to."""
+
+    # Which x-ratelimit-* names and units its responses carry (router/providers/limits.py).
+    headers: HeaderDialect = "openai"
+    # key: one key's quota covers every model; model: each (key, model) has its own; account:
+    # the account behind the key shares one quota over its models (a key is taken as its
+    # account). The default is the narrowest: a 429 parks no more than the model that said it.
+    scope: QuotaScope = "model"
+    # When a daily cap says no reset time, it lapses at this midnight.
+    daily_reset: DailyReset = "utc_midnight"
+
+
+class ModelsEndpoint(_Strict):
+    """The provider's model listing, and what the catalog refresh learns from it."""
+
+    # Relative to base_url, or absolute (GitHub Models lists its catalog outside /inference).
+    url: str = "/models"
+    # Add models the provider lists that the catalog does not have (scored by family).
+    discover: bool = False
+    # Discovery keeps only models the listing prices at zero (OpenRouter's free models).
+    free_only: bool = False
+    # Discovery keeps only ids matching this glob (e.g. "*:free").
+    match: str | None = None
+    # Take the context window the listing reports over the catalog's.
+    update_context: bool = True
+    # The window of a discovered model whose listing reports none (a local server's default).
+    default_context_window: int | None = Field(default=None, gt=0)
+
+
+class ProviderProfile(_Strict):
+    """How one provider's OpenAI-compatible API differs from OpenAI's, as data (docs/providers.md)."""
+
+    # Strict providers with a published request schema: only these top-level fields are sent.
+    accepts: list[str] | None = None
+    # Top-level fields ("logprobs") or message fields ("messages[].name") it answers 4xx for.
+    rejects: list[str] = Field(default_factory=list)
+    # Fields it knows under another name (Mistral: max_completion_tokens → max_tokens).
+    renames: dict[str, str] = Field(default_factory=dict)
+    # Whether fields outside OpenAI's schema (vLLM's chat_template_kwargs, OpenRouter's
+    # provider) may pass through; strict providers refuse unknown fields with a 4xx.
+    extra_fields: bool = True
+    # Per role, the message fields it accepts (None: any).
+    message_fields: dict[str, list[str]] | None = None
+    # Roles it knows under another name (Mistral has no "developer" role: it is its system).
+    role_renames: dict[str, str] = Field(default_factory=dict)
+    # Whether it takes stream_options (usage on the last chunk); without it the gateway
+    # counts tokens itself when the provider sends none.
+    stream_options: bool = True
+    # The shape of its error bodies (router/providers/dialects/).
+    errors: ErrorDialect = "openai"
+    limits: LimitsProfile = LimitsProfile()
+    models: ModelsEndpoint = ModelsEndpoint()
+
+
 class ProviderConfig(_Strict):
     id: str = Field(min_length=1)
     base_url: str = Field(min_length=1)
@@ -43,6 +104,7 @@ class ProviderConfig(_Strict):
     # Extra fields on the assistant message that carries a prefill (Mistral wants {prefix: true}).
     prefill_fields: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None
+    profile: ProviderProfile = ProviderProfile()
 
 
 class ModelConfig(_Strict):
@@ -83,11 +145,21 @@ DEFAULT_MODEL_ALIASES: dict[str, str] = {
 }
 
 
+class FamilyConfig(_Strict):
+    """Scores for a discovered model whose id matches `match` (a glob), first match wins."""
+
+    match: str
+    scores: dict[Intent, float]
+    capabilities: list[str] = Field(default_factory=list)
+
+
 class CatalogFile(_Strict):
     providers: list[ProviderConfig]
     models: list[ModelConfig]
     capabilities: dict[str, CapabilityConfig]
     model_aliases: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_MODEL_ALIASES))
+    # Conservative scores for models a provider lists that the catalog does not score.
+    families: list[FamilyConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _consistent(self) -> "CatalogFile":

@@ -105,6 +105,16 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(default=0.2, gt=0)  # base of the jittered 5xx / reset retry wait
     rate_limit_backoff_s: float = Field(default=0.5, gt=0)  # base of the jittered 429 backoff
     upstream_key_ban_s: float = Field(default=3600.0, gt=0)  # a key that got 401/403 sits out this long
+    # A quota signal that names no reset (402 out of credits, a day cap without a time) parks
+    # the key (or key and model) this long.
+    quota_park_default_s: float = Field(default=3600.0, gt=0)
+    # Upstream bodies are read up to these caps, so a provider answering with hundreds of MB
+    # cannot grow a worker: an error body (a JSON error is a few KB; Gemini's with details
+    # under 4 KB) past its cap is a provider error that fails over; a whole JSON answer or one
+    # SSE line past the second, or a stream past the third, is a broken stream.
+    upstream_error_body_max_bytes: int = Field(default=64 * 1024, gt=0)
+    upstream_body_max_bytes: int = Field(default=16 * 1024 * 1024, gt=0)
+    upstream_stream_max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
     latency_ewma_alpha: float = Field(default=0.3, gt=0, le=1)
     # Workers re-publish their routable deployments this often; the API trusts entries 3x as old.
     live_deployments_publish_s: float = Field(default=5.0, gt=0)

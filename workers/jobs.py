@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from router.catalog import Deployment, RuntimeCatalog
-from router.errors import ContentRejected, ContextTooLong, RequestRejected, UpstreamError
+from router.errors import ContentRejected, ContextTooLong, NotServable, RequestRejected, UpstreamError
 from router.failover import AllFailed, FailoverExecutor, MidStreamFailure, RunState
 from router.health import HealthSnapshot
 from router.intent import classify_request
@@ -40,6 +40,7 @@ from workers.protocol import (
     encode_event,
     reply_channel_of,
 )
+from workers.usage_estimate import estimated_usage
 
 log = logging.getLogger("freeference.worker")
 
@@ -336,7 +337,9 @@ async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnR
                     return await _stream(state, run, ranked, health, body, budget_s, intent, why, on_start, on_chunk,
                                          wants_usage)
                 completion, served = await state.executor.complete(ranked, body, run, health, budget_s)
-                return DoneEvent(route=_route(served, run, intent, why), usage=completion.get("usage"),
+                if not completion.get("usage"):
+                    completion["usage"] = _estimate(job.body, run, served)
+                return DoneEvent(route=_route(served, run, intent, why), usage=completion["usage"],
                                  completion=completion)
             except NoneAvailable as exc:
                 wait_s = _availability_wait_s(exc, waited_s, state.settings.availability_wait_max_s, budget_s())
@@ -351,7 +354,9 @@ def _ask_for_usage(body: dict[str, Any], stream: bool) -> bool:
 
     Non-streaming requests stream upstream too (stall detection, no truncated answers). Usage is
     asked for even when the caller said include_usage: false, because billing and tokens per
-    minute need it; the usage-only chunk is then not forwarded to such a caller.
+    minute need it; the usage-only chunk is then not forwarded to such a caller. Providers that
+    refuse stream_options never see it (their profile drops it); when an answer comes without
+    usage the worker estimates it (workers/usage_estimate.py).
     """
     caller_options = body.get("stream_options")
     if not stream:
@@ -404,6 +409,10 @@ def error_event(exc: BaseException, run: RunState) -> ErrorEvent:
         if isinstance(exc.last, ContextTooLong):
             return _error(400, "The conversation is too long for every eligible model.", "context_length_exceeded",
                           run)
+        if isinstance(exc.last, NotServable) and all(a.reason == NotServable.reason for a in run.attempts):
+            # Every eligible model lacks something this request needs (a field, a feature, a size).
+            return _error(400, f"No eligible model can serve this request: {exc.last.message}",
+                          "unsupported_parameter", run)
         return _upstream_failed(run, exc.last)
     log.error("job failed unexpectedly", exc_info=exc)
     return _error(500, "Internal error while running the request.", "internal_error", run)
@@ -416,7 +425,21 @@ async def _stream(state: WorkerState, run: RunState, candidates: list[Deployment
         await on_route(_route(deployment, run, intent, why, attempts))
 
     served = await state.executor.stream(candidates, body, run, health, budget_s, on_start, on_chunk, wants_usage)
-    return DoneEvent(route=_route(served, run, intent, why), usage=run.usage)
+    usage = run.usage
+    if not usage:
+        usage = _estimate(body, run, served)
+        if wants_usage:  # the caller asked for the usage chunk; it ends the stream as a provider's would
+            await on_chunk({"id": run.stream_id or "chatcmpl-freeference", "object": "chat.completion.chunk",
+                            "created": int(time.time()), "model": served.model.id, "choices": [], "usage": usage})
+    return DoneEvent(route=_route(served, run, intent, why), usage=usage)
+
+
+def _estimate(body: dict[str, Any], run: RunState, served: Deployment) -> dict[str, Any]:
+    """Usage for an answer its provider sent none for (marked estimated; logged)."""
+    usage = estimated_usage(body, run.output_chars)
+    log.info("no usage from %s: estimated %d prompt + %d completion tokens", served.key, usage["prompt_tokens"],
+             usage["completion_tokens"])
+    return usage
 
 
 def _route(deployment: Deployment, run: RunState, intent: Intent, why: str, attempts: int | None = None) -> RouteInfo:

@@ -11,7 +11,7 @@ from router.failover import FailoverExecutor
 from router.health import BreakerTuning, CommandSink, HealthStore
 from router.keys import KeyRotation
 from router.policy import Tuning
-from router.providers.openai_compat import OpenAICompatProvider
+from router.providers.openai_compat import BodyCaps, OpenAICompatProvider
 from router.refresh import CatalogRefresher
 from settings import Settings
 
@@ -27,7 +27,9 @@ def build_executor(redis: Redis, client: httpx.AsyncClient, settings: Settings,
                    sink: CommandSink | None = None) -> FailoverExecutor:
     """The failover executor of one worker process, sharing health through `redis` (successes via `sink`)."""
     health = HealthStore(redis, breaker_tuning(settings), sink)
-    return FailoverExecutor(OpenAICompatProvider(client), KeyRotation(), health, Tuning.from_settings(settings))
+    caps = BodyCaps(error_bytes=settings.upstream_error_body_max_bytes, body_bytes=settings.upstream_body_max_bytes,
+                    stream_bytes=settings.upstream_stream_max_bytes)
+    return FailoverExecutor(OpenAICompatProvider(client, caps), KeyRotation(), health, Tuning.from_settings(settings))
 
 
 def start_refresher(redis: Redis, catalog: RuntimeCatalog, client: httpx.AsyncClient,

@@ -61,8 +61,8 @@ def test_short_retry_after_is_waited_exactly_then_same_model(gateway: Gateway, u
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_long_retry_after_fails_over_at_once_and_cools(gateway: Gateway, upstream: FakeUpstream, key: str,
-                                                       stream: bool) -> None:
+def test_long_retry_after_fails_over_at_once_and_parks_that_key(gateway: Gateway, upstream: FakeUpstream, key: str,
+                                                                stream: bool) -> None:
     upstream.script(BEST, {"status": 429, "retry_after": 120})
     answer = ask(gateway, key, stream)
     assert (answer.content, answer.model) == (expected(BACKUP), BACKUP)
@@ -71,10 +71,18 @@ def test_long_retry_after_fails_over_at_once_and_cools(gateway: Gateway, upstrea
     assert answer.usage is not None and answer.usage.completion_tokens == 8
     assert len(upstream.requests(BEST)) == 1
     assert upstream.requests(BACKUP)[0]["t"] - upstream.requests(BEST)[0]["t"] < 2.0  # no wait
-    # Cooling is shared: the next request (maybe on the other worker) skips the primary.
-    again = ask(gateway, key, stream)
-    assert again.model == BACKUP and again.headers["x-freeference-attempts"] == "1"
-    assert len(upstream.requests(BEST)) == 1
+    # The 429 was about that key's quota: every later request (on either worker) leaves that key
+    # out, and the provider's other key still serves the primary.
+    parked = upstream.requests(BEST)[0]["authorization"]
+    for _ in range(3):
+        again = ask(gateway, key, stream)
+        assert again.model == BEST and again.headers["x-freeference-attempts"] == "1"
+    assert parked not in [r["authorization"] for r in upstream.requests(BEST)[1:]]
+    # With both keys parked the primary is skipped before it is tried.
+    upstream.script(BEST, {"status": 429, "retry_after": 120})
+    assert ask(gateway, key, stream).model == BACKUP
+    assert ask(gateway, key, stream).model == BACKUP
+    assert len(upstream.requests(BEST)) == 5
 
 
 @pytest.mark.parametrize("stream", [False, True])

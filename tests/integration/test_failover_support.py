@@ -35,8 +35,9 @@ def failover_catalog(upstream_url: str, refresh_models_s: float = 0, idle_s: flo
     for code, code-refused (on a port where nothing listens) > coder."""
     timeout = {"connect_s": 1, "first_token_s": 1.5, "idle_s": idle_s, "total_s": 20}
     providers = [
+        # A 429 parks the key that got it for all of fake-a's models (as OpenRouter's account-wide limits).
         {"id": "fake-a", "base_url": upstream_url, "api_keys_env": ["FAKE_A_KEY", "FAKE_A_KEY_2"],
-         "timeout": timeout, "refresh_models_s": refresh_models_s},
+         "timeout": timeout, "refresh_models_s": refresh_models_s, "profile": {"limits": {"scope": "key"}}},
         {"id": "fake-b", "base_url": upstream_url, "requires_key": False, "timeout": timeout,
          "refresh_models_s": refresh_models_s},
         # Nothing listens there: every connection is refused.

@@ -1,4 +1,4 @@
-"""The policy table (DESIGN.md §5) as data: classification, retry waits, cooling."""
+"""The policy table (DESIGN.md §5) as data: classification, retry waits, quota parks."""
 
 import random
 
@@ -8,6 +8,7 @@ from router.errors import (
     ContentRejected,
     ContextTooLong,
     ModelUnavailable,
+    NotServable,
     RateLimited,
     RequestRejected,
     StreamBroken,
@@ -17,7 +18,7 @@ from router.errors import (
     UpstreamServerError,
     UpstreamTimeout,
 )
-from router.policy import POLICY, Outcome, Tuning, classify, cooling_s, retry_wait_s
+from router.policy import POLICY, Outcome, Tuning, classify, park_s, retry_wait_s
 
 TUNING = Tuning(short_retry_after_max_s=5, retry_backoff_s=0.2, rate_limit_backoff_s=0.5, rate_limit_cooldown_s=10)
 
@@ -27,6 +28,9 @@ TUNING = Tuning(short_retry_after_max_s=5, retry_backoff_s=0.2, rate_limit_backo
     (RateLimited("slow down", retry_after_s=5), Outcome.RATE_LIMITED_SHORT),
     (RateLimited("slow down", retry_after_s=5.01), Outcome.RATE_LIMITED_LONG),
     (RateLimited("slow down", retry_after_s=None), Outcome.RATE_LIMITED_NO_HINT),
+    (RateLimited("free-models-per-day", retry_after_s=3600, daily=True), Outcome.QUOTA_EXHAUSTED),
+    (RateLimited("out of credits", retry_after_s=None, status=402, daily=True), Outcome.QUOTA_EXHAUSTED),
+    (NotServable("no endpoints found that support tool use", status=404, feature="tools"), Outcome.NOT_SERVABLE),
     (UpstreamServerError("boom", status=503), Outcome.SERVER_ERROR),
     (UpstreamConnectError("refused"), Outcome.SERVER_ERROR),
     (UpstreamTimeout("silent", phase="first_token"), Outcome.TIMEOUT),
@@ -55,6 +59,8 @@ def test_table_rows_match_the_design() -> None:
         Outcome.AUTH_FAILED: (0, "none", "failover"),
         Outcome.MODEL_GONE: (0, "none", "failover"),
         Outcome.STREAM_BROKEN: (0, "none", "failover"),
+        Outcome.QUOTA_EXHAUSTED: (0, "none", "failover"),
+        Outcome.NOT_SERVABLE: (0, "none", "failover"),
     }
     assert set(POLICY) == set(Outcome)
     for outcome, (retries, wait, then) in expected.items():
@@ -63,6 +69,10 @@ def test_table_rows_match_the_design() -> None:
     assert POLICY[Outcome.AUTH_FAILED].health == "ban_key"
     assert POLICY[Outcome.SERVER_ERROR].health == "failure"
     assert POLICY[Outcome.TIMEOUT].health == "failure"
+    # (b) is never cooled for everyone; (d) parks the key at its scope instead of cooling the route.
+    assert POLICY[Outcome.NOT_SERVABLE].health == "unsupported"
+    assert {POLICY[o].health for o in (Outcome.RATE_LIMITED_SHORT, Outcome.RATE_LIMITED_LONG,
+                                       Outcome.RATE_LIMITED_NO_HINT, Outcome.QUOTA_EXHAUSTED)} == {"park"}
 
 
 def test_short_retry_after_is_waited_exactly() -> None:
@@ -88,8 +98,12 @@ def test_no_wait_for_rows_without_retry(outcome: Outcome) -> None:
     assert retry_wait_s(outcome, UpstreamError("x"), 1, TUNING) == 0.0
 
 
-def test_cooling() -> None:
-    assert cooling_s(Outcome.RATE_LIMITED_LONG, RateLimited("x", retry_after_s=120), TUNING) == 120
-    assert cooling_s(Outcome.RATE_LIMITED_SHORT, RateLimited("x", retry_after_s=2), TUNING) == 2
-    assert cooling_s(Outcome.RATE_LIMITED_NO_HINT, RateLimited("x", retry_after_s=None), TUNING) == 10
-    assert cooling_s(Outcome.SERVER_ERROR, UpstreamServerError("x"), TUNING) == 0
+def test_parks_last_exactly_as_long_as_stated() -> None:
+    assert park_s(Outcome.RATE_LIMITED_LONG, RateLimited("x", retry_after_s=120), TUNING) == 120
+    assert park_s(Outcome.RATE_LIMITED_SHORT, RateLimited("x", retry_after_s=2), TUNING) == 2
+    assert park_s(Outcome.RATE_LIMITED_NO_HINT, RateLimited("x", retry_after_s=None), TUNING) == 10
+    assert park_s(Outcome.QUOTA_EXHAUSTED, RateLimited("x", retry_after_s=5000, daily=True), TUNING) == 5000
+    # A cap that states no reset (402 out of credits): the configured default.
+    assert park_s(Outcome.QUOTA_EXHAUSTED, RateLimited("x", retry_after_s=None, daily=True), TUNING) == 3600
+    assert park_s(Outcome.SERVER_ERROR, UpstreamServerError("x"), TUNING) == 0
+    assert park_s(Outcome.NOT_SERVABLE, NotServable("x"), TUNING) == 0

@@ -8,7 +8,8 @@ import pytest
 
 from router.catalog import Deployment, RuntimeCatalog
 from router.health import BreakerTuning, HealthSnapshot, HealthStore, KeyState, key_fingerprint, now_ms
-from router.keys import KeyRotation, NoUsableKey, parse_reset_s, quota_from_headers
+from router.keys import KeyRotation, NoUsableKey
+from router.providers.limits import parse_reset_s, read
 from router.select import NoneAvailable, NothingFits, rank
 from settings.catalog import CatalogFile
 from workers.protocol import DeploymentHealth, deployment_health_key
@@ -127,17 +128,15 @@ async def test_banned_and_exhausted_keys_leave_rotation(store: HealthStore,
     await store.ban_key(d, "key-one")
     snap = await store.snapshot([d])
     assert {rotation.pick(d, snap) for _ in range(4)} == {"key-two"}
-    quota = quota_from_headers({"x-ratelimit-remaining-requests": "0", "x-ratelimit-limit-requests": "30",
-                                "x-ratelimit-reset-requests": "1m30s"}, now_ms())
-    assert quota is not None
+    quota = read({"x-ratelimit-remaining-requests": "0", "x-ratelimit-limit-requests": "30",
+                  "x-ratelimit-reset-requests": "1m30s"}, "openai")
     await store.record_success(d, 10.0, quota, "key-two")
     snap = await store.snapshot([d])
-    assert snap.key("p1", "key-two").exhausted_until_ms > now_ms() + 80_000
+    assert snap.key("p1", "key-two").blocked_until_ms("best") > now_ms() + 80_000
     with pytest.raises(NoUsableKey):
         rotation.pick(d, snap)
     # The request budget comes back with a later response that reports quota again.
-    fresh = quota_from_headers({"x-ratelimit-remaining-requests": "29", "x-ratelimit-limit-requests": "30"}, now_ms())
-    assert fresh is not None
+    fresh = read({"x-ratelimit-remaining-requests": "29", "x-ratelimit-limit-requests": "30"}, "openai")
     await store.record_success(d, 10.0, fresh, "key-two")
     snap = await store.snapshot([d])
     assert rotation.pick(d, snap) == "key-two"

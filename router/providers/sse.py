@@ -1,0 +1,195 @@
+"""Reading an upstream answer: an OpenAI-style SSE stream, or a whole JSON completion, under caps."""
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, cast
+
+import httpx
+import orjson
+
+from router.errors import StreamBroken, UpstreamTimeout
+
+# How long the rest of a body after [DONE] may take to arrive. Normally it is already there (the
+# chunked terminator travels with [DONE]); an upstream that holds the response open after [DONE]
+# costs this much once per answer, and only its connection's reuse is lost.
+_DRAIN_S = 0.05
+
+
+@dataclass(frozen=True)
+class BodyCaps:
+    """How much of an upstream body is read (settings: upstream_*_max_bytes)."""
+
+    error_bytes: int = 64 * 1024
+    body_bytes: int = 16 * 1024 * 1024  # a whole JSON answer, or one SSE line
+    stream_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass
+class StreamItem:
+    """Either the response headers (first item), a parsed chunk, or the end marker."""
+
+    headers: Mapping[str, str] | None = None
+    chunk: dict[str, Any] | None = None
+    done: bool = False
+    malformed: bool = False
+
+
+class TooLarge(Exception):
+    """A body passed its cap; nothing more of it is read."""
+
+
+async def read_capped(response: httpx.Response, cap_bytes: int) -> bytes:
+    """The whole body, or TooLarge as soon as more than cap_bytes arrived (the rest stays unread)."""
+    received = bytearray()
+    reads = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+    try:
+        async for block in reads:
+            received += block
+            if len(received) > cap_bytes:
+                raise TooLarge
+    finally:
+        await reads.aclose()
+    return bytes(received)
+
+
+async def parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, started: float,
+                    first_token_s: float, idle_s: float, end_by: float, caps: BodyCaps,
+                    error_text: Callable[[bytes], str]) -> AsyncGenerator[StreamItem, None]:
+    """Server-sent events of an OpenAI-style stream, one item per `data:` line.
+
+    Lines are split from each network read here (not with httpx's aiter_lines), so the stall
+    deadline is armed once per read rather than once per line: a read usually holds several
+    lines, and the per-line timers were a measurable share of a worker's CPU.
+    """
+    reads = cast(AsyncGenerator[bytes, None], response.aiter_bytes())  # httpx types it as an iterator
+    data_by = started + first_token_s  # keep-alive comments do not count as a first token
+    seen_data = False
+    received = 0
+    # Set once the answer is whole: [DONE] is in hand, or the usage-only chunk (the last one
+    # before [DONE]) is out. A consumer may stop there; the body's rest is then read when the
+    # stream closes, since a response closed with unread bytes (even the chunked terminator)
+    # cannot go back to the pool.
+    whole = False
+    pending = b""
+    try:
+        while True:
+            block: bytes | None
+            try:
+                async with asyncio.timeout_at(min(data_by, end_by)):
+                    block = await anext(reads)
+            except StopAsyncIteration:
+                block = None  # the body ended; the caller decides whether the stream was complete
+            except TimeoutError:
+                phase = "total" if loop.time() >= end_by else ("idle" if seen_data else "first_token")
+                raise UpstreamTimeout(f"upstream stream stalled ({phase})", phase=phase) from None
+            except httpx.HTTPError:  # read error, protocol error, decoding error, read timeout
+                raise StreamBroken("upstream connection was cut mid-stream") from None
+            # SSE lines end in \n, \r\n or a lone \r. A \r\n split across two reads becomes an
+            # extra blank line, which only separates events.
+            if block is None:
+                if not pending.strip():
+                    return
+                lines, pending = [pending], b""  # a last line without a line break still counts
+            else:
+                received += len(block)
+                if received > caps.stream_bytes:
+                    raise StreamBroken(f"upstream stream over {caps.stream_bytes} bytes")
+                lines = (pending + block).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+                pending = lines.pop()  # the unfinished last line, completed by the next read
+                if len(pending) > caps.body_bytes:
+                    raise StreamBroken("upstream sent an endless line")
+            whole = whole or any(line.startswith(b"data:") and line[5:].strip() == b"[DONE]" for line in lines)
+            for line in lines:
+                if not line.startswith(b"data:"):
+                    continue  # blank separators, ": keep-alive" comments, event: lines
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    yield StreamItem(done=True)
+                    return
+                seen_data = True
+                data_by = loop.time() + idle_s
+                item = _parse_event(data)
+                if item.chunk is not None and "error" in item.chunk:
+                    raise StreamBroken(f"upstream reported an error mid-stream: {error_text(data)}")
+                whole = whole or (item.chunk is not None and not item.chunk.get("choices")
+                                  and bool(item.chunk.get("usage")))
+                yield item
+            if block is None:
+                return
+    finally:
+        if whole:  # [DONE] and the body's end are in hand or in flight
+            await _finish_body(reads, loop.time() + _DRAIN_S)
+        await reads.aclose()  # explicitly: a generator left to the GC costs a loop wake-up to close
+
+
+def completion_chunks(completion: dict[str, Any]) -> list[StreamItem]:
+    """A whole chat.completion (an upstream that ignored stream: true) as the chunks a stream has."""
+    choices = completion.get("choices")
+    if not isinstance(choices, list):
+        return [StreamItem(malformed=True)]
+    base: dict[str, Any] = {k: completion[k] for k in ("id", "created", "model", "system_fingerprint")
+                            if k in completion}
+    items: list[StreamItem] = []
+    for i, choice in enumerate(choices):
+        if not isinstance(choice, dict) or not isinstance(choice.get("message"), dict):
+            return [StreamItem(malformed=True)]
+        delta = {k: v for k, v in choice["message"].items() if v is not None}
+        if isinstance(delta.get("tool_calls"), list):
+            delta["tool_calls"] = [{**call, "index": n} for n, call in enumerate(delta["tool_calls"])
+                                   if isinstance(call, dict)]
+        chunk = {**base, "object": "chat.completion.chunk",
+                 "choices": [{"index": choice.get("index", i), "delta": delta,
+                              "finish_reason": choice.get("finish_reason") or "stop"}]}
+        items.append(_checked(chunk))
+    if completion.get("usage"):
+        items.append(StreamItem(chunk={**base, "object": "chat.completion.chunk", "choices": [],
+                                       "usage": completion["usage"]}))
+    return [*items, StreamItem(done=True)]
+
+
+def _checked(chunk: dict[str, Any]) -> StreamItem:
+    return StreamItem(chunk=chunk) if well_formed(chunk) else StreamItem(malformed=True)
+
+
+def _parse_event(data: bytes) -> StreamItem:
+    try:
+        chunk = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return StreamItem(malformed=True)
+    if not isinstance(chunk, dict):
+        return StreamItem(malformed=True)
+    return StreamItem(chunk=chunk) if "error" in chunk else _checked(chunk)
+
+
+async def _finish_body(reads: AsyncIterator[bytes], drain_by: float) -> None:
+    try:
+        async with asyncio.timeout_at(drain_by):
+            async for _ in reads:
+                pass
+    except (TimeoutError, httpx.HTTPError):
+        pass  # the answer is complete; only connection reuse is lost
+
+
+def well_formed(chunk: dict[str, Any]) -> bool:
+    """The shapes the executor and the assembler rely on; anything else is skipped as malformed."""
+    choices = chunk.get("choices", [])
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict) or not isinstance(choice.get("index", 0), int):
+            return False
+        delta = choice.get("delta")
+        if delta is None:
+            continue
+        if not isinstance(delta, dict) or not isinstance(delta.get("content") or "", str):
+            return False
+        calls = delta.get("tool_calls") or []
+        if not isinstance(calls, list):
+            return False
+        for call in calls:
+            if not isinstance(call, dict) or not isinstance(call.get("function") or {}, dict):
+                return False
+            if not isinstance((call.get("function") or {}).get("arguments") or "", str):
+                return False
+    return True
