@@ -5,6 +5,9 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
 
 from router.providers.profile import CompiledProfile
 from settings.catalog import CatalogFile, Intent, ModelConfig, ProviderConfig
@@ -68,6 +71,39 @@ class RuntimeCatalog:
             providers[config.id] = ProviderRuntime(config, (url_override or config.base_url).rstrip("/"), keys)
         deployments = [Deployment(m, providers[m.provider]) for m in file.models if m.provider in providers]
         return cls(file=file, providers=providers, deployments=deployments, skipped=skipped)
+
+    def apply_learned(self, learned: Mapping[str, Mapping[str, Any]]) -> bool:
+        """Rebuild the deployments from the file plus what provider listings taught (provider →
+        {"context": {model id: window}, "added": [model]}); True when they changed.
+
+        The list is replaced in place: holders of `deployments` see the new one.
+        """
+        deployments: list[Deployment] = []
+        for model in self.file.models:
+            provider = self.providers.get(model.provider)
+            if provider is None:
+                continue
+            window = (learned.get(model.provider) or {}).get("context", {}).get(model.id)
+            if isinstance(window, int) and window > 0 and window != model.context_window:
+                model = model.model_copy(update={"context_window": window})
+            deployments.append(Deployment(model, provider))
+        known = {(d.model.id, d.provider.id) for d in deployments}
+        for provider_id, taught in learned.items():
+            provider = self.providers.get(provider_id)
+            if provider is None:
+                continue
+            for raw in taught.get("added") or ():
+                try:
+                    model = ModelConfig.model_validate({**raw, "provider": provider_id})
+                except ValidationError:
+                    continue
+                if (model.id, provider_id) not in known:
+                    known.add((model.id, provider_id))
+                    deployments.append(Deployment(model, provider))
+        if [(d.key, d.model) for d in deployments] == [(d.key, d.model) for d in self.deployments]:
+            return False
+        self.deployments[:] = deployments
+        return True
 
     def log_summary(self) -> None:
         for provider_id, why in self.skipped.items():

@@ -272,7 +272,11 @@ class HealthStore:
 
     async def ban_key(self, deployment: Deployment, api_key: str) -> None:
         """Take an upstream key out of rotation (it got 401/403)."""
-        await self._write(upstream_key_state_key(deployment.provider.id, key_fingerprint(api_key)),
+        await self.ban(deployment.provider.id, api_key)
+
+    async def ban(self, provider: str, api_key: str) -> None:
+        """Take one of a provider's keys out of rotation for key_ban_s."""
+        await self._write(upstream_key_state_key(provider, key_fingerprint(api_key)),
                           {"banned_until_ms": now_ms() + int(self.tuning.key_ban_s * 1000)})
 
     async def _write(self, key: str, fields: Mapping[str, int | str], drop: str | None = None) -> None:

@@ -327,9 +327,10 @@ async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnR
     async with asyncio.timeout(budget_s()):
         first_health = await claimed() if claimed is not None else None
         while True:
-            if first_health is not None:
+            if first_health is not None and all(d.key in first_health.deployments for d in deployments):
                 health, first_health = first_health, None
-            else:
+            else:  # later rankings, or candidates the claim's read predates (models a listing added since)
+                first_health = None
                 health = await state.executor.snapshot(deployments)
             try:
                 ranked = rank(groups, intent, health, needed_tokens)

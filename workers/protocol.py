@@ -162,6 +162,11 @@ def catalog_refresh_lock_key(provider: str) -> str:
 
 # Hash deployment → LiveDeployment JSON, refreshed by every worker: what is routable somewhere.
 LIVE_DEPLOYMENTS_KEY = "ff:deployments"
+# Hash provider → what its model listing taught ({"context": {model: window}, "added": [model]}),
+# written by the worker that refreshed it, applied by every worker (router/refresh.py).
+LEARNED_CATALOG_KEY = "ff:catalog:learned"
+# Hash provider → ProviderStatus JSON: its last check, per key (GET /admin/providers).
+PROVIDER_STATUS_KEY = "ff:providers:status"
 
 
 # --- Job payload
@@ -259,6 +264,33 @@ class LiveDeployment(_Model):
     model: str
     provider: str
     seen_ms: int
+
+
+class KeyCheck(_Model):
+    """What one upstream key's model listing answered (the key named by its fingerprint only)."""
+
+    fingerprint: str
+    reachable: bool  # the provider answered at all
+    valid: bool | None  # False: 401/403; None: the answer says nothing about the key
+    status: int | None = None
+    detail: str = ""  # why it failed, sanitized
+    listed: int | None = None
+
+
+class ProviderStatus(_Model):
+    """The last check of one provider: its keys, and its listing against the catalog."""
+
+    provider: str
+    enabled: bool = True
+    reason: str = ""  # why it is disabled
+    checked_ms: int = 0
+    keys: list[KeyCheck] = []
+    listed: int | None = None  # models the listing has (None: no listing read)
+    configured: int = 0  # models the catalog has for it
+    new: list[str] = []  # listed, not in the catalog (added when the provider discovers)
+    added: list[str] = []  # of those, routed now
+    vanished: list[str] = []  # in the catalog, no longer listed (out of rotation)
+    context_changed: dict[str, list[int]] = {}  # model → [catalog window, listed window]
 
 
 class DeploymentHealth(BaseModel):
