@@ -77,6 +77,9 @@ class Metrics:
         self.job_errors = Counter("freeference_job_errors",
                                   "Jobs that ended in an error event (streams: in-band), by status and code.",
                                   ["status", "code"], registry=r)
+        self.usage_estimated = Counter("freeference_usage_estimated",
+                                       "Answers whose provider sent no usage: the gateway estimated the tokens.",
+                                       ["provider"], registry=r)
         self.rejections = Counter("freeference_rate_limit_rejections",
                                   "Requests refused by a protective limit (429 / 503).", ["limit"], registry=r)
         self.inflight_requests = Gauge("freeference_inflight_requests", "Requests being served by this process.",
@@ -151,6 +154,8 @@ def _account(m: "Metrics", event_type: str, event: dict[str, Any]) -> None:
     route = event.get("route")
     if route:
         m.attempt(route["provider"], "ok").inc()
+        if (event.get("usage") or {}).get("estimated"):
+            m.child(m.usage_estimated, route["provider"]).inc()
     timings = event.get("timings")
     obs = _CURRENT.get()
     if timings and obs is not None:

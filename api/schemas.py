@@ -59,9 +59,14 @@ Probability = Annotated[float, Field(ge=0, le=1)]
 
 
 class ChatCompletionRequest(BaseModel):
-    """OpenAI chat completion request, plus `models` (ordered fallbacks) and `route` hints."""
+    """OpenAI chat completion request, plus `models` (ordered fallbacks) and `route` hints.
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    Fields it does not name (vLLM's chat_template_kwargs, OpenRouter's provider or
+    include_reasoning) are let through: the worker sends them to providers that take extra
+    fields and leaves them out for strict ones (router/providers/profile.py).
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True)
 
     messages: list[Message] = Field(min_length=1)
     model: str | None = None
@@ -172,8 +177,8 @@ def validate_chat_body(data: dict[str, Any]) -> ChatCompletionRequest:
 def _validation_to_openai(exc: ValidationError) -> OpenAIError:
     err = exc.errors()[0]
     loc = tuple(err["loc"])
-    if err["type"] == "extra_forbidden":
-        return invalid_request(f"Unrecognized request argument supplied: {loc[-1]}", param=str(loc[-1]))
+    if err["type"] == "extra_forbidden":  # inside a gateway-only object (route): only its own fields
+        return invalid_request(f"Unrecognized request argument supplied: {loc[-1]}", param=_param_path(loc))
     # Union errors carry the variant name in the location; keep the field path only.
     clean = tuple(p for p in loc if isinstance(p, int) or (not str(p)[:1].isupper() and "[" not in str(p)))
     param = _param_path(clean) or None

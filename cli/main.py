@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys_cmd.register(sub)
     # Optional command modules: each exposes register(subparsers).
-    for module_name in ("cli.classify", "cli.batch_cmd"):
+    for module_name in ("cli.classify", "cli.batch_cmd", "cli.providers_cmd"):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:

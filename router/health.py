@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from router.catalog import Deployment
 from router.providers.limits import QuotaReading
 from workers.protocol import (
+    MODEL_PARK_PREFIX,
     DeploymentHealth,
     deployment_health_key,
     deployment_probe_key,
@@ -74,8 +75,6 @@ if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
-# Key-state fields "m:<upstream model>": that key's quota for that model is out until then.
-MODEL_PARK_PREFIX = "m:"
 
 
 def now_ms() -> int:

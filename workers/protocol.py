@@ -155,6 +155,35 @@ def upstream_key_state_key(provider: str, key_fingerprint: str) -> str:
     return f"ff:keyq:{provider}:{key_fingerprint}"
 
 
+# Fields of a key-state hash named "m:<upstream model>": that key's quota for that model is out
+# until then (providers whose limits apply per model); the other fields are the key's own.
+MODEL_PARK_PREFIX = "m:"
+
+
+def key_quota_view(raw: Mapping[bytes, bytes], now_ms: int) -> dict[str, Any] | None:
+    """A key-state hash as people read it: headroom and what sits out until when (future times only)."""
+    fields = {k.decode(): v.decode() for k, v in raw.items()}
+
+    def number(name: str) -> int | None:
+        try:
+            return int(float(fields[name])) if fields.get(name) else None
+        except ValueError:
+            return None
+
+    view: dict[str, Any] = {}
+    for name in ("remaining_requests", "limit_requests"):
+        if (value := number(name)) is not None:
+            view[name] = value
+    for name, shown in (("exhausted_until_ms", "parked_until_ms"), ("banned_until_ms", "banned_until_ms")):
+        if (value := number(name)) is not None and value > now_ms:
+            view[shown] = value
+    models = {name[len(MODEL_PARK_PREFIX):]: value for name in fields if name.startswith(MODEL_PARK_PREFIX)
+              and (value := number(name)) is not None and value > now_ms}
+    if models:
+        view["models_parked_until_ms"] = models
+    return view or None
+
+
 def catalog_refresh_lock_key(provider: str) -> str:
     """Short lock: one worker re-reads a provider's /models per period."""
     return f"ff:catalog:refresh:{provider}"

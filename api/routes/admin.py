@@ -1,9 +1,10 @@
-"""/admin/keys and /admin/usage: key management and usage, master key only.
+"""/admin/keys, /admin/usage and /admin/providers: key management, usage and provider state, master key only.
 
 Keys are named by id in every path (a plaintext key in a URL ends up in access logs); the key
 itself is returned once, by the create call.
 """
 
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -27,7 +28,7 @@ from api.keys import (
 )
 from api.usage import KeyUsage, read_usage
 from settings import Settings
-from workers.protocol import Tier
+from workers.protocol import PROVIDER_STATUS_KEY, ProviderStatus, Tier, key_quota_view, upstream_key_state_key
 
 
 async def _master_only(request: Request, settings: SettingsDep) -> None:
@@ -137,3 +138,24 @@ async def all_usage(redis: RedisDep, days: Days = 1) -> dict[str, Any]:
     """Every key's usage over the last `days` UTC days."""
     ids = [r.id for r in await list_keys(redis)]
     return {"object": "list", "data": [u.model_dump() for u in await read_usage(redis, ids, days)]}
+
+
+@router.get("/providers")
+async def providers(redis: RedisDep) -> dict[str, Any]:
+    """Each provider as the workers last checked it: keys (by fingerprint), listing vs catalog, quota."""
+    raw = await redis.hgetall(PROVIDER_STATUS_KEY)  # type: ignore[misc]
+    statuses = sorted((ProviderStatus.model_validate_json(v) for v in raw.values()), key=lambda s: s.provider)
+    key_ids = [(s.provider, k.fingerprint) for s in statuses for k in s.keys if k.fingerprint != "-"]
+    async with redis.pipeline(transaction=False) as pipe:
+        for provider, fingerprint in key_ids:
+            pipe.hgetall(upstream_key_state_key(provider, fingerprint))
+        states = dict(zip(key_ids, await pipe.execute(), strict=True))
+    now_ms = int(time.time() * 1000)
+    data = []
+    for status in statuses:
+        view = status.model_dump()
+        for key in view["keys"]:
+            key["quota"] = key_quota_view(states.get((status.provider, key["fingerprint"])) or {}, now_ms)
+        data.append(view)
+    return {"object": "list", "data": data}
+

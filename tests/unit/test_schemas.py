@@ -29,7 +29,8 @@ def _error(raw: bytes) -> OpenAIError:
     (b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "10"}', "max_tokens", "integer"),
     (b'{"messages": [{"role": "user", "content": "x"}], "models": ["a", ""]}', "models[1]", "at least 1"),
     (b'{"messages": [{"role": "user", "content": "x"}], "route": {"intent": "poetry"}}', "route.intent", None),
-    (b'{"messages": [{"role": "user", "content": "x"}], "bogus": 1}', "bogus", "Unrecognized request argument"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "route": {"bogus": 1}}', "route.bogus",
+     "Unrecognized request argument"),
 ])
 def test_rejections_name_the_parameter(raw: bytes, param: str | None, fragment: str | None) -> None:
     error = _error(raw)
@@ -82,3 +83,13 @@ def test_json_nested_to_the_limit_is_accepted() -> None:
 def test_nesting_is_counted_from_the_value_itself(value: object, depth: int) -> None:
     assert not nesting_exceeds(value, depth)
     assert nesting_exceeds(value, depth - 1) is (depth > 1)
+
+
+def test_vendor_fields_pass_through() -> None:
+    # vLLM's chat_template_kwargs, OpenRouter's provider routing and reasoning switches: the
+    # gateway does not know them, the provider that serves the request may.
+    _, data = parse_chat_request(b'{"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": '
+                                 b'{"enable_thinking": false}, "provider": {"order": ["a"]}, '
+                                 b'"include_reasoning": true}', DEPTH)
+    assert data["chat_template_kwargs"] == {"enable_thinking": False}
+    assert data["provider"] == {"order": ["a"]} and data["include_reasoning"] is True
