@@ -5,7 +5,9 @@ labelled "simulated" provider). Behaviour per upstream model name is scripted ov
 
     POST /_control/script   {"model": M, "faults": [spec, ...]}   one spec per coming request
     POST /_control/default  {"model": M, "fault": spec | null}     every request after the script
-    POST /_control/models   {"models": [..] | null}                what GET /v1/models lists (null: 404)
+    POST /_control/models   {"models": [..] | null}                what GET /v1/models lists (null: 404); an
+                                                                   entry is an id or {"id", "context", "free",
+                                                                   "tools", "vision"}
     POST /_control/bad_keys {"keys": [..]}                        Authorization values answered with 401
     POST /_control/reset                                           forget scripts and the log
     GET  /_control/requests                                        every request seen, in order
@@ -15,7 +17,17 @@ reset (drop the connection), silence (never answer), delay_s (before headers),
 first_token_delay_s, cut_after (chunks, then drop), stall_after (chunks, then silence),
 malformed_after (a garbage line after N chunks), no_done (finish without [DONE]),
 hold_open (finish without [DONE] and keep the connection open),
-context_length, content_policy, token_interval_s, ratelimit_headers (dict).
+context_length, content_policy, token_interval_s, ratelimit_headers (dict),
+quota ({"remaining", "limit", "reset_s"}: rate-limit headers in the dialect's names and units),
+refuse (field names answered with the dialect's 4xx), huge_body (bytes: a body that size, with
+`status`, default 500, and `content_type`, default application/json; "text/event-stream" sends
+one endless SSE line), and for errors the dialect's extras: retry_delay and quota_id (gemini),
+daily, reset_in_s and raw (openrouter).
+
+Provider dialects (bench/fake_dialects.py): a request under /<dialect>/v1/... (mistral, groq,
+cerebras, gemini, cohere, openrouter, github, nousage) is answered in that provider's manner —
+the fields it refuses get its 4xx, its errors, rate-limit headers, usage and model listing
+have its shape — and the request log records the dialect and any field it would have refused.
 """
 
 import argparse
@@ -26,6 +38,8 @@ from typing import Any
 
 import orjson
 import uvicorn
+
+from bench.fake_dialects import Dialect, dialect_of, error_body, listing, quota_headers, refusal, refused_fields
 
 Send = Any
 Receive = Any
@@ -79,23 +93,23 @@ class FakeUpstream:
                 elif message["type"] == "lifespan.shutdown":
                     await send({"type": "lifespan.shutdown.complete"})
                     return
-        path, method = scope["path"], scope["method"]
+        dialect, path = dialect_of(scope["path"])
+        method = scope["method"]
         body = await read_body(receive)
         if path.endswith("/chat/completions") and method == "POST":
-            await self.chat(scope, body, send, receive)
+            await self.chat(scope, body, send, receive, dialect)
         elif path.endswith("/models") and method == "GET" and not path.startswith("/_control"):
-            await self.list_models(send)
+            await self.list_models(send, dialect)
         elif path.startswith("/_control/"):
             await self.control(path, method, body, send)
         else:
             await _json(send, 404, {"error": {"message": "not found", "type": "invalid_request_error"}})
 
-    async def list_models(self, send: Send) -> None:
+    async def list_models(self, send: Send, dialect: Dialect) -> None:
         if self.models is None:  # not scripted: a provider without a listing, which retires nothing
             await _json(send, 404, {"error": {"message": "no model listing", "type": "invalid_request_error"}})
             return
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "fake"} for m in self.models]
-        await _json(send, 200, {"object": "list", "data": data})
+        await _json(send, 200, listing(dialect, self.models))
 
     async def control(self, path: str, method: str, body: bytes, send: Send) -> None:
         data = orjson.loads(body) if body else {}
@@ -117,7 +131,7 @@ class FakeUpstream:
             return
         await _json(send, 200, {"ok": True})
 
-    async def chat(self, scope: Scope, raw: bytes, send: Send, receive: Receive) -> None:
+    async def chat(self, scope: Scope, raw: bytes, send: Send, receive: Receive, dialect: Dialect) -> None:
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         try:
             body = orjson.loads(raw)
@@ -126,11 +140,25 @@ class FakeUpstream:
             return
         model = str(body.get("model", ""))
         fault = self.next_fault(model)
+        # The dialect's refusals, plus fields a test has this provider refuse ("refuse": [names]).
+        refused = refused_fields(dialect, body) + [f for f in fault.get("refuse") or () if f in body]
         self.log.append({"t": time.time(), "model": model, "stream": bool(body.get("stream")), "body": body,
-                         "authorization": headers.get("authorization"), "fault": fault})
+                         "authorization": headers.get("authorization"), "fault": fault, "dialect": dialect.name,
+                         "refused": refused})
         if headers.get("authorization") in self.bad_keys:
             await _json(send, 401, {"error": {"message": "Invalid API key", "type": "invalid_request_error",
                                               "code": "invalid_api_key"}})
+            return
+        if refused:
+            status, payload = refusal(dialect, refused)
+            await _json(send, status, payload)
+            return
+        if dialect.token_cap is not None and len(orjson.dumps(body.get("messages") or [])) // 4 > dialect.token_cap:
+            message = f"Request body too large for {model} model. Max size: {dialect.token_cap} tokens."
+            await _json(send, 413, {"error": {"code": "tokens_limit_reached", "message": message, "details": message}})
+            return
+        if fault.get("huge_body"):
+            await self._huge(send, receive, fault)
             return
         delay = fault.get("delay_s", self.latency_s)
         if delay:
@@ -142,18 +170,47 @@ class FakeUpstream:
         if fault.get("reset"):
             raise FaultInjected("connection reset (injected)")
         if "status" in fault or fault.get("context_length") or fault.get("content_policy"):
-            await self._error(send, fault)
+            await self._error(send, fault, dialect)
             return
-        extra_headers = fault.get("ratelimit_headers") or {}
+        extra_headers = {**(quota_headers(dialect, fault["quota"]) if fault.get("quota") else {}),
+                         **(fault.get("ratelimit_headers") or {})}
+        with_usage = dialect.usage == "always" or (dialect.usage == "asked" and
+                                                   bool((body.get("stream_options") or {}).get("include_usage")))
         if body.get("stream"):
             entry = self.log[-1]
             entry["chunks_sent"] = 0
             entry["outcome"] = "streaming"
-            await self._stream(send, receive, body, model, fault, extra_headers, entry)
+            await self._stream(send, receive, body, model, fault, extra_headers, entry, with_usage)
         else:
-            await _json(send, 200, self._completion(body, model), extra_headers)
+            completion = self._completion(body, model)
+            if dialect.usage == "never":
+                completion.pop("usage")
+            await _json(send, 200, completion, extra_headers)
 
-    async def _error(self, send: Send, fault: dict[str, Any]) -> None:
+    async def _huge(self, send: Send, receive: Receive, fault: dict[str, Any]) -> None:
+        """A body of fault["huge_body"] bytes, made as it is sent (the fake never holds it)."""
+        remaining = int(fault["huge_body"])
+        content_type = str(fault.get("content_type", "application/json"))
+        head = b"data: " if content_type == "text/event-stream" else b'{"error": {"message": "'
+        await send({"type": "http.response.start", "status": int(fault.get("status", 500)),
+                    "headers": [(b"content-type", content_type.encode())]})
+        disconnected = asyncio.ensure_future(receive())
+        self.log[-1]["outcome"] = "huge_body"
+        block = b"x" * (1024 * 1024)
+        try:
+            await send({"type": "http.response.body", "body": head, "more_body": True})
+            while remaining > 0 and not disconnected.done():
+                piece = block[:remaining]
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+                remaining -= len(piece)
+                self.log[-1]["bytes_sent"] = int(fault["huge_body"]) - remaining
+                await asyncio.sleep(0)  # let a disconnect be seen (a send after it does not wait)
+            if not disconnected.done():
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            disconnected.cancel()
+
+    async def _error(self, send: Send, fault: dict[str, Any], dialect: Dialect) -> None:
         headers: dict[str, str] = {}
         if fault.get("context_length"):
             status, code = 400, "context_length_exceeded"
@@ -169,7 +226,11 @@ class FakeUpstream:
             headers["retry-after"] = str(fault["retry_after"])
         if "retry_after_ms" in fault:
             headers["retry-after-ms"] = str(fault["retry_after_ms"])
-        await _json(send, status, {"error": {"message": message, "type": "fake_error", "code": code}}, headers)
+        payload, dialect_headers = error_body(dialect, fault, status, message, code)
+        headers.update(dialect_headers)
+        if fault.get("quota"):
+            headers.update(quota_headers(dialect, fault["quota"]))
+        await _json(send, status, payload, headers)
 
     def _tokens(self, body: dict[str, Any], model: str) -> list[str]:
         count = int(body.get("max_tokens") or body.get("max_completion_tokens") or self.default_tokens)
@@ -209,16 +270,17 @@ class FakeUpstream:
                 "choices": choices, "usage": self._usage(body, len(tokens) or 5), "system_fingerprint": "fake"}
 
     async def _stream(self, send: Send, receive: Receive, body: dict[str, Any], model: str, fault: dict[str, Any],
-                      extra_headers: dict[str, str], entry: dict[str, Any]) -> None:
+                      extra_headers: dict[str, str], entry: dict[str, Any], with_usage: bool) -> None:
         # The body is read, so the next ASGI message is the client's disconnect (if it leaves).
         disconnected = asyncio.ensure_future(receive())
         try:
-            await self._stream_frames(send, disconnected, body, model, fault, extra_headers, entry)
+            await self._stream_frames(send, disconnected, body, model, fault, extra_headers, entry, with_usage)
         finally:
             disconnected.cancel()
 
     async def _stream_frames(self, send: Send, disconnected: "asyncio.Future[Any]", body: dict[str, Any], model: str,
-                             fault: dict[str, Any], extra_headers: dict[str, str], entry: dict[str, Any]) -> None:
+                             fault: dict[str, Any], extra_headers: dict[str, str], entry: dict[str, Any],
+                             with_usage: bool) -> None:
         headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
         headers += [(k.encode(), str(v).encode()) for k, v in extra_headers.items()]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -258,8 +320,7 @@ class FakeUpstream:
             frames += [frame({"content": tok}) for tok in tokens]
             frames.append(frame({}, "stop"))
             count = len(tokens)
-        options = body.get("stream_options") or {}
-        if options.get("include_usage"):
+        if with_usage:
             frames.append(frame({}, usage=self._usage(body, count), choices=False))
         for i, data in enumerate(frames):
             if disconnected.done():

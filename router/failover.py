@@ -170,6 +170,7 @@ class FailoverExecutor:
                         if wait_s > budget_s() - _MIN_ATTEMPT_BUDGET_S:
                             break  # waiting would eat the deadline: fail over instead
                         await self._sleep(wait_s)
+                        health.at_ms = now_ms()  # a park this wait was for has lapsed by now
                         continue
                     # Recording success must not delay the answer: the caller's done event goes first.
                     self._in_background(self._succeeded(deployment, api_key, result.first_chunk_ms, result.headers))
@@ -203,8 +204,9 @@ class FailoverExecutor:
                     raise NotServable(f"{deployment.key} answered earlier that it does not support {feature}",
                                       feature=feature)
         prepared = self._provider.prepare(deployment, body)
-        for name in self._refused_fields.get(deployment.key, ()):
-            prepared.pop(name, None)
+        refused = self._refused_fields.get(deployment.key)
+        if refused and refused & prepared.keys():
+            prepared = {k: v for k, v in prepared.items() if k not in refused}
         return prepared
 
     def _learn_field_drop(self, deployment: Deployment, exc: UpstreamError, sent: dict[str, Any]) -> bool:

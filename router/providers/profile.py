@@ -101,9 +101,12 @@ def droppable(name: str, value: Any) -> bool:
 
 
 def prepare(body: dict[str, Any], profile: CompiledProfile, provider: str) -> dict[str, Any]:
-    """The body this provider accepts (a new dict; `body` is not changed). Raises NotServable."""
+    """The body this provider accepts. Raises NotServable.
+
+    `body` itself when nothing changes (callers copy before they write), else a new dict.
+    """
     if profile.permissive:
-        return dict(body)
+        return body
     out = dict(body)
     for source, target in profile.renames:
         if source in out:

@@ -71,7 +71,7 @@ async def parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, s
     # stream closes, since a response closed with unread bytes (even the chunked terminator)
     # cannot go back to the pool.
     whole = False
-    pending = b""
+    pending = bytearray()  # the unfinished last line (a bytearray: an endless line grows it in place)
     try:
         while True:
             block: bytes | None
@@ -90,13 +90,18 @@ async def parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, s
             if block is None:
                 if not pending.strip():
                     return
-                lines, pending = [pending], b""  # a last line without a line break still counts
+                lines, pending = [bytes(pending)], bytearray()  # a last line without a line break still counts
             else:
                 received += len(block)
                 if received > caps.stream_bytes:
                     raise StreamBroken(f"upstream stream over {caps.stream_bytes} bytes")
-                lines = (pending + block).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-                pending = lines.pop()  # the unfinished last line, completed by the next read
+                if b"\n" not in block and b"\r" not in block:  # the middle of a long line: no split, no copy
+                    pending += block
+                    if len(pending) > caps.body_bytes:
+                        raise StreamBroken("upstream sent an endless line")
+                    continue
+                lines = (bytes(pending) + block).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+                pending = bytearray(lines.pop())  # the unfinished last line, completed by the next read
                 if len(pending) > caps.body_bytes:
                     raise StreamBroken("upstream sent an endless line")
             whole = whole or any(line.startswith(b"data:") and line[5:].strip() == b"[DONE]" for line in lines)

@@ -63,7 +63,8 @@ class FakeUpstream:
     def set_default(self, model: str, fault: dict[str, Any] | None) -> None:
         self._post("/_control/default", {"model": model, "fault": fault})
 
-    def set_models(self, models: list[str] | None) -> None:
+    def set_models(self, models: list[str] | list[dict[str, Any]] | None) -> None:
+        """What GET /models lists: ids, or {"id", "context", "free", "tools", "vision"} (bench/fake_dialects.py)."""
         self._post("/_control/models", {"models": models})
 
     def set_bad_keys(self, keys: list[str]) -> None:
