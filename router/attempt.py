@@ -173,13 +173,15 @@ async def _forward(deployment: Deployment, chunk: dict[str, Any], choices: list[
 
 
 def _delta_chars(delta: dict[str, Any]) -> int:
+    # Per chunk, so a plain loop: content, reasoning and refusal text, and tool-call arguments.
     chars = 0
-    for name in ("content", "reasoning", "reasoning_content", "refusal"):
-        value = delta.get(name)
-        if isinstance(value, str):
-            chars += len(value)
-    for call in delta.get("tool_calls") or ():
-        function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict):
-            chars += len(function.get("arguments") or "") + len(function.get("name") or "")
+    for name, value in delta.items():
+        if type(value) is str:
+            if name != "role":
+                chars += len(value)
+        elif name == "tool_calls" and type(value) is list:
+            for call in value:
+                function = call.get("function") if type(call) is dict else None
+                if type(function) is dict:
+                    chars += len(function.get("arguments") or "") + len(function.get("name") or "")
     return chars
