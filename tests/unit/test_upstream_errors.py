@@ -243,7 +243,8 @@ def test_gemini_day_quota_lapses_at_midnight_pacific_whatever_retry_delay_says()
     assert error.retry_after_s == pytest.approx(seconds_until_daily_reset("pacific_midnight"), abs=2)
 
 
-@pytest.mark.parametrize(("body", "field"), [(GEMINI_UNKNOWN_FIELD, "top_k"), (GEMINI_UNKNOWN_TOOL_KEY, "tools")])
+@pytest.mark.parametrize(("body", "field"), [(GEMINI_UNKNOWN_FIELD, "top_k"),
+                                             (GEMINI_UNKNOWN_TOOL_KEY, "tools.schema")])
 def test_gemini_unknown_field_is_not_servable_here(body: bytes, field: str) -> None:
     error = error_for_status(400, body, {}, profile("gemini"))
     assert isinstance(error, NotServable) and error.feature == field

@@ -43,7 +43,9 @@ def parse(data: Any) -> ErrorDetail:
     if unknown and not unknown.group(2):  # a top-level field, not one inside tools or contents
         detail.refused_field = unknown.group(1)
     elif unknown:
-        detail.refused_field = (unknown.group(2) or "").split("[")[0] or unknown.group(1)
+        # A JSON-schema key inside a tool ("additionalProperties" at 'tools[0]...'): this request's
+        # schema, not tools as such — another request's tools may well pass.
+        detail.refused_field = f"{(unknown.group(2) or '').split('[')[0] or 'request'}.schema"
     read_message_hints(detail, message)
     return detail
 
