@@ -155,7 +155,7 @@ class FailoverExecutor:
                             # never sent to it again, and this request asks once more without it.
                             prepared = self._prepare(deployment, body, needs)
                             continue
-                        await self._learn(deployment, api_key, outcome, exc, probe, health)
+                        await self._learn(deployment, api_key, outcome, exc, probe, health, ranked)
                         rule = POLICY[outcome]
                         if visible and state.chunks_sent > 0:
                             break  # the caller holds part of an answer: continue elsewhere, never retry here
@@ -268,7 +268,7 @@ class FailoverExecutor:
             log.warning("could not record health of %s: %s", deployment.key, type(exc).__name__, extra=STORE_DOWN)
 
     async def _learn(self, deployment: Deployment, api_key: str | None, outcome: Outcome, exc: UpstreamError,
-                     probe: bool, health: HealthSnapshot) -> None:
+                     probe: bool, health: HealthSnapshot, ranked: Sequence[Deployment] = ()) -> None:
         """Tell the shared health what this failure means (policy column 'health')."""
         if self._health is None:
             return
@@ -280,7 +280,7 @@ class FailoverExecutor:
                 if await self._health.record_failure(deployment, probe=probe):
                     log.warning("circuit breaker opened for %s", deployment.key)
             elif effect == "park":
-                await self._park(deployment, api_key, outcome, exc, health)
+                await self._park(deployment, api_key, outcome, exc, health, ranked)
             elif effect == "gone":
                 await self._health.cool(deployment, MODEL_GONE_COOLDOWN_S)
             elif effect == "ban_key" and api_key is not None:
@@ -300,8 +300,12 @@ class FailoverExecutor:
             await self._release_probe(deployment)
 
     async def _park(self, deployment: Deployment, api_key: str | None, outcome: Outcome, exc: UpstreamError,
-                    health: HealthSnapshot) -> None:
-        """Take the key's quota out at the scope it applies to, for exactly the wait stated."""
+                    health: HealthSnapshot, ranked: Sequence[Deployment]) -> None:
+        """Take the key's quota out at the scope it applies to, for exactly the wait stated.
+
+        A deployment left with no key that may serve it also cools until its first key is back,
+        so that what reads deployment health alone (the API's /v1/models/random) sees it out too.
+        """
         assert self._health is not None
         scope = (exc.scope if isinstance(exc, RateLimited) else None) or quota_scope(deployment)
         seconds = park_s(outcome, exc, self._tuning)
@@ -316,6 +320,13 @@ class FailoverExecutor:
             health.keys[key_id] = dataclasses.replace(current, models=models)
         else:
             health.keys[key_id] = dataclasses.replace(current, exhausted_until_ms=until_ms)
+        affected = [deployment] if scope == "model" else \
+            [deployment, *(d for d in ranked if d.provider.id == deployment.provider.id and d.key != deployment.key)]
+        for d in affected:
+            if not health.usable_keys(d):
+                back_ms = min(health.key(d.provider.id, k).blocked_until_ms(d.model.upstream_name)
+                              for k in d.provider.api_keys)
+                await self._health.cool(d, max(back_ms - now_ms(), 0) / 1000)
         if outcome is Outcome.QUOTA_EXHAUSTED:
             log.warning("quota of a %s key (%s scope) is exhausted for %.0f s: parked, not retried before then",
                         deployment.provider.id, scope, seconds)

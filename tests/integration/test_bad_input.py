@@ -44,7 +44,7 @@ def _assert_openai_error(response: httpx.Response, status: int, code: str | None
     (b'{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', "temperature"),
     (b'{"messages": [{"role": "user", "content": "x"}], "n": 0}', "n"),
     (b'{"messages": [{"role": "user", "content": "x"}], "stream": "yes"}', "stream"),
-    (b'{"messages": [{"role": "user", "content": "x"}], "frobnicate": true}', "frobnicate"),
+    (b'{"messages": [{"role": "user", "content": "x"}], "route": {"frobnicate": true}}', "route.frobnicate"),
     (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', None),
 ])
 def test_bad_bodies_are_400(shared_gateway: Gateway, upstream: FakeUpstream, key: str, content: bytes,

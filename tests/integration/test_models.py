@@ -102,8 +102,10 @@ def test_random_model_shape_and_health(gateway: Gateway, upstream: FakeUpstream,
     if body["modelId"] == "general-best":
         assert body["name"] == "Best General" and body["contextWindow"] == 8192 and body["providerId"] == "fake-a"
         assert body["capabilityMapping"] == "text-basic"
-    # The primary cools down (429 with a long Retry-After): random never offers it meanwhile.
-    upstream.script("general-best", {"status": 429, "retry_after": 120})
+    # Both keys of the primary's provider get a 429 with a long Retry-After: with no key left it
+    # cools, and random never offers it meanwhile.
+    upstream.script("general-best", {"status": 429, "retry_after": 120}, {"status": 429, "retry_after": 120})
+    assert ask(gateway, key, stream=False).model == "general-backup"
     assert ask(gateway, key, stream=False).model == "general-backup"
     offered = {httpx.get(gateway.base_url + "/v1/models/random", headers=master).json()["modelId"] for _ in range(30)}
     assert "general-best" not in offered
