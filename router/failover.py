@@ -173,7 +173,8 @@ class FailoverExecutor:
                         health.at_ms = now_ms()  # a park this wait was for has lapsed by now
                         continue
                     # Recording success must not delay the answer: the caller's done event goes first.
-                    self._in_background(self._succeeded(deployment, api_key, result.first_chunk_ms, result.headers))
+                    self._in_background(self._succeeded(deployment, api_key, result.first_chunk_ms, result.headers,
+                                                        health))
                     return deployment
             except UpstreamError:
                 raise  # its outcome is recorded (_learn), which settles a probe
@@ -257,13 +258,21 @@ class FailoverExecutor:
                         extra=STORE_DOWN)
 
     async def _succeeded(self, deployment: Deployment, api_key: str | None, first_chunk_ms: float | None,
-                         headers: Mapping[str, str] | None) -> None:
+                         headers: Mapping[str, str] | None, health: HealthSnapshot) -> None:
         if self._health is None:
             return
         reading = limits.read(headers, deployment.provider.config.profile.limits.headers) if headers else None
         quota = reading if reading is not None and not reading.empty else None
         try:
             await self._health.record_success(deployment, first_chunk_ms, quota, api_key)
+            if quota is not None and quota.wait_s and api_key is not None:
+                # The answer used up its key's quota: if no other key may serve this model, it
+                # cools as long as the soonest of them is out (as a quota failure would).
+                others = [health.key(deployment.provider.id, k).blocked_until_ms(deployment.model.upstream_name)
+                          for k in deployment.provider.api_keys if k != api_key]
+                back_ms = min([now_ms() + int(quota.wait_s * 1000), *others])
+                if back_ms > now_ms():
+                    await self._health.cool(deployment, (back_ms - now_ms()) / 1000)
         except (RedisError, OSError) as exc:
             log.warning("could not record health of %s: %s", deployment.key, type(exc).__name__, extra=STORE_DOWN)
 
