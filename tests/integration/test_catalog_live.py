@@ -1,5 +1,6 @@
 """The live catalog through real processes: refresh adds, corrects and removes models (OpenRouter's listing)."""
 
+import time
 from collections.abc import Callable
 
 import httpx
@@ -55,7 +56,11 @@ def test_refresh_adds_free_models_corrects_windows_and_retires_vanished_ones(
         except openai.APIStatusError:  # during the switch a request may find nothing routable yet
             return False
 
-    wait_for(learned, 15, "the discovered coder to serve code requests")
+    wait_for(learned, 20, "the discovered coder to serve code requests")
+    # Each worker applies what the refresh learned on its own next tick (0.5 s here): give both one.
+    time.sleep(1.5)
+    for _ in range(4):
+        assert ask(gateway, key, stream=False, model="code").model == "acme/new-coder:free"
     assert ask(gateway, key, stream=True, model="code").model == "acme/new-coder:free"
     wait_for(lambda: ask(gateway, key, stream=False, messages=long_prompt, max_tokens=8).model == "or-kept:free",
              15, "or-kept's corrected 65k window to take a 10k-token prompt")
