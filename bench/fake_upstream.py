@@ -15,7 +15,8 @@ labelled "simulated" provider). Behaviour per upstream model name is scripted ov
 A fault spec is a dict with any of: status (+ retry_after, retry_after_ms, error_code, message),
 reset (drop the connection), silence (never answer), delay_s (before headers),
 first_token_delay_s, cut_after (chunks, then drop), stall_after (chunks, then silence),
-malformed_after (a garbage line after N chunks), no_done (finish without [DONE]),
+malformed_after (a garbage line after N chunks), deep_chunk_after (a chunk nested 300 levels
+deep after N chunks), no_done (finish without [DONE]),
 hold_open (finish without [DONE] and keep the connection open),
 context_length, content_policy, token_interval_s, ratelimit_headers (dict),
 quota ({"remaining", "limit", "reset_s"}: rate-limit headers in the dialect's names and units),
@@ -335,6 +336,10 @@ class FakeUpstream:
                 return
             if "malformed_after" in fault and i == fault["malformed_after"]:
                 await send({"type": "http.response.body", "body": b"data: {not json\n\n", "more_body": True})
+            if "deep_chunk_after" in fault and i == fault["deep_chunk_after"]:  # valid JSON, 300 levels deep
+                deep = (b'{"choices": [{"index": 0, "delta": {"x": ' + b'{"a": ' * 300 + b"1" + b"}" * 300
+                        + b'}, "finish_reason": null}]}')
+                await send({"type": "http.response.body", "body": b"data: " + deep + b"\n\n", "more_body": True})
             await send({"type": "http.response.body", "body": data, "more_body": True})
             entry["chunks_sent"] = i + 1
             if interval:

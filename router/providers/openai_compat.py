@@ -13,8 +13,12 @@ from router.providers.classify import error_for_status
 from router.providers.dialects import parse_error
 from router.providers.profile import prepare
 from router.providers.sse import BodyCaps, StreamItem, TooLarge, completion_chunks, parse_sse, read_capped
+from settings.json_depth import nesting_exceeds
 
 __all__ = ["BodyCaps", "OpenAICompatProvider", "StreamItem"]
+
+# A whole answer nested deeper than this could not be serialized again on its way to the caller.
+_MAX_ANSWER_DEPTH = 64
 
 
 class OpenAICompatProvider:
@@ -126,6 +130,6 @@ class OpenAICompatProvider:
             code = data["error"].get("code")
             status = code if isinstance(code, int) and 400 <= code < 600 else 502
             raise error_for_status(status, body, response.headers, deployment.provider.config.profile)
-        if not isinstance(data, dict):
+        if not isinstance(data, dict) or nesting_exceeds(data, _MAX_ANSWER_DEPTH, body):
             raise StreamBroken("upstream sent a JSON answer that is not a completion")
         return completion_chunks(data)

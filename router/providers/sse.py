@@ -9,6 +9,7 @@ import httpx
 import orjson
 
 from router.errors import StreamBroken, UpstreamTimeout
+from settings.json_depth import nesting_exceeds
 
 # How long the rest of a body after [DONE] may take to arrive. Normally it is already there (the
 # chunked terminator travels with [DONE]); an upstream that holds the response open after [DONE]
@@ -157,12 +158,17 @@ def _checked(chunk: dict[str, Any]) -> StreamItem:
     return StreamItem(chunk=chunk) if well_formed(chunk) else StreamItem(malformed=True)
 
 
+# A chunk nested deeper than this is garbage: it could not be serialized again on its way to the
+# caller (settings/json_depth.py). Chat chunks nest about six levels.
+_MAX_CHUNK_DEPTH = 64
+
+
 def _parse_event(data: bytes) -> StreamItem:
     try:
         chunk = orjson.loads(data)
     except orjson.JSONDecodeError:
         return StreamItem(malformed=True)
-    if not isinstance(chunk, dict):
+    if not isinstance(chunk, dict) or nesting_exceeds(chunk, _MAX_CHUNK_DEPTH, data):
         return StreamItem(malformed=True)
     return StreamItem(chunk=chunk) if "error" in chunk else _checked(chunk)
 

@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from tests.conftest import GatewayFactory
+from tests.integration.test_failover_support import FAST_ENV, ask, failover_catalog, forget_health
 from tests.support.processes import (
     FakeUpstream,
     Gateway,
@@ -453,3 +454,60 @@ def test_the_openai_sdk_sees_the_edge_errors_as_typed_exceptions(gateway: Gatewa
     with pytest.raises(openai.APIStatusError) as info:
         big.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x" * (BODY_LIMIT + 1)}])
     assert info.value.status_code == 413
+
+
+# --- A hostile upstream: huge bodies, JSON nested past what can be serialized again
+
+HUGE = 300 * 1024 * 1024
+# A worker at rest is well under 150 MB here; reading one 300 MB body whole took ~2 GB.
+PEAK_BOUND_BYTES = 400 * 1024 * 1024
+
+
+def _peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM in /proc status")
+
+
+@pytest.fixture(scope="module")
+def failover_gateway(module_gateway_factory: GatewayFactory, fake_upstream: FakeUpstream) -> Gateway:
+    return module_gateway_factory(workers=1, catalog=failover_catalog(fake_upstream.url), **FAST_ENV)
+
+
+@pytest.mark.parametrize(("fault", "attempts"), [
+    ({"huge_body": HUGE, "status": 500}, "3"),  # a provider error: retried once, then the next model
+    ({"huge_body": HUGE, "status": 200}, "2"),  # a whole JSON answer over the cap: a broken answer
+    ({"huge_body": HUGE, "status": 200, "content_type": "text/event-stream"}, "2"),  # one endless SSE line
+], ids=["error-500", "json-200", "sse-line"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_huge_upstream_body_fails_over_and_the_worker_stays_small(failover_gateway: Gateway, upstream: FakeUpstream,
+                                                                    fault: dict, attempts: str, stream: bool) -> None:
+    """The fake sends 300 MB without holding it; the worker reads up to its cap, hangs up and fails over."""
+    forget_health(failover_gateway)  # each case starts with closed breakers
+    upstream.script("general-best", fault, fault)
+    answer = ask(failover_gateway, failover_gateway.create_key("free"), stream)
+    assert answer.model == "general-backup"
+    assert answer.headers["x-freeference-attempts"] == attempts
+    sent = [r.get("bytes_sent", 0) for r in upstream.requests("general-best")]
+    assert all(b < HUGE for b in sent)  # the worker hung up long before the end
+    assert _peak_rss_bytes(failover_gateway.workers[0].pid) < PEAK_BOUND_BYTES
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_chunk_nested_too_deep_is_skipped(gateway: Gateway, key: str, upstream: FakeUpstream,
+                                                      stream: bool) -> None:
+    """Valid JSON 300 levels deep could not be serialized again on its way out: it is skipped as garbage."""
+    upstream.script("general-best", {"deep_chunk_after": 2})
+    response = _chat(gateway, key, stream=stream, max_tokens=5, route={"intent": "general"})
+    assert response.status_code == 200
+    if stream:
+        events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        deltas = [c["delta"].get("content") or "" for e in events[:-1] for c in orjson.loads(e)["choices"]]
+        content = "".join(deltas)
+    else:
+        content = response.json()["choices"][0]["message"]["content"]
+    assert content == "[general-best] simulated reply: 1 2"
+    worker_log = "".join(p.read_text() for p in gateway.log_dir.glob("worker-*.log"))
+    assert "Traceback" not in worker_log and '"level":"ERROR"' not in worker_log
