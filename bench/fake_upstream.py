@@ -40,20 +40,15 @@ from typing import Any
 import orjson
 import uvicorn
 
+from bench import simulated
 from bench.fake_dialects import Dialect, dialect_of, error_body, listing, quota_headers, refusal, refused_fields
+from bench.simulated import reply_tokens
+
+__all__ = ["FakeUpstream", "read_body", "reply_tokens"]
 
 Send = Any
 Receive = Any
 Scope = dict[str, Any]
-
-
-def reply_tokens(model: str, count: int, prefix: str = "") -> list[str]:
-    """The deterministic content the fake produces, token by token."""
-    head = [f"[{model}]", " simulated", " reply:"]
-    tokens = (head + [f" {i}" for i in range(1, max(count, 1) + 1)])[: max(count, 1)]
-    if prefix:  # continuing an assistant prefix: produce the rest after what exists
-        tokens = [f" cont{i}" for i in range(1, max(count, 1) + 1)]
-    return tokens
 
 
 class FaultInjected(Exception):
@@ -61,8 +56,10 @@ class FaultInjected(Exception):
 
 
 class FakeUpstream:
-    def __init__(self, latency_s: float = 0.0, token_interval_s: float = 0.0, default_tokens: int = 16) -> None:
+    def __init__(self, latency_s: float = 0.0, token_interval_s: float = 0.0, default_tokens: int = 16,
+                 demo: bool = False) -> None:
         self.latency_s = latency_s
+        self.demo = demo  # answer like the demo's simulated model (bench/simulated.py)
         self.token_interval_s = token_interval_s
         self.default_tokens = default_tokens
         self.scripts: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
@@ -233,25 +230,8 @@ class FakeUpstream:
             headers.update(quota_headers(dialect, fault["quota"]))
         await _json(send, status, payload, headers)
 
-    def _tokens(self, body: dict[str, Any], model: str) -> list[str]:
-        count = int(body.get("max_tokens") or body.get("max_completion_tokens") or self.default_tokens)
-        messages = body.get("messages") or []
-        prefix = ""
-        if messages and messages[-1].get("role") == "assistant" and isinstance(messages[-1].get("content"), str):
-            prefix = messages[-1]["content"]
-        return reply_tokens(model, min(count, 4096), prefix)
-
-    @staticmethod
-    def _tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
-        tools = body.get("tools") or []
-        messages = body.get("messages") or []
-        if not tools or body.get("tool_choice") == "none" or (messages and messages[-1].get("role") == "tool"):
-            return None
-        function = tools[0].get("function", {})
-        params = function.get("parameters", {}) or {}
-        args = {name: "x" for name in params.get("required", [])}
-        return {"id": "call_fake_1", "type": "function",
-                "function": {"name": function.get("name", "tool"), "arguments": orjson.dumps(args).decode()}}
+    def _answer(self, body: dict[str, Any], model: str) -> simulated.Answer:
+        return simulated.answer(body, model, self.default_tokens, self.demo)
 
     @staticmethod
     def _usage(body: dict[str, Any], completion_tokens: int) -> dict[str, int]:
@@ -260,15 +240,15 @@ class FakeUpstream:
                 "total_tokens": prompt_tokens + completion_tokens}
 
     def _completion(self, body: dict[str, Any], model: str) -> dict[str, Any]:
-        tool_call = self._tool_call(body)
-        tokens = [] if tool_call else self._tokens(body, model)
-        message: dict[str, Any] = {"role": "assistant", "content": None if tool_call else "".join(tokens)}
-        if tool_call:
-            message["tool_calls"] = [tool_call]
-        choices = [{"index": i, "message": message, "logprobs": None,
-                    "finish_reason": "tool_calls" if tool_call else "stop"} for i in range(int(body.get("n") or 1))]
-        return {"id": "chatcmpl-fake", "object": "chat.completion", "created": int(time.time()), "model": model,
-                "choices": choices, "usage": self._usage(body, len(tokens) or 5), "system_fingerprint": "fake"}
+        answer = self._answer(body, model)
+        message: dict[str, Any] = {"role": "assistant", "content": None if answer.tool_call else "".join(answer.pieces)}
+        if answer.tool_call:
+            message["tool_calls"] = [answer.tool_call]
+        choices = [{"index": i, "message": message, "logprobs": None, "finish_reason": answer.finish_reason}
+                   for i in range(int(body.get("n") or 1))]
+        return {"id": simulated.completion_id(), "object": "chat.completion", "created": int(time.time()),
+                "model": model, "choices": choices, "usage": self._usage(body, answer.completion_tokens),
+                "system_fingerprint": "simulated"}
 
     async def _stream(self, send: Send, receive: Receive, body: dict[str, Any], model: str, fault: dict[str, Any],
                       extra_headers: dict[str, str], entry: dict[str, Any], with_usage: bool) -> None:
@@ -286,6 +266,7 @@ class FakeUpstream:
         headers += [(k.encode(), str(v).encode()) for k, v in extra_headers.items()]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         created = int(time.time())
+        stream_id = simulated.completion_id()
         interval = fault.get("token_interval_s", self.token_interval_s)
         first_delay = fault.get("first_token_delay_s", 0)
         if first_delay:
@@ -296,7 +277,7 @@ class FakeUpstream:
                 return
 
         def frame(delta: dict[str, Any], finish: str | None = None, usage: Any = None, choices: bool = True) -> bytes:
-            chunk: dict[str, Any] = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": created,
+            chunk: dict[str, Any] = {"id": stream_id, "object": "chat.completion.chunk", "created": created,
                                      "model": model,
                                      "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices
                                      else []}
@@ -304,7 +285,8 @@ class FakeUpstream:
                 chunk["usage"] = usage
             return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
-        tool_call = self._tool_call(body)
+        answer = self._answer(body, model)
+        tool_call = answer.tool_call
         frames: list[bytes] = [frame({"role": "assistant", "content": ""})]
         if tool_call:
             args = tool_call["function"]["arguments"]
@@ -314,13 +296,10 @@ class FakeUpstream:
             half = len(args) // 2
             for piece in (args[:half], args[half:]):
                 frames.append(frame({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}))
-            frames.append(frame({}, "tool_calls"))
-            count = 5
         else:
-            tokens = self._tokens(body, model)
-            frames += [frame({"content": tok}) for tok in tokens]
-            frames.append(frame({}, "stop"))
-            count = len(tokens)
+            frames += [frame({"content": tok}) for tok in answer.pieces]
+        frames.append(frame({}, answer.finish_reason))
+        count = answer.completion_tokens
         if with_usage:
             frames.append(frame({}, usage=self._usage(body, count), choices=False))
         for i, data in enumerate(frames):
@@ -376,9 +355,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--latency-ms", type=float, default=0.0)
     parser.add_argument("--token-interval-ms", type=float, default=0.0)
-    parser.add_argument("--tokens", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=16, help="length of a text reply without max_tokens")
+    parser.add_argument("--demo", action="store_true",
+                        help="answer like the demo's simulated model: natural-length replies cut by max_tokens "
+                             "(finish_reason length), 'simulated' in generated strings (bench/simulated.py)")
     args = parser.parse_args(argv)
-    app = FakeUpstream(args.latency_ms / 1000, args.token_interval_ms / 1000, args.tokens)
+    app = FakeUpstream(args.latency_ms / 1000, args.token_interval_ms / 1000, args.tokens, args.demo)
     uvicorn.run(app, host=args.host, port=args.port, log_level="critical", access_log=False,
                 http="httptools", loop="uvloop", lifespan="on", timeout_keep_alive=60,
                 # Silent and stalled streams must not hold a shutdown for long.
