@@ -39,9 +39,11 @@ def free_port() -> int:
 
 
 def start_server(port: int, data_dir: Path | None = None, host: str = "127.0.0.1",
-                 wait_s: float = 10.0, own_session: bool = False) -> subprocess.Popen[bytes]:
+                 wait_s: float = 10.0, own_session: bool = False, persist: bool = True) -> subprocess.Popen[bytes]:
     """Start a server process and wait until it answers PING.
 
+    `data_dir`: its working directory (CONFIG GET dir names it); with `persist`, it keeps an
+    append-only file there, so its data survives a restart. Without a data_dir nothing is kept.
     `own_session`: out of the caller's process group, so a terminal's Ctrl-C does not stop it
     at once; its owner stops it (`freeference serve` does, after the processes that use it).
     """
@@ -50,9 +52,8 @@ def start_server(port: int, data_dir: Path | None = None, host: str = "127.0.0.1
             "--client-output-buffer-limit", "pubsub 0 0 0"]
     if data_dir is not None:
         data_dir.mkdir(parents=True, exist_ok=True)
-        args += ["--dir", str(data_dir), "--appendonly", "yes"]
-    else:
-        args += ["--appendonly", "no"]
+        args += ["--dir", str(data_dir)]
+    args += ["--appendonly", "yes" if data_dir is not None and persist else "no"]
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=own_session)
     deadline = time.monotonic() + wait_s

@@ -3,12 +3,14 @@
 import argparse
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 
 from api.keys import KeyLimits, KeyRecord, create_key, effective_limits, get_key, key_id_of, list_keys, update_key
 from api.usage import read_usage
+from cli.demo import data_dir_for, key_file, read_demo_key
 from settings import get_settings
 from settings.redis_url import redis_client
 
@@ -39,6 +41,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     usage.add_argument("key_or_id", nargs="?")
     usage.add_argument("--days", type=int, default=7)
     usage.set_defaults(func=_usage)
+    demo = actions.add_parser("demo", help="print the demo key that `freeference serve --demo` printed")
+    demo.set_defaults(func=_demo)
 
 
 def _positive(minimum: int) -> Callable[[str], int]:
@@ -132,3 +136,15 @@ def _usage(args: argparse.Namespace) -> int:
         return 0
 
     return _run(action)
+
+
+def _demo(_: argparse.Namespace) -> int:
+    settings = get_settings()
+    data_dir = data_dir_for(settings)
+    key = read_demo_key(settings.effective_redis_url, data_dir)
+    if key is None:
+        print(f"no demo key in {key_file(data_dir)} that the store knows: start `freeference serve --demo` "
+              "(or `make serve`) first, or create a key with `freeference keys create`", file=sys.stderr)
+        return 1
+    print(key)
+    return 0

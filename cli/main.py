@@ -1,18 +1,21 @@
 """The `freeference` command: serve, api, worker, keys, classify."""
 
 import argparse
-import asyncio
 import gc
 import importlib
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from cli import keys_cmd
+from cli.demo import ensure_demo_key, running_store_dir
 from cli.embedded_redis import answers, free_port, host_port, start_server
 from cli.logging_setup import setup_logging
 from cli.processes import Child, Supervisor, child_env, python_module
+from cli.startup import StartupError, check_catalog, check_redis, fail, load_settings, safe_url
 
 log = logging.getLogger("freeference.serve")
 
@@ -62,16 +65,27 @@ def _run_worker(_: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_key(redis_url: str) -> str:
-    from api.keys import create_key
-    from settings.redis_url import redis_client
+def _embedded_store(args: argparse.Namespace, supervisor: Supervisor, data_dir: Path) -> Path:
+    """Start (or reuse) the embedded store at the default address; returns its data directory."""
+    from settings.config import DEFAULT_REDIS_URL
 
-    async def go() -> str:
-        async with redis_client(redis_url) as redis:
-            key, _ = await create_key(redis, name="demo", tier="pro")
-            return key
-
-    return asyncio.run(go())
+    host, port = host_port(DEFAULT_REDIS_URL)
+    if answers(host, port):
+        if args.ephemeral:
+            raise StartupError(f"a store already answers at {host}:{port} (another `freeference serve`?), so "
+                               "--ephemeral cannot start its throwaway one there; stop that one first")
+        log.info("using the embedded server already running at %s:%d", host, port)
+        return running_store_dir(host, port) or data_dir
+    if args.ephemeral:
+        data_dir = Path(tempfile.mkdtemp(prefix="freeference-ephemeral-"))
+    try:
+        server = start_server(port, data_dir=data_dir, host=host, own_session=True, persist=not args.ephemeral)
+    except (RuntimeError, OSError) as exc:
+        raise StartupError(f"cannot start the embedded store at {host}:{port} ({exc}); free the port, or set "
+                           "FREEFERENCE_REDIS_URL to a running Redis 7+ or Valkey") from None
+    supervisor.children.append(Child("embedded-redis", [], {}, restart=False, process=server, stop_last=True))
+    log.info("started embedded Valkey at %s:%d (data in %s)", host, port, data_dir)
+    return data_dir
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -79,37 +93,48 @@ def _serve(args: argparse.Namespace) -> int:
     from settings.config import DEFAULT_REDIS_URL, DEMO_CATALOG
 
     settings = get_settings()
+    check_catalog(DEMO_CATALOG if args.demo else settings.catalog)
+    data_dir = args.data_dir or settings.effective_data_dir
     supervisor = Supervisor()
     env: dict[str, str] = {}
     redis_url = settings.redis_url
     if redis_url is None:
-        host, port = host_port(DEFAULT_REDIS_URL)
-        if answers(host, port):
-            log.info("using the embedded server already running at %s:%d", host, port)
-        else:
-            data_dir = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "freeference"
-            server = start_server(port, data_dir=data_dir, host=host, own_session=True)
-            supervisor.children.append(Child("embedded-redis", [], {}, restart=False, process=server,
-                                             stop_last=True))
-            log.info("started embedded Valkey at %s:%d (data in %s)", host, port, data_dir)
+        data_dir = _embedded_store(args, supervisor, data_dir)
         redis_url = DEFAULT_REDIS_URL
-    env["FREEFERENCE_REDIS_URL"] = redis_url
-    if args.demo:
-        upstream_port = free_port()
-        supervisor.add(Child("simulated-provider",
-                             python_module("bench.fake_upstream", "--port", str(upstream_port),
-                                           "--token-interval-ms", "30"), child_env()))
-        env["FREEFERENCE_DEMO_UPSTREAM_URL"] = f"http://127.0.0.1:{upstream_port}/v1"
-        env["FREEFERENCE_CATALOG"] = str(DEMO_CATALOG)
-    for i in range(args.workers):
-        supervisor.add(Child(f"worker-{i}", python_module("cli.main", "worker"), child_env(**env)))
-    supervisor.add(Child("api", python_module("cli.main", "api", "--host", args.host, "--port", str(args.port)),
-                         child_env(**env)))
-    print(f"Freeference listening on http://{args.host}:{args.port}/v1 with {args.workers} worker(s)", flush=True)
-    if args.demo:
-        print("DEMO MODE: every model is served by the SIMULATED provider (canned answers, not an LLM).")
-        print(f"Demo API key (pro tier):\n{_demo_key(redis_url)}", flush=True)
-    return supervisor.run_forever()
+        where = (f"Data: nothing kept (--ephemeral: a throwaway store in {data_dir}, deleted when this stops)"
+                 if args.ephemeral else
+                 f"Data: {data_dir} (the store's files and the demo key: keys, limit counters, usage, files "
+                 "and batches survive restarts; `--ephemeral` for a throwaway run)")
+    else:
+        if args.ephemeral:
+            raise StartupError("--ephemeral starts a throwaway embedded store; unset FREEFERENCE_REDIS_URL to use it")
+        check_redis(redis_url, wait_s=5.0)
+        where = f"Data: in the Redis at {safe_url(redis_url)} (FREEFERENCE_REDIS_URL); demo key file in {data_dir}"
+    try:
+        env["FREEFERENCE_REDIS_URL"] = redis_url
+        if args.demo:
+            upstream_port = free_port()
+            supervisor.add(Child("simulated-provider",
+                                 python_module("bench.fake_upstream", "--port", str(upstream_port),
+                                               "--token-interval-ms", "30", "--demo"), child_env()))
+            env["FREEFERENCE_DEMO_UPSTREAM_URL"] = f"http://127.0.0.1:{upstream_port}/v1"
+            env["FREEFERENCE_CATALOG"] = str(DEMO_CATALOG)
+        for i in range(args.workers):
+            supervisor.add(Child(f"worker-{i}", python_module("cli.main", "worker"), child_env(**env)))
+        supervisor.add(Child("api", python_module("cli.main", "api", "--host", args.host, "--port", str(args.port)),
+                             child_env(**env)))
+        print(f"Freeference listening on http://{args.host}:{args.port}/v1 with {args.workers} worker(s)")
+        print(where, flush=True)
+        if args.demo:
+            print("DEMO MODE: every model is served by the SIMULATED provider (canned answers, not an LLM).")
+            print("Demo API key (pro tier; the same at every start with this data directory; "
+                  "`freeference keys demo` prints it again):")
+            print(ensure_demo_key(redis_url, data_dir), flush=True)
+        return supervisor.run_forever()
+    finally:
+        supervisor.stop()
+        if args.ephemeral and redis_url == DEFAULT_REDIS_URL:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=2)
     serve.add_argument("--demo", action="store_true", help="serve from the labelled simulated provider")
+    serve.add_argument("--ephemeral", action="store_true",
+                       help="a throwaway embedded store: keys, counters and files are gone when serve stops")
+    serve.add_argument("--data-dir", type=Path, default=None,
+                       help="where the embedded store and the demo key live (env FREEFERENCE_DATA_DIR; "
+                            "default $XDG_DATA_HOME/freeference)")
     serve.set_defaults(func=_serve)
 
     api = sub.add_parser("api", help="one API process (scale out by running more)")
@@ -144,15 +174,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    from settings import get_settings
+# Commands that need no settings: they must work with any environment (batch talks HTTP).
+_NO_SETTINGS = ("classify", "batch")
 
+
+def _preflight(args: argparse.Namespace) -> None:
+    """Check what the command needs before it starts anything (cli/startup.py)."""
+    settings = load_settings()
+    if args.command in ("api", "worker"):
+        check_catalog(settings.catalog)
+        check_redis(settings.effective_redis_url, wait_s=5.0)
+    elif args.command == "keys":
+        check_redis(settings.effective_redis_url, wait_s=1.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `freeference` console script."""
     # Read from the environment, not Settings: logging must work before settings validate.
     setup_logging(os.environ.get("FREEFERENCE_LOG_LEVEL", "INFO"), os.environ.get("FREEFERENCE_LOG_FORMAT", "json"))
     args = build_parser().parse_args(argv)
-    if args.command not in ("classify",):
-        get_settings()  # refuse unsafe settings before starting anything
-    sys.exit(args.func(args))
+    try:
+        if args.command not in _NO_SETTINGS:
+            _preflight(args)  # refuse unsafe or unusable settings before starting anything
+        code = args.func(args)
+    except StartupError as error:
+        fail(error)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

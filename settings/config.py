@@ -1,15 +1,24 @@
+import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The address `freeference serve` gives its embedded server when FREEFERENCE_REDIS_URL is unset,
 # so every other command (keys, api, worker) finds it without configuration.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6399/0"
 DEMO_CATALOG = Path(__file__).with_name("demo_catalog.yaml")
 DEFAULT_CATALOG = Path(__file__).with_name("default_catalog.yaml")
+# OpenAI's default for files of purpose `batch`, and the longest `expires_after` it accepts.
+FILE_EXPIRY_MAX_S = 30 * 86_400
+FILE_EXPIRY_MIN_S = 3_600
+
+
+def default_data_dir() -> Path:
+    """Where `freeference serve` keeps its embedded store and demo key: $XDG_DATA_HOME/freeference."""
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "freeference"
 
 
 class Settings(BaseSettings):
@@ -23,6 +32,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     catalog: Path = DEFAULT_CATALOG
     master_key: SecretStr | None = None
+    # `freeference serve`: the embedded store's files and the demo key (None: default_data_dir()).
+    data_dir: Path | None = None
     log_level: str = "INFO"
     # json: one object per line with the request id (cli/logging_setup.py); text for a terminal.
     log_format: Literal["json", "text"] = "json"
@@ -52,6 +63,9 @@ class Settings(BaseSettings):
     # lines): far above what real tool schemas use, far below where serializers give up (~254).
     max_json_depth: int = Field(default=64, ge=8, le=200)
     max_messages: int = Field(default=2048, gt=0)
+    # Browser origins allowed to call the API (CORS), comma-separated; empty: CORS off (no
+    # middleware at all). "*" allows any origin.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Protective limits (api/backpressure.py); 0 disables one. Past the first, a process answers
     # 503 + Retry-After at once instead of queueing without bound; past the second, 429.
     max_inflight_requests: int = Field(default=1000, ge=0)  # chat requests in flight per API process
@@ -122,6 +136,14 @@ class Settings(BaseSettings):
     # Responses API answers are kept this long for previous_response_id and GET (OpenAI keeps 30 days).
     responses_ttl_s: float = Field(default=30 * 86_400.0, gt=0)
 
+    # Lines a key may have queued in unfinished batches (a per-key override wins). The free
+    # default is its daily request limit: a larger batch could not finish in its 24 h window.
+    free_batch_queued_lines: int = Field(default=2_000, gt=0)
+    pro_batch_queued_lines: int = Field(default=50_000, gt=0)
+    # Share of a key's per-minute limits its batch lines may use, so live requests by the same
+    # key keep the rest while a batch runs. The daily limit is shared in full.
+    batch_rate_share: float = Field(default=0.8, gt=0, le=1)
+
     # Batches (docs/batches.md). Files live in Redis: the upload limit is also a memory budget.
     batch_upload_max_bytes: int = Field(default=200 * 1024 * 1024, gt=0)  # OpenAI's limit
     batch_max_lines: int = Field(default=50_000, gt=0)  # OpenAI's limit
@@ -135,13 +157,30 @@ class Settings(BaseSettings):
     batch_loop_lag_target_ms: float = Field(default=20.0, ge=0)
     batch_line_max_attempts: int = Field(default=3, ge=1)  # a line failing with 5xx is re-queued
     batch_poll_s: float = Field(default=0.25, gt=0)  # how often an idle runner looks for work
+    # Files (uploads and batch results) expire this long after creation unless the upload's or
+    # the batch's `expires_after` says otherwise (OpenAI's default for batch files: 30 days).
+    file_expiry_s: int = Field(default=FILE_EXPIRY_MAX_S, gt=0)
+
+    @field_validator("redis_url", "data_dir", "master_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `FREEFERENCE_REDIS_URL=` (as compose files write `${VAR:-}`) means "not configured".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [origin.strip().rstrip("/") for origin in value.split(",") if origin.strip()]
+        return value
 
     @model_validator(mode="after")
     def _refuse_unsafe_production(self) -> "Settings":
         if self.environment == "production":
             key = self.master_key.get_secret_value() if self.master_key else ""
             if len(key) < 16:
-                raise ValueError("FREEFERENCE_MASTER_KEY must be set (16+ characters) in production")
+                raise ValueError("FREEFERENCE_MASTER_KEY must be set (16+ characters) when "
+                                 "FREEFERENCE_ENVIRONMENT=production; generate one with `openssl rand -hex 24`")
         if self.worker_heartbeat_ttl_s <= self.worker_heartbeat_s:
             raise ValueError("worker_heartbeat_ttl_s must be longer than worker_heartbeat_s")
         return self
@@ -150,11 +189,19 @@ class Settings(BaseSettings):
     def effective_redis_url(self) -> str:
         return self.redis_url or DEFAULT_REDIS_URL
 
+    @property
+    def effective_data_dir(self) -> Path:
+        return self.data_dir or default_data_dir()
+
     def tier_limits(self, tier: Literal["free", "pro"]) -> tuple[int, int, int]:
         """The tier's default (requests/minute, tokens/minute, requests/day)."""
         if tier == "pro":
             return self.pro_rpm, self.pro_tpm, self.pro_rpd
         return self.free_rpm, self.free_tpm, self.free_rpd
+
+    def tier_batch_queued_lines(self, tier: Literal["free", "pro"]) -> int:
+        """The tier's default cap on lines queued in unfinished batches."""
+        return self.pro_batch_queued_lines if tier == "pro" else self.free_batch_queued_lines
 
 
 @lru_cache
