@@ -351,7 +351,9 @@ class FreeferenceWorker(Worker):
         ttl_ms = int(self.settings.worker_heartbeat_ttl_s * 1000)
         while True:
             state: WorkerState = self.ctx["state"]
-            info = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(), "running": len(state.running)})
+            # `deployments`: what this worker can route at all (0: no provider enabled), for /readyz.
+            info = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(), "running": len(state.running),
+                                 "deployments": len(state.catalog.deployments)})
             try:
                 async with self.pool.pipeline(transaction=False) as pipe:
                     pipe.set(key, info, px=ttl_ms)

@@ -64,7 +64,7 @@ async def _health(redis: Redis, keys: list[str]) -> dict[str, DeploymentHealth]:
     return {key: DeploymentHealth.from_hash(raw) for key, raw in zip(keys, results, strict=True)}
 
 
-async def _routable(redis: Redis, settings: Settings, catalog: CatalogFile) -> dict[str, list[Routable]]:
+async def routable_deployments(redis: Redis, settings: Settings, catalog: CatalogFile) -> dict[str, list[Routable]]:
     """Model id → its live deployments that have not vanished upstream, in catalog order."""
     live = await _live(redis, settings)
     health = await _health(redis, sorted(live))
@@ -109,7 +109,7 @@ def _may_pin(key: KeyRecord) -> bool:
 @router.get("/v1/models")
 async def list_models(key: CurrentKey, redis: RedisDep, settings: SettingsDep, catalog: CatalogDep) -> dict[str, Any]:
     """The capability ids with a routable candidate, then (pro keys) every routable exact model."""
-    by_model = await _routable(redis, settings, catalog)
+    by_model = await routable_deployments(redis, settings, catalog)
     cards = [_capability_card(capability, candidates) for capability in _capability_ids(catalog)
              if (candidates := _candidates(catalog, by_model, capability))]
     if _may_pin(key):
@@ -126,7 +126,7 @@ async def random_model(request: Request, key: CurrentKey, redis: RedisDep, setti
     an exact model. `contextWindow` and `providerId` are those of the deployment serving it now.
     """
     limit_headers = await charge_random_model(request, key, settings.models_random_per_hour)
-    by_model = await _routable(redis, settings, catalog)
+    by_model = await routable_deployments(redis, settings, catalog)
     now_ms = int(time.time() * 1000)
     healthy = {model_id: [r for r in deployments if r.health.state(now_ms) == "closed"]
                for model_id, deployments in by_model.items()}
@@ -165,7 +165,7 @@ def _best_capability(catalog: CatalogFile, model: ModelConfig) -> str:
 async def retrieve_model(model_id: str, _: CurrentKey, redis: RedisDep, settings: SettingsDep,
                          catalog: CatalogDep) -> dict[str, Any]:
     """One capability id or exact model (ids may contain '/' and ':'), if some worker can route to it."""
-    by_model = await _routable(redis, settings, catalog)
+    by_model = await routable_deployments(redis, settings, catalog)
     if model_id in _capability_ids(catalog):
         candidates = _candidates(catalog, by_model, model_id)
         if candidates:
