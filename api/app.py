@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
 from api.admission import Gatekeeper
 from api.background import BackgroundWrites
@@ -25,6 +26,13 @@ from settings.redis_url import redis_client
 # Routes that run a completion job: served past FastAPI's routing (api/fastpath.py), counted
 # against the in-flight limit, and admitted by the script that also checks the key.
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/messages")
+
+# Response headers a browser client may read (CORS hides all but a few by default).
+CORS_EXPOSED_HEADERS = [
+    "x-request-id", "x-freeference-model", "x-freeference-provider", "x-freeference-attempts",
+    "x-freeference-intent", "x-freeference-intent-reason", "retry-after", "retry-after-ms",
+    *(f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset") for kind in ("requests", "tokens")),
+]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -78,6 +86,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                        admitted_paths=COMPLETION_PATHS)
     app.state.metrics = Metrics()
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
+    if conf.cors_origins:
+        # Outermost, so a preflight is answered before the key check (browsers send it without
+        # the Authorization header). Off by default: then no middleware at all on the hot path.
+        app.add_middleware(CORSMiddleware, allow_origins=conf.cors_origins, allow_credentials=True,
+                           allow_methods=["GET", "POST", "PATCH", "DELETE"], allow_headers=["*"],
+                           expose_headers=CORS_EXPOSED_HEADERS, max_age=600)
     app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(responses.router)
