@@ -29,31 +29,31 @@ from api.ratelimit import (
     rate_limited,
 )
 from settings import Settings
-from workers.protocol import API_KEY_LAST_USED, api_key_record_key
+from workers.protocol import (
+    API_KEY_LAST_USED,
+    BYTES_PER_TOKEN,
+    DAY_S,
+    KEY_LIMITS_LUA,
+    LIMIT_REQUESTS,
+    LIMIT_REQUESTS_DAY,
+    LIMIT_TOKENS,
+    api_key_record_key,
+)
 
-DAY_S = 86_400
 RANDOM_MODEL_WINDOW_S = 3_600
 
 # KEYS: record, last-used hash, then counters (requests/minute, tokens/minute, requests/day).
 # ARGV: now (unix s), tier defaults JSON {"free": [rpm, tpm, rpd], ...}, 3 TTLs (ms), 3 costs.
 # admit_key() returns nil for an unknown or revoked key, else
 # {1, record JSON, rpm, tpm, rpd, charge()...} and the decoded record.
-_ADMIT_KEY = CHARGE_LUA + """
+_ADMIT_KEY = CHARGE_LUA + KEY_LIMITS_LUA + """
 local function admit_key()
   local raw = redis.call('GET', KEYS[1])
   if not raw then return nil end
   local record = cjson.decode(raw)
   if record.revoked == true then return nil end
   redis.call('HSET', KEYS[2], record.id, ARGV[1])
-  local defaults = cjson.decode(ARGV[2])[record.tier]
-  local own = record.limits
-  if type(own) ~= 'table' then own = {} end
-  local limits = {}
-  for i, name in ipairs({'rpm', 'tpm', 'rpd'}) do
-    local value = own[name]
-    if type(value) ~= 'number' then value = defaults[i] end
-    limits[i] = value
-  end
+  local limits = key_limits(record, ARGV[2])
   local ttls = {tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])}
   local costs = {tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])}
   local out = {1, raw, limits[1], limits[2], limits[3]}
@@ -110,7 +110,7 @@ def estimate_prompt_tokens(body: bytes) -> int:
     It counts JSON punctuation and field names too, so it errs high; the real count from the
     provider's usage replaces it when the request ends (api/usage.py).
     """
-    return max(1, math.ceil(len(body) / 4))
+    return max(1, math.ceil(len(body) / BYTES_PER_TOKEN))
 
 
 @dataclass(frozen=True)
@@ -149,9 +149,9 @@ class Gatekeeper:
         # limit=0 is a placeholder: the script resolves the real values from the record.
         window_s = self._settings.rate_window_s
         return [
-            Limit("requests", key_id, 0, window_s),
-            Limit("tokens", key_id, 0, window_s, cost=token_cost, kind="tokens"),
-            Limit("requests-day", key_id, 0, DAY_S),
+            Limit(LIMIT_REQUESTS, key_id, 0, window_s),
+            Limit(LIMIT_TOKENS, key_id, 0, window_s, cost=token_cost, kind="tokens"),
+            Limit(LIMIT_REQUESTS_DAY, key_id, 0, DAY_S),
         ]
 
     async def admit(self, token: str, token_cost: int, now_s: float | None = None) -> tuple[KeyRecord, Decision]:

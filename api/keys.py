@@ -28,6 +28,7 @@ class KeyLimits(BaseModel):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     rpd: int | None = Field(default=None, ge=1)
+    batch_lines: int | None = Field(default=None, ge=1)  # lines queued in unfinished batches
 
 
 class KeyRecord(BaseModel):
@@ -54,6 +55,7 @@ class EffectiveLimits(BaseModel):
     rpm: int
     tpm: int
     rpd: int
+    batch_lines: int
 
 
 def hash_key(key: str) -> str:
@@ -70,7 +72,8 @@ def effective_limits(record: KeyRecord, settings: Settings) -> EffectiveLimits:
     """Per-key overrides on top of the tier defaults (the admission script applies the same rule)."""
     rpm, tpm, rpd = settings.tier_limits(record.tier)
     own = record.limits
-    return EffectiveLimits(rpm=own.rpm or rpm, tpm=own.tpm or tpm, rpd=own.rpd or rpd)
+    return EffectiveLimits(rpm=own.rpm or rpm, tpm=own.tpm or tpm, rpd=own.rpd or rpd,
+                           batch_lines=own.batch_lines or settings.tier_batch_queued_lines(record.tier))
 
 
 async def create_key(redis: Redis, *, name: str, tier: Tier, limits: KeyLimits | None = None) -> tuple[str, KeyRecord]:

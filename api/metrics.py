@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from settings.logfields import STORE_DOWN
 from workers.protocol import (
+    BATCH_UPSTREAM_ATTEMPTS_KEY,
     LIVE_DEPLOYMENTS_KEY,
     WORKER_HEARTBEAT_PREFIX,
     WORKERS_KEY,
@@ -243,6 +244,8 @@ class ClusterSnapshot:
     worker_jobs: int = 0
     breakers: dict[str, str] = field(default_factory=dict)  # deployment → state
     inflight_jobs: int = 0  # this process's jobs awaiting events (from the reply hub)
+    # (provider, outcome) → upstream attempts of batch lines, the whole pool's (the workers count them).
+    batch_attempts: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 class ClusterCollector(Collector):
@@ -261,7 +264,8 @@ class ClusterCollector(Collector):
             async with redis.pipeline(transaction=False) as pipe:
                 for deployment in deployments:
                     pipe.hgetall(deployment_health_key(deployment))
-                healths = await pipe.execute()
+                pipe.hgetall(BATCH_UPSTREAM_ATTEMPTS_KEY)
+                *healths, batch_attempts = await pipe.execute()
             snap.redis_up = True
         except (RedisError, OSError) as exc:
             log.warning("metrics: redis unavailable at scrape (%s)", type(exc).__name__, extra=STORE_DOWN)
@@ -272,6 +276,9 @@ class ClusterCollector(Collector):
         now_ms = int(time.time() * 1000)
         for deployment, raw in zip(deployments, healths, strict=True):
             snap.breakers[deployment] = DeploymentHealth.from_hash(raw).state(now_ms)
+        for name, count in batch_attempts.items():
+            provider, _, outcome = name.decode().rpartition("|")
+            snap.batch_attempts[(provider, outcome)] = int(count)
         self.snapshot = snap
 
     def collect(self) -> Iterator[Metric]:
@@ -291,6 +298,14 @@ class ClusterCollector(Collector):
             for candidate in BREAKER_STATES:
                 family.add_metric([deployment, candidate], 1.0 if candidate == state else 0.0)
         yield family
+        # Counted by the workers in Redis, so every replica reports the same cluster-wide value:
+        # aggregate it with max(), not sum() (unlike freeference_upstream_attempts_total).
+        batch = CounterMetricFamily("freeference_batch_upstream_attempts",
+                                    "Upstream attempts of batch lines by provider and outcome, whole pool.",
+                                    labels=["provider", "outcome"])
+        for (provider, outcome), count in sorted(snap.batch_attempts.items()):
+            batch.add_metric([provider, outcome], count)
+        yield batch
 
 
 class _HeadRefusals(Collector):

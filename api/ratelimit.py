@@ -15,34 +15,10 @@ from typing import Literal
 from redis.asyncio import Redis
 
 from api.errors import OpenAIError
-from workers.protocol import rate_limit_key
+from workers.protocol import CHARGE_LUA, counter_key, counter_ttl_ms, window_reset_s
 
-# A Lua function shared by every script that charges counters (api/admission.py prepends it
-# too), so the all-or-nothing rule exists once. It charges KEYS[first .. first+#limits-1]:
-# limits[i] units, ttls_ms[i] until that window ends, costs[i] units now. Returns
-# {allowed 1|0, 1-based index of the first refusing limit or 0, remaining per limit...}.
-CHARGE_LUA = """
-local function charge(first, limits, ttls_ms, costs)
-  local n = #limits
-  local counts = {}
-  local blocking = 0
-  for i = 1, n do
-    counts[i] = tonumber(redis.call('GET', KEYS[first + i - 1]) or '0')
-    if blocking == 0 and counts[i] + costs[i] > limits[i] then blocking = i end
-  end
-  local out = {blocking == 0 and 1 or 0, blocking}
-  for i = 1, n do
-    local value = counts[i]
-    if blocking == 0 then
-      local key = KEYS[first + i - 1]
-      value = redis.call('INCRBY', key, costs[i])
-      if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, ttls_ms[i]) end
-    end
-    out[#out + 1] = limits[i] - value
-  end
-  return out
-end
-"""
+__all__ = ["CHARGE_LUA", "Decision", "Limit", "RateLimiter", "counter_key", "counter_ttl_ms", "decide",
+           "limit_headers", "rate_limited", "window_reset_s"]
 
 # ARGV: (limit, ttl_ms, cost) per key.
 _ACQUIRE = CHARGE_LUA + """
@@ -56,24 +32,6 @@ return charge(1, limits, ttls, costs)
 """
 
 HeaderKind = Literal["requests", "tokens"]
-# A counter outlives its window by this much, so a correction that lands just after the
-# window ended still finds its key (and never creates one without a TTL).
-_TTL_MARGIN_MS = 1000
-
-
-def counter_key(subject: str, name: str, window_s: int, now_s: float) -> str:
-    """The Redis counter of `name` for `subject` in the window containing now_s."""
-    return rate_limit_key(subject, name, window_s, int(now_s // window_s))
-
-
-def window_reset_s(window_s: int, now_s: float) -> float:
-    """Seconds until the fixed window containing now_s ends."""
-    return (int(now_s // window_s) + 1) * window_s - now_s
-
-
-def counter_ttl_ms(window_s: int, now_s: float) -> int:
-    """TTL for a counter created at now_s: until its window ends, plus a margin."""
-    return math.ceil(window_reset_s(window_s, now_s) * 1000) + _TTL_MARGIN_MS
 
 
 @dataclass(frozen=True)

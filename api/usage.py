@@ -1,5 +1,8 @@
 """Usage accounting per key, per UTC day, per model — written API-side when a job ends.
 
+Batch lines are billed by the workers that run them, by the same rules, into a hash of their
+own (usage_batch_key), so usage shows live requests and batch lines apart and in one total.
+
 The worker's `done` event carries the served model and the provider's usage; an `error` event
 (or a lost worker, or a deadline) is a failure: counted as a request and a failure, never
 billed as tokens. The same pipelined write corrects the tokens-per-minute counter charged at
@@ -15,7 +18,7 @@ from collections.abc import AsyncGenerator, Coroutine, Sequence
 from typing import Any
 
 import anyio
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -26,12 +29,23 @@ from api.errors import OpenAIError
 from api.ratelimit import counter_ttl_ms
 from api.relay import Event
 from settings.logfields import STORE_DOWN
-from workers.protocol import DoneEvent, RouteInfo, StartEvent, usage_key
+from workers.protocol import (
+    DAY_S,
+    USAGE_METRICS,
+    DoneEvent,
+    RouteInfo,
+    StartEvent,
+    tokens_counter_to_correct,
+    usage_batch_key,
+    usage_field,
+    usage_key,
+    utc_day,
+)
 
 log = logging.getLogger("freeference.usage")
 
-METRICS = ("requests", "prompt_tokens", "completion_tokens", "failures")
-_DAY_S = 86_400
+METRICS = USAGE_METRICS
+_DAY_S = DAY_S
 
 
 class ModelUsage(BaseModel):
@@ -48,19 +62,16 @@ class ModelUsage(BaseModel):
 
 class DayUsage(BaseModel):
     date: str
-    models: dict[str, ModelUsage]
-    total: ModelUsage
+    models: dict[str, ModelUsage]  # live requests, per served model
+    batch: dict[str, ModelUsage] = Field(default_factory=dict)  # batch lines, per served model
+    total: ModelUsage  # live requests and batch lines
 
 
 class KeyUsage(BaseModel):
     key_id: str
     days: list[DayUsage]
-    total: ModelUsage
-
-
-def utc_day(now_s: float) -> str:
-    """YYYY-MM-DD of a unix time, in UTC (the day the daily limits reset on)."""
-    return time.strftime("%Y-%m-%d", time.gmtime(now_s))
+    total: ModelUsage  # live requests and batch lines
+    batch_total: ModelUsage = Field(default_factory=ModelUsage)  # the batch lines' part of it
 
 
 def _int(usage: dict[str, Any] | None, field: str) -> int:
@@ -170,14 +181,12 @@ class UsageRecorder:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for metric, value in counts.items():
                     if value:
-                        pipe.hincrby(key, f"{model}|{metric}", value)
+                        pipe.hincrby(key, usage_field(model, metric), value)
                 pipe.expire(key, self._retention_s)
                 tokens = self._admission.tokens_limit
-                if tokens is not None and tokens_delta:
-                    # Correct the window the estimate went into while it lasts; once it has
-                    # ended, only extra tokens move on to the current window.
-                    charged, current = tokens.redis_key(self._admission.admitted_at_s), tokens.redis_key(now)
-                    counter = charged if charged == current else (current if tokens_delta > 0 else None)
+                if tokens is not None:
+                    counter = tokens_counter_to_correct(tokens.redis_key(self._admission.admitted_at_s),
+                                                        tokens.redis_key(now), tokens_delta)
                     if counter is not None:
                         pipe.incrby(counter, tokens_delta)
                         pipe.pexpire(counter, counter_ttl_ms(tokens.window_s, now))
@@ -188,17 +197,27 @@ class UsageRecorder:
                         extra=STORE_DOWN)
 
 
-def _parse_day(date: str, raw: dict[bytes, bytes]) -> DayUsage:
+def _per_model(raw: dict[bytes, bytes]) -> dict[str, ModelUsage]:
     models: dict[str, ModelUsage] = {}
     for field, value in raw.items():
         model, _, metric = field.decode().rpartition("|")
         if metric in METRICS:
             entry = models.setdefault(model, ModelUsage())
             setattr(entry, metric, getattr(entry, metric) + int(value))
+    return dict(sorted(models.items()))
+
+
+def _sum(*groups: dict[str, ModelUsage]) -> ModelUsage:
     total = ModelUsage()
-    for entry in models.values():
-        total.add(entry)
-    return DayUsage(date=date, models=dict(sorted(models.items())), total=total)
+    for group in groups:
+        for entry in group.values():
+            total.add(entry)
+    return total
+
+
+def _parse_day(date: str, live: dict[bytes, bytes], batch: dict[bytes, bytes]) -> DayUsage:
+    models, batch_models = _per_model(live), _per_model(batch)
+    return DayUsage(date=date, models=models, batch=batch_models, total=_sum(models, batch_models))
 
 
 async def read_usage(redis: Redis, key_ids: Sequence[str], days: int = 7,
@@ -210,13 +229,16 @@ async def read_usage(redis: Redis, key_ids: Sequence[str], days: int = 7,
         for key_id in key_ids:
             for date in dates:
                 pipe.hgetall(usage_key(key_id, date))
+                pipe.hgetall(usage_batch_key(key_id, date))
         raws = await pipe.execute()
     out: list[KeyUsage] = []
     for i, key_id in enumerate(key_ids):
-        per_day = [_parse_day(date, raws[i * days + j]) for j, date in enumerate(dates)]
-        per_day = [d for d in per_day if d.models]
-        total = ModelUsage()
+        per_day = [_parse_day(date, raws[2 * (i * days + j)], raws[2 * (i * days + j) + 1])
+                   for j, date in enumerate(dates)]
+        per_day = [d for d in per_day if d.models or d.batch]
+        total, batch_total = ModelUsage(), ModelUsage()
         for day in per_day:
             total.add(day.total)
-        out.append(KeyUsage(key_id=key_id, days=per_day, total=total))
+            batch_total.add(_sum(day.batch))
+        out.append(KeyUsage(key_id=key_id, days=per_day, total=total, batch_total=batch_total))
     return out

@@ -59,6 +59,7 @@ def _limit_flags(parser: argparse.ArgumentParser, minimum: int = 1) -> None:
     parser.add_argument("--rpm", type=_positive(minimum), help="requests per minute")
     parser.add_argument("--tpm", type=_positive(minimum), help="tokens per minute")
     parser.add_argument("--rpd", type=_positive(minimum), help="requests per day")
+    parser.add_argument("--batch-lines", type=_positive(minimum), help="lines queued in unfinished batches")
 
 
 def _run(action: Callable[[Redis], Awaitable[int]]) -> int:
@@ -76,7 +77,7 @@ def _print_record(record: KeyRecord) -> None:
 
 def _create(args: argparse.Namespace) -> int:
     async def action(redis: Redis) -> int:
-        limits = KeyLimits(rpm=args.rpm, tpm=args.tpm, rpd=args.rpd)
+        limits = KeyLimits(rpm=args.rpm, tpm=args.tpm, rpd=args.rpd, batch_lines=args.batch_lines)
         key, record = await create_key(redis, name=args.name, tier=args.tier, limits=limits)
         print(f"created {record.id} name={record.name} tier={record.tier} (the key is shown once)")
         print(key)
@@ -113,7 +114,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _update(args: argparse.Namespace) -> int:
-    given = {name: (value or None) for name in ("rpm", "tpm", "rpd") if (value := getattr(args, name)) is not None}
+    given = {name: (value or None) for name in ("rpm", "tpm", "rpd", "batch_lines")
+             if (value := getattr(args, name)) is not None}
     return _one_key(lambda redis: update_key(redis, args.key_or_id, tier=args.tier, limit_changes=given))
 
 

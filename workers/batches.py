@@ -5,7 +5,9 @@ every worker, see docs/batches.md); each worker leases a few lines at a time, ru
 the same execute() as live jobs, and records each result exactly once. Fairness: lines are
 taken round-robin across running batches, at most `batch_worker_concurrency` per worker (less
 while its event loop lags, and minus the live requests it runs) and `batch_max_concurrency` per
-batch in the whole pool.
+batch in the whole pool. Each line is charged to its key's limits and billed to its usage like a
+live request; a key at its limits pauses its batches instead of failing lines
+(workers/batch_limits.py).
 """
 
 import asyncio
@@ -24,10 +26,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from router.failover import RunState
 from settings.logfields import STORE_DOWN
+from workers.batch_limits import BatchAccounting
 from workers.batch_pacing import LagGovernor
-from workers.batch_store import BatchStore, BatchView, output_line
+from workers.batch_store import BatchStore, BatchView, Leased, output_line
 from workers.jobs import WorkerState, error_event, execute
-from workers.protocol import BatchLine, RouteInfo
+from workers.protocol import BatchSpec, ErrorBody, RouteInfo
 
 log = logging.getLogger("freeference.batches")
 
@@ -54,7 +57,8 @@ class BatchRunner:
         self._state = state
         self._accepting = accepting  # False once the worker drains for shutdown
         self._settings = state.settings
-        self._store = BatchStore(redis, state.worker_id)
+        self._store = BatchStore(redis, state.worker_id, state.settings.file_expiry_s)
+        self._accounting = BatchAccounting(redis, state.settings)
         self._lines: dict[str, dict[int, asyncio.Task[None]]] = {}  # batch id → idx → task
         self._finalizing: dict[str, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
@@ -96,7 +100,7 @@ class BatchRunner:
     async def _tick(self) -> None:
         views = await self._store.active()
         now = time.time()
-        runnable: list[str] = []
+        runnable: list[BatchView] = []
         for view in views:
             batch_id = view.spec.id
             if view.status == "validating":
@@ -116,7 +120,7 @@ class BatchRunner:
             elif view.stop or view.remaining <= 0:
                 self._start_finalize(view)
             else:
-                runnable.append(batch_id)
+                runnable.append(view)
         if now - self._last_sweep >= 1.0:
             self._last_sweep = now
             moved = 0
@@ -125,9 +129,12 @@ class BatchRunner:
                     moved += await self._store.reclaim(view.spec.id, set(self._lines.get(view.spec.id, {})))
             if moved:
                 log.info("re-queued %d batch lines (their worker died, or a release failed)", moved)
+            expired = await self._store.expire_files(now)
+            if expired:
+                log.info("deleted %d expired files", expired)
         await self._fill(runnable)
 
-    async def _fill(self, runnable: list[str]) -> None:
+    async def _fill(self, runnable: list[BatchView]) -> None:
         """Lease lines round-robin across running batches, as far as this worker has room."""
         settings = self._settings
         # The pacing limit follows the event loop's lag (workers/batch_pacing.py), and live
@@ -138,18 +145,25 @@ class BatchRunner:
         self._turn = (self._turn + 1) % len(runnable)
         order = runnable[self._turn:] + runnable[:self._turn]
         share = max(1, math.ceil(free / len(order)))
-        for batch_id in order:
+        for view in order:
             if free <= 0:
                 break
-            leased = await self._store.claim(batch_id, min(share, free), settings.batch_max_concurrency)
-            free -= len(leased)
-            tasks = self._lines.setdefault(batch_id, {})
-            for idx, line in leased:
-                tasks[idx] = asyncio.create_task(self._run_line(batch_id, idx, line), name=f"batch-line-{idx}")
+            spec = view.spec
+            charged_at = time.time()
+            budget = await self._accounting.budget(spec.owner, charged_at)
+            claim = await self._store.claim(spec.id, min(share, free), settings.batch_max_concurrency, budget)
+            if claim.state == "revoked" and await self._store.stop_revoked(spec.id):
+                log.info("batch %s stopped: its key was revoked", spec.id)
+            free -= len(claim.leased)
+            tasks = self._lines.setdefault(spec.id, {})
+            for leased in claim.leased:
+                tasks[leased.idx] = asyncio.create_task(self._run_line(spec, leased, charged_at),
+                                                        name=f"batch-line-{leased.idx}")
 
-    async def _run_line(self, batch_id: str, idx: int, line: BatchLine) -> None:
+    async def _run_line(self, spec: BatchSpec, leased: Leased, charged_at_s: float) -> None:
+        batch_id, idx = spec.id, leased.idx
         try:
-            await self._run_and_record(batch_id, idx, line)
+            await self._run_and_record(spec, leased, charged_at_s)
         except asyncio.CancelledError:
             # Batch stopping or worker shutting down: hand the line back (the sweep does it if
             # Redis is unreachable, once this worker's heartbeat lapses).
@@ -166,10 +180,16 @@ class BatchRunner:
                 self._lines.pop(batch_id, None)
             self._slot_freed.set()
 
-    async def _run_and_record(self, batch_id: str, idx: int, line: BatchLine) -> None:
-        """Run one line through the live routing path; record its result or re-queue it."""
+    async def _run_and_record(self, spec: BatchSpec, leased: Leased, charged_at_s: float) -> None:
+        """Run one line through the live routing path; bill it, then record its result or re-queue it."""
         settings = self._settings
+        batch_id, idx, line = spec.id, leased.idx, leased.line
         request_id = "req_" + uuid.uuid4().hex
+        if leased.too_big:  # as a live request this large would be refused, nothing runs
+            left = await self._store.record(spec, idx, line.custom_id, _too_big(line.custom_id, request_id), "failed")
+            if left == 0:
+                self._slot_freed.set()
+            return
         job = line.job.model_copy(update={
             "job_id": uuid.uuid4().hex, "request_id": request_id,
             "deadline_unix_ms": int((time.time() + settings.request_timeout_s) * 1000)})
@@ -180,6 +200,8 @@ class BatchRunner:
             raise
         except Exception as exc:  # every failure kind is mapped to a status; see error_event
             event = error_event(exc, run)
+            await self._accounting.bill(spec.owner, leased, charged_at_s, job.requested_model or "auto", usage=None,
+                                        failed=True, failures=event.failures, served_by=None)
             if event.status in _RETRYABLE_STATUS:
                 await asyncio.sleep(min(event.retry_after_s or 0.5, _MAX_RETRY_WAIT_S))
                 again = await self._store.release(batch_id, idx, settings.batch_line_max_attempts)
@@ -187,10 +209,13 @@ class BatchRunner:
                     return
             body: Any = {"error": event.error.model_dump()}
             result = output_line(line.custom_id, request_id, event.status, body)
-            left = await self._store.record(batch_id, idx, line.custom_id, result, "failed")
+            left = await self._store.record(spec, idx, line.custom_id, result, "failed")
         else:
             result = output_line(line.custom_id, request_id, 200, done.completion)
-            left = await self._store.record(batch_id, idx, line.custom_id, result, "completed", done.usage)
+            left, _ = await asyncio.gather(
+                self._store.record(spec, idx, line.custom_id, result, "completed", done.usage),
+                self._accounting.bill(spec.owner, leased, charged_at_s, done.route.model, usage=done.usage,
+                                      failed=False, failures=done.failures, served_by=done.route.provider))
         if left == 0:
             self._slot_freed.set()  # the next tick finalizes
 
@@ -222,6 +247,14 @@ class BatchRunner:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
+
+
+def _too_big(custom_id: str, request_id: str) -> bytes:
+    """The result of a line that needs more tokens than its key's whole per-minute limit."""
+    error = ErrorBody(message="This request needs more tokens than your key's whole tokens-per-minute limit; "
+                              "send a smaller request or raise the key's limit.",
+                      type="rate_limit_error", code="rate_limit_exceeded")
+    return output_line(custom_id, request_id, 429, {"error": error.model_dump()})
 
 
 async def run_batches(redis: Redis, state: WorkerState, accepting: Callable[[], bool]) -> None:

@@ -1,4 +1,5 @@
-"""The contract between API processes and workers: job payload, reply events, Redis names.
+"""The contract between API processes and workers: job payload, reply events, Redis names,
+and the rules both sides charge a key's limits and usage by.
 
 Both sides import this module and nothing else of each other (the API never imports routing
 or provider code).
@@ -8,6 +9,8 @@ come first so the API can route a message without parsing it, and a ``chunk`` pa
 OpenAI ``chat.completion.chunk`` JSON itself, written to the SSE stream byte for byte.
 """
 
+import math
+import time
 import uuid
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -425,6 +428,8 @@ class FileRecord(_Model):
     created_at: int
     filename: str
     purpose: str
+    # Unix seconds after which the file is gone (FILES_EXPIRING_KEY); None: kept until deleted.
+    expires_at: int | None = None
 
 
 class BatchSpec(_Model):
@@ -438,6 +443,8 @@ class BatchSpec(_Model):
     created_at: int
     expires_at: int
     metadata: dict[str, str] | None = None
+    # How long the output and error files live after they are written (`output_expires_after`).
+    output_expires_after_s: int | None = None
 
 
 class BatchLine(_Model):
@@ -445,3 +452,134 @@ class BatchLine(_Model):
 
     custom_id: str
     job: ChatJob
+
+
+def owner_queued_lines_key(owner: str) -> str:
+    """Lines of one key's unfinished batches not yet finished (its cap: settings *_batch_queued_lines)."""
+    return f"ff:batches:{owner}:queued"
+
+
+def batch_pause_key(owner: str) -> str:
+    """Set (with a TTL) while a key's limits refuse its batch lines: its batches wait that long."""
+    return f"ff:batches:{owner}:paused"
+
+
+# Hash '<provider>|<outcome>' → upstream attempts of batch lines, the whole pool's (/metrics).
+BATCH_UPSTREAM_ATTEMPTS_KEY = "ff:batches:upstream-attempts"
+# Sorted set file id → expires_at (unix s): the workers delete files once they are due.
+FILES_EXPIRING_KEY = "ff:files:expiring"
+
+# Delete a file and give its bytes back to its owner's quota, once even if deletes race (an
+# owner's DELETE and the workers' expiry sweep). KEYS: the owner's file index (owner_files_key),
+# file_meta_key, file_content_key, owner_file_bytes_key, FILES_EXPIRING_KEY. ARGV: id, bytes.
+DELETE_FILE_LUA = """
+redis.call('ZREM', KEYS[5], ARGV[1])
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DECRBY', KEYS[4], ARGV[2])
+return 1
+"""
+
+
+# --- Per-key limits and usage. The API's admission charges live requests and the workers' batch
+# runner charges batch lines, to the same counters by the same rules (docs/keys-and-limits.md).
+LIMIT_REQUESTS = "requests"  # per minute (settings.rate_window_s)
+LIMIT_TOKENS = "tokens"  # per minute
+LIMIT_REQUESTS_DAY = "requests-day"
+DAY_S = 86_400
+# A request's tokens are estimated at admission from its size, then corrected by the real usage.
+BYTES_PER_TOKEN = 4
+# A counter outlives its window by this much, so a correction that lands just after the
+# window ended still finds its key (and never creates one without a TTL).
+_TTL_MARGIN_MS = 1000
+
+# A Lua function for every script that charges counters, so the all-or-nothing rule exists once.
+# It charges KEYS[first .. first+#limits-1]: limits[i] units, ttls_ms[i] until that window ends,
+# costs[i] units now. Returns {allowed 1|0, 1-based index of the first refusing limit or 0,
+# remaining per limit...}.
+CHARGE_LUA = """
+local function charge(first, limits, ttls_ms, costs)
+  local n = #limits
+  local counts = {}
+  local blocking = 0
+  for i = 1, n do
+    counts[i] = tonumber(redis.call('GET', KEYS[first + i - 1]) or '0')
+    if blocking == 0 and counts[i] + costs[i] > limits[i] then blocking = i end
+  end
+  local out = {blocking == 0 and 1 or 0, blocking}
+  for i = 1, n do
+    local value = counts[i]
+    if blocking == 0 then
+      local key = KEYS[first + i - 1]
+      value = redis.call('INCRBY', key, costs[i])
+      if redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, ttls_ms[i]) end
+    end
+    out[#out + 1] = limits[i] - value
+  end
+  return out
+end
+"""
+
+# The limits a decoded key record gets: {rpm, tpm, rpd}, its own overrides, else its tier's
+# defaults from `defaults_json` ({"free": [rpm, tpm, rpd], "pro": [...]}).
+KEY_LIMITS_LUA = """
+local function key_limits(record, defaults_json)
+  local defaults = cjson.decode(defaults_json)[record.tier]
+  local own = record.limits
+  if type(own) ~= 'table' then own = {} end
+  local limits = {}
+  for i, name in ipairs({'rpm', 'tpm', 'rpd'}) do
+    local value = own[name]
+    if type(value) ~= 'number' then value = defaults[i] end
+    limits[i] = value
+  end
+  return limits
+end
+"""
+
+
+def window_reset_s(window_s: int, now_s: float) -> float:
+    """Seconds until the fixed window containing now_s ends."""
+    return (int(now_s // window_s) + 1) * window_s - now_s
+
+
+def counter_ttl_ms(window_s: int, now_s: float) -> int:
+    """TTL for a counter created at now_s: until its window ends, plus a margin."""
+    return math.ceil(window_reset_s(window_s, now_s) * 1000) + _TTL_MARGIN_MS
+
+
+def counter_key(subject: str, name: str, window_s: int, now_s: float) -> str:
+    """The Redis counter of `name` for `subject` in the window containing now_s."""
+    return rate_limit_key(subject, name, window_s, int(now_s // window_s))
+
+
+def tokens_counter_to_correct(charged_key: str, current_key: str, delta: int) -> str | None:
+    """Which tokens-per-minute counter takes the correction from estimate to real usage.
+
+    The window the estimate went into, while it lasts; once it has ended, only extra tokens move
+    on to the current window (a refund to a past window would help nobody).
+    """
+    if not delta:
+        return None
+    if charged_key == current_key:
+        return charged_key
+    return current_key if delta > 0 else None
+
+
+# What a usage hash counts per model (usage_field).
+USAGE_METRICS = ("requests", "prompt_tokens", "completion_tokens", "failures")
+
+
+def utc_day(now_s: float) -> str:
+    """YYYY-MM-DD of a unix time, in UTC (the day the daily limits reset on, and usage is kept by)."""
+    return time.strftime("%Y-%m-%d", time.gmtime(now_s))
+
+
+def usage_field(model: str, metric: str) -> str:
+    """The field of a usage hash (usage_key, usage_batch_key) that counts `metric` for `model`."""
+    return f"{model}|{metric}"
+
+
+def usage_batch_key(key_id: str, day: str) -> str:
+    """Like usage_key, for the batch lines the key ran that day (shown apart from live usage)."""
+    return f"ff:usage-batch:{key_id}:{day}"

@@ -12,6 +12,8 @@ from api.errors import OpenAIError
 from api.ids import BATCH_ID, FILE_ID, quoted, well_formed
 from workers.protocol import (
     BATCH_ACTIVE_KEY,
+    DELETE_FILE_LUA,
+    FILES_EXPIRING_KEY,
     BatchLine,
     BatchSpec,
     FileRecord,
@@ -22,16 +24,22 @@ from workers.protocol import (
     owner_batches_key,
     owner_file_bytes_key,
     owner_files_key,
+    owner_queued_lines_key,
 )
 
 # Lines are written in chunks so no single command carries a 200 MB payload.
 _LINES_PER_WRITE = 1000
 
 # Flip a validated batch to in_progress and queue every line index, unless it was cancelled
-# meanwhile. One script: a worker can never see a half-loaded batch.
+# meanwhile (returns 0) or its lines would take the owner's queued lines past the cap (returns
+# -1 - lines queued now). One script: a worker can never see a half-loaded batch, and two
+# batches created at once cannot both slip under the cap.
 _START_LUA = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'validating' then return 0 end
 local total = tonumber(ARGV[1])
+local queued = math.max(tonumber(redis.call('GET', KEYS[4]) or '0'), 0)
+if queued + total > tonumber(ARGV[4]) then return -1 - queued end
+redis.call('SET', KEYS[4], queued + total)
 for i = 0, total - 1 do redis.call('RPUSH', KEYS[2], i) end
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'in_progress_at', ARGV[2], 'total', total)
 redis.call('SADD', KEYS[3], ARGV[3])
@@ -56,15 +64,8 @@ redis.call('INCRBY', KEYS[1], ARGV[1])
 redis.call('SET', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[3], ARGV[4])
 redis.call('ZADD', KEYS[4], ARGV[5], ARGV[6])
+if ARGV[7] ~= '' then redis.call('ZADD', KEYS[5], ARGV[7], ARGV[6]) end
 return used + tonumber(ARGV[1])
-"""
-
-# Delete a file and give its bytes back to the quota, once even if two deletes race.
-_DELETE_FILE_LUA = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('DEL', KEYS[2], KEYS[3])
-redis.call('DECRBY', KEYS[4], ARGV[2])
-return 1
 """
 
 _TIMESTAMPS = ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at", "cancelling_at",
@@ -84,19 +85,28 @@ def file_object(record: FileRecord) -> dict[str, Any]:
     """The OpenAI file object."""
     return {"id": record.id, "object": "file", "bytes": record.bytes, "created_at": record.created_at,
             "filename": record.filename, "purpose": record.purpose, "status": "processed",
-            "status_details": None, "expires_at": None}
+            "status_details": None, "expires_at": record.expires_at}
+
+
+def _expired(record: FileRecord, now: int) -> bool:
+    # Gone for its owner the moment it is due, whenever the workers' sweep deletes it.
+    return record.expires_at is not None and record.expires_at <= now
 
 
 async def create_file(redis: Redis, owner: str, filename: str, purpose: str, content: bytes,
-                      quota_bytes: int) -> FileRecord:
-    """Store an uploaded file and its owner's index, within the owner's storage quota."""
-    record = FileRecord(id="file-" + secrets.token_hex(12), owner=owner, bytes=len(content), created_at=_now(),
-                        filename=filename, purpose=purpose)
+                      quota_bytes: int, expires_after_s: int | None = None) -> FileRecord:
+    """Store an uploaded file and its owner's index, within the owner's storage quota; it expires
+    `expires_after_s` after its creation (None: kept until deleted)."""
+    now = _now()
+    record = FileRecord(id="file-" + secrets.token_hex(12), owner=owner, bytes=len(content), created_at=now,
+                        filename=filename, purpose=purpose,
+                        expires_at=None if expires_after_s is None else now + expires_after_s)
     create = redis.register_script(_CREATE_FILE_LUA)
     keys = [owner_file_bytes_key(owner), file_meta_key(record.id), file_content_key(record.id),
-            owner_files_key(owner)]
+            owner_files_key(owner), FILES_EXPIRING_KEY]
     stored = await create(keys=keys, args=[len(content), quota_bytes, record.model_dump_json(), content,
-                                           record.created_at, record.id])
+                                           record.created_at, record.id,
+                                           "" if record.expires_at is None else record.expires_at])
     if stored < 0:
         raise OpenAIError(400, f"Storing this file would exceed your file storage limit of {quota_bytes} bytes "
                                f"({-stored - 1} in use); delete files you have collected.",
@@ -110,7 +120,7 @@ async def get_file(redis: Redis, owner: str, file_id: str) -> FileRecord:
         raise not_found("file", file_id)
     raw = await redis.get(file_meta_key(file_id))
     record = FileRecord.model_validate_json(raw) if raw else None
-    if record is None or record.owner != owner:
+    if record is None or record.owner != owner or _expired(record, _now()):
         raise not_found("file", file_id)
     return record
 
@@ -127,9 +137,9 @@ async def file_content(redis: Redis, owner: str, file_id: str) -> bytes:
 async def delete_file(redis: Redis, owner: str, file_id: str) -> None:
     """Delete the caller's file (running batches hold their own copy of the lines)."""
     record = await get_file(redis, owner, file_id)
-    delete = redis.register_script(_DELETE_FILE_LUA)
+    delete = redis.register_script(DELETE_FILE_LUA)
     await delete(keys=[owner_files_key(owner), file_meta_key(file_id), file_content_key(file_id),
-                       owner_file_bytes_key(owner)], args=[file_id, record.bytes])
+                       owner_file_bytes_key(owner), FILES_EXPIRING_KEY], args=[file_id, record.bytes])
 
 
 async def list_files(redis: Redis, owner: str, purpose: str | None, limit: int, after: str | None,
@@ -137,7 +147,8 @@ async def list_files(redis: Redis, owner: str, purpose: str | None, limit: int, 
     """The caller's files, newest first unless order='asc'; (page, has_more)."""
     ids = await _page_ids(redis, owner_files_key(owner), after, order)
     raws = await redis.mget([file_meta_key(i) for i in ids]) if ids else []
-    records = [FileRecord.model_validate_json(r) for r in raws if r]
+    now = _now()
+    records = [record for r in raws if r and not _expired(record := FileRecord.model_validate_json(r), now)]
     if purpose:
         records = [r for r in records if r.purpose == purpose]
     return records[:limit], len(records) > limit
@@ -163,19 +174,35 @@ async def create_batch(redis: Redis, spec: BatchSpec) -> None:
         await pipe.execute()
 
 
-async def start_batch(redis: Redis, batch_id: str, lines: list[BatchLine]) -> bool:
-    """Load the validated lines and hand the batch to the workers; False if it was cancelled meanwhile."""
+async def queued_lines(redis: Redis, owner: str) -> int:
+    """Lines of the owner's unfinished batches that have not finished yet."""
+    return max(int(await redis.get(owner_queued_lines_key(owner)) or 0), 0)
+
+
+def over_queued_cap(count: int, queued: int, cap: int) -> LineError:
+    """The batch's error when its lines would take the key past its cap on queued lines."""
+    return LineError("queued_lines_limit_exceeded",
+                     f"This batch has {count:,} requests and your key has {queued:,} queued in unfinished "
+                     f"batches; at most {cap:,} may be queued at once. Try again when running batches have "
+                     "progressed, or split the file.")
+
+
+async def start_batch(redis: Redis, spec: BatchSpec, lines: list[BatchLine], cap: int) -> LineError | None:
+    """Load the validated lines and hand the batch to the workers, within the owner's cap on queued
+    lines; the error that failed it, or None (also when it was cancelled meanwhile)."""
+    batch_id = spec.id
     lines_key = batch_part_key(batch_id, "lines")
     for start in range(0, len(lines), _LINES_PER_WRITE):
         chunk = lines[start:start + _LINES_PER_WRITE]
         await redis.hset(lines_key, mapping={str(start + i): line.model_dump_json()  # type: ignore[misc]
                                              for i, line in enumerate(chunk)})
     start_lua = redis.register_script(_START_LUA)
-    started = await start_lua(keys=[batch_key(batch_id), batch_part_key(batch_id, "pending"), BATCH_ACTIVE_KEY],
-                              args=[len(lines), _now(), batch_id])
-    if not started:
+    started = int(await start_lua(keys=[batch_key(batch_id), batch_part_key(batch_id, "pending"), BATCH_ACTIVE_KEY,
+                                        owner_queued_lines_key(spec.owner)],
+                                  args=[len(lines), _now(), batch_id, cap]))
+    if started != 1:
         await redis.delete(lines_key)  # a cancelled batch is finalized by the workers, with no lines
-    return bool(started)
+    return over_queued_cap(len(lines), -1 - started, cap) if started < 0 else None
 
 
 async def fail_batch(redis: Redis, batch_id: str, errors: list[LineError], error_count: int) -> None:

@@ -54,6 +54,7 @@ class CreateKey(BaseModel):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     rpd: int | None = Field(default=None, ge=1)
+    batch_lines: int | None = Field(default=None, ge=1)
 
 
 class UpdateKey(BaseModel):
@@ -65,6 +66,7 @@ class UpdateKey(BaseModel):
     rpm: int | None = Field(default=None, ge=1)
     tpm: int | None = Field(default=None, ge=1)
     rpd: int | None = Field(default=None, ge=1)
+    batch_lines: int | None = Field(default=None, ge=1)
 
 
 def _view(record: KeyRecord, settings: Settings) -> KeyView:
@@ -87,7 +89,8 @@ def _checked_id(key_id: str) -> str:
 async def create(body: CreateKey, redis: RedisDep, settings: SettingsDep) -> JSONResponse:
     """Create a key; the response is the only time the key itself is shown."""
     key, record = await create_key(redis, name=body.name, tier=body.tier,
-                                   limits=KeyLimits(rpm=body.rpm, tpm=body.tpm, rpd=body.rpd))
+                                   limits=KeyLimits(rpm=body.rpm, tpm=body.tpm, rpd=body.rpd,
+                                                    batch_lines=body.batch_lines))
     return JSONResponse({"key": key, **_view(record, settings).model_dump()}, status_code=201)
 
 
@@ -109,7 +112,7 @@ async def show(key_id: str, redis: RedisDep, settings: SettingsDep) -> KeyView:
 @router.patch("/keys/{key_id}")
 async def update(key_id: str, body: UpdateKey, redis: RedisDep, settings: SettingsDep) -> KeyView:
     """Change a key's tier or limits; effective from its next request on every replica."""
-    given = body.model_dump(include=body.model_fields_set & {"rpm", "tpm", "rpd"})
+    given = body.model_dump(include=body.model_fields_set & {"rpm", "tpm", "rpd", "batch_lines"})
     record = await update_key(redis, _checked_id(key_id), tier=body.tier, limit_changes=given)
     if record is None:
         raise _key_not_found(key_id)

@@ -3,7 +3,7 @@
 import asyncio
 import secrets
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,11 +12,20 @@ from api.batches import store
 from api.batches.validate import BATCH_URL, Owner, validate_input
 from api.deps import CatalogDep, CurrentKey, RedisDep, SettingsDep
 from api.errors import invalid_request
+from api.keys import effective_limits
+from settings.config import FILE_EXPIRY_MAX_S, FILE_EXPIRY_MIN_S
 from workers.protocol import BatchSpec
 
 router = APIRouter()
 
 COMPLETION_WINDOWS = ("24h",)
+
+
+class ExpiresAfter(BaseModel):
+    """OpenAI's expiration policy: `seconds` after `created_at`, from an hour to 30 days."""
+
+    anchor: Literal["created_at"]
+    seconds: int = Field(ge=FILE_EXPIRY_MIN_S, le=FILE_EXPIRY_MAX_S)
 
 
 class CreateBatchRequest(BaseModel):
@@ -28,6 +37,8 @@ class CreateBatchRequest(BaseModel):
     completion_window: str = Field(json_schema_extra={"enum": [*COMPLETION_WINDOWS]})
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         default=None, max_length=16)
+    # How long the output and error files live (default: settings.file_expiry_s, 30 days).
+    output_expires_after: ExpiresAfter | None = None
 
 
 @router.post("/v1/batches")
@@ -45,14 +56,19 @@ async def create_batch(body: CreateBatchRequest, key: CurrentKey, redis: RedisDe
     now = int(time.time())
     spec = BatchSpec(id="batch_" + secrets.token_hex(12), owner=key.id, endpoint=body.endpoint,
                      input_file_id=body.input_file_id, completion_window=body.completion_window, created_at=now,
-                     expires_at=now + int(settings.batch_window_s), metadata=body.metadata)
+                     expires_at=now + int(settings.batch_window_s), metadata=body.metadata,
+                     output_expires_after_s=body.output_expires_after.seconds if body.output_expires_after else None)
     await store.create_batch(redis, spec)
     # A 200 MB file takes seconds to check: off the event loop, so live requests keep flowing.
     checked = await asyncio.to_thread(validate_input, content, Owner(key.id, key.tier), catalog, settings)
+    cap = effective_limits(key, settings).batch_lines
+    queued = await store.queued_lines(redis, key.id)
     if checked.error_count:
         await store.fail_batch(redis, spec.id, checked.errors, checked.error_count)
-    else:
-        await store.start_batch(redis, spec.id, checked.lines)
+    elif queued + len(checked.lines) > cap:  # checked again, atomically, when the lines are queued
+        await store.fail_batch(redis, spec.id, [store.over_queued_cap(len(checked.lines), queued, cap)], 1)
+    elif (refused := await store.start_batch(redis, spec, checked.lines, cap)) is not None:
+        await store.fail_batch(redis, spec.id, [refused], 1)
     return await store.get_batch(redis, key.id, spec.id)
 
 

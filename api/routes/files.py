@@ -8,6 +8,7 @@ from fastapi.responses import Response
 from api.batches import store
 from api.deps import CurrentKey, RedisDep, SettingsDep
 from api.errors import OpenAIError, invalid_request
+from settings.config import FILE_EXPIRY_MAX_S, FILE_EXPIRY_MIN_S
 
 router = APIRouter()
 
@@ -21,18 +22,35 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     return content
 
 
+def _expiry_s(anchor: str | None, seconds: int | None, default_s: int) -> int:
+    """OpenAI's `expires_after` (anchor `created_at`, 1 hour to 30 days); unset: the default."""
+    if anchor is None and seconds is None:
+        return default_s
+    if anchor != "created_at":
+        raise invalid_request("expires_after[anchor] must be 'created_at'.", param="expires_after[anchor]")
+    if seconds is None or not FILE_EXPIRY_MIN_S <= seconds <= FILE_EXPIRY_MAX_S:
+        raise invalid_request(f"expires_after[seconds] must be between {FILE_EXPIRY_MIN_S} and {FILE_EXPIRY_MAX_S}.",
+                              param="expires_after[seconds]")
+    return seconds
+
+
 @router.post("/v1/files")
 async def upload_file(key: CurrentKey, redis: RedisDep, settings: SettingsDep,
                       file: Annotated[UploadFile, File(json_schema_extra={"minLength": 1})],
-                      purpose: Annotated[str, Form(json_schema_extra={"enum": ["batch"]})]) -> dict[str, Any]:
-    """Upload a JSONL file for the Batch API (multipart: `file`, `purpose=batch`)."""
+                      purpose: Annotated[str, Form(json_schema_extra={"enum": ["batch"]})],
+                      expires_anchor: Annotated[str | None, Form(alias="expires_after[anchor]",
+                                                                 json_schema_extra={"enum": ["created_at"]})] = None,
+                      expires_seconds: Annotated[int | None, Form(alias="expires_after[seconds]")] = None,
+                      ) -> dict[str, Any]:
+    """Upload a JSONL file for the Batch API (multipart: `file`, `purpose=batch`, optional `expires_after`)."""
     if purpose != "batch":
         raise invalid_request("Only purpose 'batch' is supported.", param="purpose")
+    expiry_s = _expiry_s(expires_anchor, expires_seconds, settings.file_expiry_s)
     content = await _read_limited(file, settings.batch_upload_max_bytes)
     if not content.strip():
         raise invalid_request("The file is empty.", param="file")
     record = await store.create_file(redis, key.id, file.filename or "upload.jsonl", purpose, content,
-                                     settings.batch_storage_max_bytes_per_key)
+                                     settings.batch_storage_max_bytes_per_key, expiry_s)
     return store.file_object(record)
 
 

@@ -30,7 +30,7 @@ async def _started(redis: FakeRedis, count: int) -> BatchSpec:
     spec = BatchSpec(id="batch_" + "1" * 24, owner="key_a", endpoint="/v1/chat/completions", input_file_id="file-1",
                      completion_window="24h", created_at=now, expires_at=now + 60)
     await api_store.create_batch(redis, spec)
-    assert await api_store.start_batch(redis, spec.id, _lines(count))
+    assert await api_store.start_batch(redis, spec, _lines(count), cap=1000) is None
     return spec
 
 
@@ -42,16 +42,16 @@ async def _alive(redis: FakeRedis, worker_id: str) -> BatchStore:
 async def test_each_result_is_recorded_once_and_the_batch_finalizes(redis: FakeRedis) -> None:
     spec = await _started(redis, 3)
     worker = await _alive(redis, "w1")
-    leased = await worker.claim(spec.id, 10, cap=10)
-    assert [(idx, line.custom_id) for idx, line in leased] == [(0, "c0"), (1, "c1"), (2, "c2")]
-    assert await worker.claim(spec.id, 10, cap=10) == []
+    leased = (await worker.claim(spec.id, 10, cap=10)).leased
+    assert [(x.idx, x.line.custom_id, x.tokens_charged) for x in leased] == [(0, "c0", 0), (1, "c1", 0), (2, "c2", 0)]
+    assert (await worker.claim(spec.id, 10, cap=10)).leased == []
     usage = {"prompt_tokens": 7, "completion_tokens": 3}
-    assert await worker.record(spec.id, 0, "c0", output_line("c0", "r", 200, {"ok": 0}), "completed", usage) == 2
+    assert await worker.record(spec, 0, "c0", output_line("c0", "r", 200, {"ok": 0}), "completed", usage) == 2
     # A second run of the same line (e.g. after a lease was lost) changes nothing, usage included.
-    assert await worker.record(spec.id, 0, "c0", output_line("c0", "r", 200, {"ok": 1}), "completed", usage) == -1
-    assert await worker.record(spec.id, 2, "c2", output_line("c2", "r", 502, {"error": {}}), "failed") == 1
+    assert await worker.record(spec, 0, "c0", output_line("c0", "r", 200, {"ok": 1}), "completed", usage) == -1
+    assert await worker.record(spec, 2, "c2", output_line("c2", "r", 502, {"error": {}}), "failed") == 1
     assert not await worker.begin_finalize(spec.id)  # one line still running
-    assert await worker.record(spec.id, 1, "c1", output_line("c1", "r", 200, {"ok": 1}), "completed") == 0
+    assert await worker.record(spec, 1, "c1", output_line("c1", "r", 200, {"ok": 1}), "completed") == 0
     assert await worker.begin_finalize(spec.id)
     assert not await BatchStore(redis, "w2").begin_finalize(spec.id)  # only one finalizer
     assert await worker.finalize(spec, stop="")
@@ -74,30 +74,30 @@ async def test_lines_of_a_dead_worker_are_requeued(redis: FakeRedis) -> None:
     spec = await _started(redis, 4)
     doomed = await _alive(redis, "doomed")
     survivor = await _alive(redis, "survivor")
-    taken = [idx for idx, _ in await doomed.claim(spec.id, 2, cap=10)]
+    taken = [x.idx for x in (await doomed.claim(spec.id, 2, cap=10)).leased]
     assert await survivor.reclaim(spec.id, set()) == 0  # its holder still heart-beats
     await redis.delete(worker_heartbeat_key("doomed"))
     assert await survivor.reclaim(spec.id, set()) == 2
-    again = [idx for idx, _ in await survivor.claim(spec.id, 10, cap=10)]
+    again = [x.idx for x in (await survivor.claim(spec.id, 10, cap=10)).leased]
     assert sorted(again) == [0, 1, 2, 3] and set(taken) <= set(again)
     # A late result from the dead worker's run is still recorded only once.
-    assert await doomed.record(spec.id, 0, "c0", b"{}", "completed") == 3
-    assert await survivor.record(spec.id, 0, "c0", b"{}", "completed") == -1
+    assert await doomed.record(spec, 0, "c0", b"{}", "completed") == 3
+    assert await survivor.record(spec, 0, "c0", b"{}", "completed") == -1
 
 
 async def test_per_batch_cap_and_release(redis: FakeRedis) -> None:
     spec = await _started(redis, 10)
     a, b = await _alive(redis, "a"), await _alive(redis, "b")
-    assert len(await a.claim(spec.id, 3, cap=4)) == 3
-    assert len(await b.claim(spec.id, 3, cap=4)) == 1  # the cap is for the whole pool
+    assert len((await a.claim(spec.id, 3, cap=4)).leased) == 3
+    assert len((await b.claim(spec.id, 3, cap=4)).leased) == 1  # the cap is for the whole pool
     assert await a.release(spec.id, 0) == 1
     assert await b.release(spec.id, 0) == -1  # not its lease
-    assert [idx for idx, _ in await b.claim(spec.id, 1, cap=4)] == [0]  # released lines come first
+    assert [x.idx for x in (await b.claim(spec.id, 1, cap=4)).leased] == [0]  # released lines come first
     # Retry accounting: a retried line goes to the back; out of tries on the third attempt.
     assert await b.release(spec.id, 0, retry_max_attempts=3) == 1
-    assert [idx for idx, _ in await b.claim(spec.id, 10, cap=10)][-1] == 0
+    assert [x.idx for x in (await b.claim(spec.id, 10, cap=10)).leased][-1] == 0
     assert await b.release(spec.id, 0, retry_max_attempts=3) == 1
-    assert [idx for idx, _ in await b.claim(spec.id, 10, cap=10)] == [0]
+    assert [x.idx for x in (await b.claim(spec.id, 10, cap=10)).leased] == [0]
     assert await b.release(spec.id, 0, retry_max_attempts=3) == 0
 
 
@@ -107,9 +107,9 @@ async def test_cancel_ends_with_every_unrun_line_in_the_error_file(redis: FakeRe
     await worker.claim(spec.id, 1, cap=10)
     cancelled = await api_store.cancel_batch(redis, "key_a", spec.id)
     assert cancelled["status"] == "cancelling" and cancelled["cancelling_at"]
-    assert await worker.claim(spec.id, 5, cap=10) == []  # nothing new starts
+    assert (await worker.claim(spec.id, 5, cap=10)).state == "closed"  # nothing new starts
     assert not await worker.begin_finalize(spec.id)  # line 0 still leased
-    assert await worker.record(spec.id, 0, "c0", b'{"custom_id":"c0"}', "completed") == 2
+    assert await worker.record(spec, 0, "c0", b'{"custom_id":"c0"}', "completed") == 2
     assert await worker.begin_finalize(spec.id)
     assert await worker.finalize(spec, stop="cancel")
     batch = await api_store.get_batch(redis, "key_a", spec.id)
@@ -127,10 +127,10 @@ async def test_cancel_ends_with_every_unrun_line_in_the_error_file(redis: FakeRe
 async def test_expiry_and_finalizer_takeover(redis: FakeRedis) -> None:
     spec = await _started(redis, 2)
     crashed = await _alive(redis, "crashed")
-    await crashed.record(spec.id, 0, "c0", b'{"custom_id":"c0"}', "completed")
+    await crashed.record(spec, 0, "c0", b'{"custom_id":"c0"}', "completed")
     assert await crashed.expire(spec.id)
     assert not await crashed.expire(spec.id)  # once
-    assert await crashed.claim(spec.id, 5, cap=10) == []  # an expiring batch starts nothing new
+    assert (await crashed.claim(spec.id, 5, cap=10)).leased == []  # an expiring batch starts nothing new
     assert await crashed.begin_finalize(spec.id)
     # The finalizer dies before writing anything; another worker takes over from it, once.
     rescuer = await _alive(redis, "rescuer")
@@ -174,7 +174,7 @@ async def test_storage_quota_counts_uploads_and_results(redis: FakeRedis) -> Non
     spec = await _started(redis, 1)
     worker = await _alive(redis, "w")
     await worker.claim(spec.id, 1, cap=10)
-    await worker.record(spec.id, 0, "c0", b"y" * 99, "completed")
+    await worker.record(spec, 0, "c0", b"y" * 99, "completed")
     assert await worker.begin_finalize(spec.id) and await worker.finalize(spec, stop="")
     with pytest.raises(api_store.OpenAIError):
         await api_store.create_file(redis, "key_a", "c.jsonl", "batch", b"x" * 1, quota_bytes=1000)

@@ -85,7 +85,7 @@ async def test_get_update_and_revoke_by_id_or_key(redis: Redis) -> None:
 
 def test_effective_limits_override_the_tier(settings: Settings) -> None:
     record = KeyRecord(id="k", name="n", tier="free", created=0, limits=KeyLimits(tpm=7))
-    assert effective_limits(record, settings).model_dump() == {"rpm": 3, "tpm": 7, "rpd": 100}
+    assert effective_limits(record, settings).model_dump() == {"rpm": 3, "tpm": 7, "rpd": 100, "batch_lines": 2000}
 
 
 async def test_admission_resolves_tier_defaults_and_overrides(redis: Redis, settings: Settings) -> None:
