@@ -54,7 +54,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
 
 def _client(args: argparse.Namespace) -> httpx.Client:
     if not args.api_key:
-        raise ApiError("no API key: pass --api-key or set FREEFERENCE_API_KEY")
+        raise ApiError("no API key: pass --api-key or set FREEFERENCE_API_KEY (with `make serve` running: "
+                       "export FREEFERENCE_API_KEY=$(.venv/bin/freeference keys demo))")
     return httpx.Client(base_url=args.base_url.rstrip("/"), headers={"Authorization": f"Bearer {args.api_key}"},
                         timeout=httpx.Timeout(30.0, read=600.0))
 

@@ -143,3 +143,7 @@ def setup_logging(level: str = "INFO", fmt: str = "json") -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    # httpx logs every request line at INFO: upstream URLs in a worker, noise between the
+    # progress bar of `freeference batch`. Its warnings still pass.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)

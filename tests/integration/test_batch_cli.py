@@ -25,6 +25,7 @@ def test_submit_wait_download_and_cancel(shared_gateway: Gateway, upstream: Fake
     batch_id = done.stdout.split()[1]
     assert "completed 12 / failed 0 / total 12" in done.stdout
     assert "12/12" in done.stderr  # the tqdm bar: done / total, with rate and ETA
+    assert "HTTP Request" not in done.stderr  # no httpx request log between the bar's lines
     assert sorted(json.loads(x)["custom_id"] for x in out.read_text().splitlines()) == sorted(
         f"req-{i}" for i in range(12))
 
