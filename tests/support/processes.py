@@ -221,6 +221,7 @@ def base_env(redis_url: str, catalog_path: Path, **extra: str) -> dict[str, str]
         # Tier defaults far above any test's traffic; limit tests give their keys their own limits.
         "FREEFERENCE_FREE_RPM": "100000", "FREEFERENCE_FREE_TPM": "100000000", "FREEFERENCE_FREE_RPD": "1000000",
         "FREEFERENCE_PRO_RPM": "100000", "FREEFERENCE_PRO_TPM": "100000000", "FREEFERENCE_PRO_RPD": "1000000",
+        "FREEFERENCE_FREE_BATCH_QUEUED_LINES": "1000000", "FREEFERENCE_PRO_BATCH_QUEUED_LINES": "1000000",
         "FAKE_A_KEY": "sk-fake-a-0123456789",
         "PYTHONUNBUFFERED": "1",
     })
