@@ -38,7 +38,7 @@ def test_key_lifecycle_over_http(gateway: Gateway) -> None:
     key, key_id = record["key"], record["id"]
     assert key.startswith("ff-") and key_id.startswith("key_")
     assert record["effective_limits"] == {"rpm": 30, "tpm": 9000, "rpd": 1_000_000,  # tier rpm from settings
-                                          "batch_lines": 2_000}
+                                          "batch_lines": 1_000_000}
     assert _chat(gateway, key).status_code == 200
 
     listed = _admin(gateway, "GET", "/keys")

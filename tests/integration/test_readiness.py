@@ -48,8 +48,11 @@ def test_ready_until_every_model_left_its_providers_listing(gateway_factory: Gat
     gateway = gateway_factory(workers=1, catalog=catalog_yaml(upstream.url, models, providers))
     status, body = _ready(gateway)
     assert (status, body["status"], body["deployments"]) == (200, "ready", 1) and "reason" not in body
-    upstream.set_models(["something-else"])  # the provider retired our only model
-    wait_for(lambda: _ready(gateway)[0] == 503, 15, "/readyz to notice")
-    assert "no deployment is routable" in _ready(gateway)[1]["reason"]
-    upstream.set_models(["only"])
-    wait_for(lambda: _ready(gateway)[0] == 200, 15, "/readyz to recover")
+    try:
+        upstream.set_models(["something-else"])  # the provider retired our only model
+        wait_for(lambda: _ready(gateway)[0] == 503, 15, "/readyz to notice")
+        assert "no deployment is routable" in _ready(gateway)[1]["reason"]
+        upstream.set_models(["only"])
+        wait_for(lambda: _ready(gateway)[0] == 200, 15, "/readyz to recover")
+    finally:
+        upstream.set_models(None)  # gateways of later modules share this fake and its listing
