@@ -42,6 +42,42 @@ def spawn(args: Sequence[str], env: dict[str, str], log_path: Path, cwd: Path = 
     return subprocess.Popen(list(args), env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd)
 
 
+def _listening_inodes(port: int) -> set[str] | None:
+    """Inodes of the sockets listening on a TCP port (Linux /proc); None where /proc has no answer."""
+    found: set[str] = set()
+    readable = False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                found.add(fields[9])
+    return found if readable else None
+
+
+def _listening(process: subprocess.Popen[bytes], port: int, timeout_s: float = 30.0) -> bool:
+    """Wait until `process` itself listens on `port`; False if it exits first (the port was taken)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        inodes = _listening_inodes(port)
+        if inodes is None:
+            return True  # no /proc: trust the health check that follows
+        try:
+            sockets = {os.readlink(f"/proc/{process.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{process.pid}/fd")}
+        except OSError:
+            sockets = set()
+        if {f"socket:[{inode}]" for inode in inodes} & sockets:
+            return True
+        time.sleep(0.05)
+    return False
+
+
 @dataclass
 class FakeUpstream:
     """Handle on a running bench.fake_upstream process."""
@@ -99,9 +135,20 @@ class Gateway:
         return f"http://127.0.0.1:{self.api_ports[replica]}"
 
     def start_api(self) -> int:
-        port = free_port()
-        args = [sys.executable, "-m", "cli.main", "api", "--port", str(port)]
-        self.apis.append(spawn(args, self.env, self.log_dir / f"api-{port}.log", self.repo))
+        # A port free when picked may be taken before the API binds it (other test sessions run
+        # on this machine): then another server would answer in its place. So the API must be
+        # seen listening on it itself, else it is started again on another port.
+        for _ in range(3):
+            port = free_port()
+            args = [sys.executable, "-m", "cli.main", "api", "--port", str(port)]
+            process = spawn(args, self.env, self.log_dir / f"api-{port}.log", self.repo)
+            if _listening(process, port):
+                break
+            process.kill()
+            process.wait()
+        else:
+            raise RuntimeError(f"no API process could bind a port; see {self.log_dir}")
+        self.apis.append(process)
         self.api_ports.append(port)
         wait_http(f"http://127.0.0.1:{port}/healthz")
         return port
