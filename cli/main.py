@@ -103,8 +103,8 @@ def _serve(args: argparse.Namespace) -> int:
         redis_url = DEFAULT_REDIS_URL
         where = (f"Data: nothing kept (--ephemeral: a throwaway store in {data_dir}, deleted when this stops)"
                  if args.ephemeral else
-                 f"Data: {data_dir} (the store's files and the demo key: keys, limit counters, usage, files "
-                 "and batches survive restarts; `--ephemeral` for a throwaway run)")
+                 f"Data: {data_dir} (the store's files{' and the demo key' if args.demo else ''}: keys, limit "
+                 "counters, usage, files and batches survive restarts; `--ephemeral` for a throwaway run)")
     else:
         if args.ephemeral:
             raise StartupError("--ephemeral starts a throwaway embedded store; unset FREEFERENCE_REDIS_URL to use it")
