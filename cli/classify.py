@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from router.intent import IntentResult, classify_request, classify_text
+from router.intent import IntentResult, classify_request, classify_text, explain_request
+from router.intent.explain import Evidence
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -27,16 +28,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         metavar="FILE",
         help="read lines with a `prompt` (or OpenAI `messages`) field; '-' for stdin",
     )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="also list the features that decided (they quote the prompt, unlike the header-safe reason)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point for the subcommand; returns the exit code."""
     if args.jsonl is None:
-        result = classify_text(args.prompt)
-        print(f"intent:     {result.intent}")
-        print(f"confidence: {result.confidence:.2f}")
-        print(f"reason:     {result.reason}")
+        if not args.explain:
+            _print_result(classify_text(args.prompt))
+            return 0
+        result, features = explain_request([{"role": "user", "content": args.prompt}])
+        _print_result(result)
+        print("deciding features (from your prompt, so never put in headers or logs):")
+        for item in features:
+            print(f"  {item.margin:+.3f}  {_feature_text(item):<32} {item.group}")
         return 0
     if str(args.jsonl) == "-":
         return _run_jsonl(sys.stdin, sys.stdout)
@@ -46,6 +56,26 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"classify: cannot read {args.jsonl}: {exc.strerror}", file=sys.stderr)
         return 2
+
+
+def _print_result(result: IntentResult) -> None:
+    print(f"intent:     {result.intent}")
+    print(f"confidence: {result.confidence:.2f}")
+    print(f"reason:     {result.reason}")
+
+
+def _feature_text(item: Evidence) -> str:
+    name = item.feature
+    if name.startswith("cue:"):
+        return name
+    if name.startswith("c:"):
+        return f"chars {name[2:]!r}"
+    if name.startswith("p:"):
+        return f"stem {name[2:]!r}"
+    if name.startswith("e:"):
+        return f"meaning of {name[2:]!r}"
+    words = " ".join("N" if w == "<num>" else w for w in name.removeprefix("^").split() if w != "<s>")
+    return ("starts with " if name.startswith("^") else "") + repr(words)
 
 
 def _run_jsonl(lines: TextIO, out: TextIO) -> int:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from router.intent.explain import Evidence, deciding, reason
 from router.intent.features import Features, extract
-from router.intent.lexicon import REASON_STOPWORDS
 from router.intent.model import LABELS, Intent, Model, Scored, default_model, softmax
 
 # Earlier turns and the system prompt are context: they shift a long last user
@@ -23,40 +22,6 @@ SYSTEM_CHARS = 1500
 # Tool definitions mostly come from agents (coding agents above all), but a weather or
 # search tool is common too, so tools only tip a close call towards code.
 TOOLS_CODE_BIAS = 0.3
-
-_CUE_REASONS = {
-    "cue:code_fence": "code block",
-    "cue:traceback": "error/stack trace",
-    "cue:file_name": "file name",
-    "cue:code_line": "code line",
-    "cue:code_punct": "code syntax",
-    "cue:snake_case": "identifier",
-    "cue:camel_case": "identifier",
-    "cue:method_call": "method call",
-    "cue:html_tag": "markup tag",
-    "cue:assert_test": "test asserts",
-    "cue:indented_block": "indented block",
-    "cue:latex": "math notation",
-    "cue:math_symbol": "math symbol",
-    "cue:equation": "equation",
-    "cue:arith": "arithmetic",
-    "cue:percent": "percentages",
-    "cue:money": "money amounts",
-    "cue:choices": "multiple choice",
-    "cue:quantified": "syllogism",
-    "cue:mathword_1": "math/logic word",
-    "cue:mathword_2plus": "math/logic words",
-    "cue:tech_1": "tech name",
-    "cue:tech_2plus": "tech names",
-    "cue:codeword_2plus": "programming words",
-    "cue:code_phrase": "code request",
-    "cue:pipe_table": "table",
-    "cue:url": "link",
-    "cue:nums_4_8": "several numbers",
-    "cue:nums_many": "many numbers",
-    "cue:nums_2_3": "numbers",
-    "cue:question": "question",
-}
 
 
 @dataclass(frozen=True)
@@ -80,10 +45,27 @@ def classify_request(
     response_format: Mapping[str, Any] | None = None,
 ) -> IntentResult:
     """Classify an OpenAI chat request from its messages, tools and response format."""
+    return _decide(messages, has_tools, response_format)[0]
+
+
+def explain_request(
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    has_tools: bool = False,
+    response_format: Mapping[str, Any] | None = None,
+) -> tuple[IntentResult, list[Evidence]]:
+    """The result and the features that decided it; those may quote the prompt."""
+    result, scored, best = _decide(messages, has_tools, response_format)
+    return result, (deciding(scored, best) if scored is not None else [])
+
+
+def _decide(
+    messages: Sequence[Mapping[str, Any]], has_tools: bool, response_format: Mapping[str, Any] | None
+) -> tuple[IntentResult, Scored | None, int]:
     model = default_model()
     last_user, earlier, system = _split(messages)
     if not last_user.strip() and not earlier.strip():
-        return IntentResult("general", round(1.0 / len(LABELS), 4), "no user text")
+        return IntentResult("general", round(1.0 / len(LABELS), 4), "general: no user text"), None, 2
 
     notes: list[str] = []
     alone = model.score(extract(last_user))
@@ -115,7 +97,7 @@ def classify_request(
     if response_format and response_format.get("type") in ("json_object", "json_schema"):
         # Structured output is a formatting constraint, not an intent; it is only noted.
         notes.append("json output")
-    return IntentResult(LABELS[best], round(probs[best], 4), _reason(scored, best, notes))
+    return IntentResult(LABELS[best], round(probs[best], 4), reason(scored, best, notes)), scored, best
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -166,36 +148,3 @@ def _split(messages: Sequence[Mapping[str, Any]]) -> tuple[str, str, str]:
             budget -= len(text)
     earlier.reverse()
     return _text_of(messages[last_idx].get("content")), "\n".join(earlier).strip(), system
-
-
-def _reason(scored: Scored, best: int, notes: list[str]) -> str:
-    """The strongest few features for the chosen label, in words."""
-    o1, o2 = (i for i in range(len(LABELS)) if i != best)
-    k = scored.scale
-    # Stems and character n-grams ("c:", "p:") are never shown, so are not ranked.
-    margins = [
-        ((w[best] - (w[o1] if w[o1] > w[o2] else w[o2])) * k, name) for name, w in scored.lexical if name[1:2] != ":"
-    ]
-    margins += [(w[best] - (w[o1] if w[o1] > w[o2] else w[o2]), name) for name, w in scored.cues]
-    top = heapq.nlargest(12, [m for m in margins if m[0] > 0])
-    words: list[str] = []
-    for _, name in top:
-        text = _describe(name)
-        if text and text not in words:
-            words.append(text)
-        if len(words) == 3:
-            break
-    words.extend(notes)
-    return " + ".join(words) if words else "no strong cue (default)"
-
-
-def _describe(name: str) -> str | None:
-    if name.startswith("cue:"):
-        return _CUE_REASONS.get(name)
-    if name.startswith(("c:", "p:")):
-        # Character n-grams and stems are real evidence but unreadable as a reason.
-        return None
-    words = [w for w in name.removeprefix("^").split() if w != "<s>"]
-    if not words or all(w in REASON_STOPWORDS or not w.isalnum() for w in words):
-        return None
-    return "'" + " ".join("N" if w == "<num>" else w for w in words) + "'"

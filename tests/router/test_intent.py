@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from cli.classify import register
-from router.intent import IntentResult, classify_request, classify_text
+from router.intent import IntentResult, classify_request, classify_text, explain_request
+from router.intent.explain import PHRASES
 from router.intent.features import HEAD_CHARS, TAIL_CHARS, extract, window
 from router.intent.model import Model, default_model
 from router.intent.train import Example, TrainConfig, fit
@@ -247,3 +248,53 @@ def test_cli_jsonl_reports_bad_lines(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 1
     assert rows[0]["label"] == "general"
     assert "error" in rows[1] and "error" in rows[2]
+
+
+# A made-up token that no lexicon, cue name or reason phrase contains.
+SENTINEL = "Qzxvkwsentinel"
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [_user(f"Traceback (most recent call last):\n  File \"{SENTINEL}.py\", line 3\nKeyError: '{SENTINEL}'")],
+        [_user(f"def {SENTINEL}_total(xs):\n    return sum(xs)\n\nwhy does {SENTINEL}_total fail on None?")],
+        [_user(f"All {SENTINEL}s are razzies and no razzies are blue. Can a {SENTINEL} be blue?")],
+        [_user(f"{SENTINEL} bought 3 apples at $2 each and 4 pears at $3 each. How much did {SENTINEL} spend?")],
+        [_user(f"Write a birthday poem for my friend {SENTINEL}.")],
+        [_user(SENTINEL)],
+        [_user(f"{SENTINEL} {SENTINEL} {SENTINEL.lower()} {SENTINEL.upper()}")],
+        [
+            {"role": "system", "content": f"You are {SENTINEL}, a coding assistant."},
+            _user(f"Fix the {SENTINEL} class"),
+            {"role": "assistant", "content": f"class {SENTINEL}:\n    pass"},
+            _user("and tests?"),
+        ],
+    ],
+)
+def test_reason_never_quotes_the_prompt(messages: list[dict[str, Any]]) -> None:
+    for has_tools in (False, True):
+        result = classify_request(messages, has_tools=has_tools, response_format={"type": "json_object"})
+        assert SENTINEL.lower() not in result.reason.lower()
+        # Stronger: the reason is the class plus phrases from a closed set, so no part
+        # of any prompt (word, identifier or character n-gram) can reach the header.
+        label, _, rest = result.reason.partition(": ")
+        assert label == result.intent
+        assert set(rest.split(" + ")) <= PHRASES, result.reason
+
+
+def test_explain_lists_features_but_keeps_the_reason_header_safe(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _cli(["classify", "--explain", f"KeyError: '{SENTINEL}' in {SENTINEL}.py, what's wrong?"], capsys)
+    assert code == 0
+    reason_line = next(line for line in out.splitlines() if line.startswith("reason:"))
+    assert SENTINEL.lower() not in reason_line.lower()
+    # The deciding features may quote the prompt: the user typed it into this terminal.
+    assert "deciding features" in out and "stack-trace cue" in out
+
+
+def test_explain_request_matches_classify_request() -> None:
+    messages = [_user("Prove that the sum of two even numbers is even.")]
+    result, features = explain_request(messages)
+    assert result == classify_request(messages)
+    assert features and all(f.margin > 0 for f in features)
+    assert [f.margin for f in features] == sorted((f.margin for f in features), reverse=True)
