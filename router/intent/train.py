@@ -1,10 +1,9 @@
-"""Rebuild the shipped weights: `python -m router.intent.train`.
+"""Rebuild the shipped weights: `python -m router.intent.train [--extra FILE ...]`.
 
 Pure Python (no numpy/sklearn): AdaGrad on the softmax cross-entropy with L2, a few
-epochs over about two thousand prompts, done in well under a minute on one core.
-Trains on `data/intent/dev.jsonl` (a copy of the shared dev set) and
-`data/intent/train.jsonl` (prompts written for this project). `holdout.jsonl` is
-never read here.
+epochs over a few thousand prompts, well under a minute on one core. Trains on every
+labelled file in `data/intent/` except `holdout.jsonl` (which is never read here),
+plus the files given with `--extra` (the public-source rows, see docs/intent.md).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from router.intent.model import LABELS, WEIGHTS_FILE, Intent, Model, Vector, sof
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_DIR = REPO_ROOT / "data" / "intent"
-TRAIN_FILES = (DATA_DIR / "dev.jsonl", DATA_DIR / "train.jsonl")
+HOLDOUT_FILE = DATA_DIR / "holdout.jsonl"
 OUT_PATH = Path(__file__).resolve().parent / WEIGHTS_FILE
 
 
@@ -75,8 +74,12 @@ def _vectorise(feats: Features, vocab: set[str] | None) -> list[tuple[str, float
 
 def fit(examples: Sequence[Example], config: TrainConfig | None = None) -> Model:
     """Train a model on `examples`."""
+    return fit_features([(extract(ex.prompt), LABELS.index(ex.label)) for ex in examples], config)
+
+
+def fit_features(featurised: Sequence[tuple[Features, int]], config: TrainConfig | None = None) -> Model:
+    """Train a model on already extracted features and label indices."""
     cfg = config or TrainConfig()
-    featurised = [(extract(ex.prompt), LABELS.index(ex.label)) for ex in examples]
     counts: Counter[str] = Counter()
     for feats, _ in featurised:
         counts.update(feats.lexical)
@@ -120,10 +123,15 @@ def fit(examples: Sequence[Example], config: TrainConfig | None = None) -> Model
     return Model(bias=(bias[0], bias[1], bias[2]), weights=kept)
 
 
-def load_training_data(paths: Iterable[Path] = TRAIN_FILES) -> list[Example]:
+def training_files(extra: Iterable[Path] = ()) -> list[Path]:
+    """Every labelled file in data/intent except the holdout, sorted, then `extra`."""
+    return sorted(p for p in DATA_DIR.glob("*.jsonl") if p != HOLDOUT_FILE) + list(extra)
+
+
+def load_training_data(paths: Iterable[Path] | None = None) -> list[Example]:
     """All training examples, in file order."""
     rows: list[Example] = []
-    for path in paths:
+    for path in training_files() if paths is None else paths:
         rows.extend(load_jsonl(path))
     return rows
 
@@ -131,10 +139,10 @@ def load_training_data(paths: Iterable[Path] = TRAIN_FILES) -> list[Example]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Train on the repo's data and write the package's weights file."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, nargs="*", default=list(TRAIN_FILES))
+    parser.add_argument("--extra", type=Path, nargs="*", default=[], help="more labelled JSONL files")
     parser.add_argument("--out", type=Path, default=OUT_PATH)
     args = parser.parse_args(argv)
-    rows = load_training_data(args.data)
+    rows = load_training_data(training_files(args.extra))
     model = fit(rows)
     args.out.write_text(model.to_json() + "\n", encoding="utf-8")
     by_label = Counter(r.label for r in rows)
