@@ -16,9 +16,10 @@ from router.intent.model import LABELS, Intent, Model, Scored, default_model, so
 CONTEXT_WEIGHT = 0.25
 SYSTEM_WEIGHT = 0.2
 SHORT_TURN_CHARS = 100
-# Context windows: how much of the earlier conversation is read at most.
-CONTEXT_CHARS = 2000
-SYSTEM_CHARS = 1500
+# Context windows: how much of the earlier conversation is read at most. Each is one
+# more feature extraction, so they also bound a long conversation's cost.
+CONTEXT_CHARS = 600
+SYSTEM_CHARS = 600
 # Tool definitions mostly come from agents (coding agents above all), but a weather or
 # search tool is common too, so tools only tip a close call towards code.
 TOOLS_CODE_BIAS = 0.3

@@ -101,15 +101,21 @@ def evidence(scored: Scored, best: int) -> list[Evidence]:
 
 def reason(scored: Scored, best: int, notes: Sequence[str] = ()) -> str:
     """`"<intent>: <group> + <group>"`, naming at most three feature groups, then notes."""
-    # Runs on every request: margins are taken against the runner-up label alone,
-    # and summed per group without building Evidence objects.
+    # Runs on every request, so it stays cheap: margins against the runner-up label
+    # only, and lexical features grouped by their prefix alone (the word lists they
+    # might belong to already have cues of their own).
     logits = scored.logits
     runner = max((i for i in range(len(LABELS)) if i != best), key=lambda i: logits[i])
-    totals: dict[str, float] = {}
-    scale = scored.scale
+    pieces = opening = wording = 0.0
     for name, w in scored.lexical:
-        group = group_of(name)
-        totals[group] = totals.get(group, 0.0) + (w[best] - w[runner]) * scale
+        if name[1:2] == ":":
+            pieces += w[best] - w[runner]
+        elif name[0] == "^":
+            opening += w[best] - w[runner]
+        else:
+            wording += w[best] - w[runner]
+    k = scored.scale
+    totals = {"word pieces": pieces * k, "opening words": opening * k, "wording": wording * k}
     for name, w in scored.cues:
         group = group_of(name)
         totals[group] = totals.get(group, 0.0) + w[best] - w[runner]

@@ -21,6 +21,8 @@ TOKEN_HEAD_CHARS = 700
 TOKEN_TAIL_CHARS = 200
 MAX_TOKENS = 160
 MAX_CHARGRAM_WORDS = 25
+# Past this many characters a prompt usually pastes material (an article, a log).
+LONG_CHARS = 600
 
 # Tokens: identifiers/words (any script), numbers, single CJK/kana/hangul characters
 # (those scripts put no spaces between words) and the operators that mark code or math.
@@ -40,6 +42,14 @@ _SYMBOL_TECH_RE = re.compile(r"(?<![\w.])(?:c\+\+|c#|f#|\.net|node\.js|vue\.js|n
 _QUANTIFIED_RE = re.compile(
     r"\b(?:all|no|some|every|none of the|todos los|tous les|alle|nessun|все|некоторые)\s+"
     r"\w+(?:\s\w+)?\s+(?:are|is|can|have|like|son|sont|sind|sono|—)\b"
+)
+# Premises of a deduction start a sentence or line with a quantifier or a condition
+# ("All monitors ...", "If it rains, ...", "Either the butler or ..."): several of
+# them make a logic puzzle even when no quantified statement is as tidy as the above.
+_PREMISE_RE = re.compile(
+    r"(?:^|[.;:!?]\s+|\n\s*(?:[-*\d.)]+\s*)?)(?:all|no|some|every|each|any|none|if|either|neither|nobody|"
+    r"no one|everyone|everybody|anyone|only|whenever|unless)\b",
+    re.MULTILINE,
 )
 # Multiple-choice options "A) .. B) .." (MMLU, AQuA style exams).
 _CHOICE_RE = re.compile(r"([A-E])[).]\s")
@@ -141,8 +151,12 @@ CUES: tuple[Cue, ...] = (
 
 def _fires(cue: Cue, text: str, lowered: str) -> bool:
     haystack = text if cue.case_sensitive else lowered
-    if cue.needles and not any(n in haystack for n in cue.needles):
-        return False
+    if cue.needles:
+        for needle in cue.needles:
+            if needle in haystack:
+                break
+        else:
+            return False
     if cue.pattern is None:
         return True
     return cue.pattern.search(lowered if cue.on_lowered else text) is not None
@@ -150,6 +164,7 @@ def _fires(cue: Cue, text: str, lowered: str) -> bool:
 
 # How many numbers a text holds, in bins: word problems carry several.
 _NUM_BINS = ((0, "nums_0"), (1, "nums_1"), (3, "nums_2_3"), (8, "nums_4_8"))
+_DENSITY_BINS = ((0.03, "numdens_low"), (0.08, "numdens_mid"))
 _LEN_BINS = ((20, "len_xs"), (60, "len_s"), (200, "len_m"), (1000, "len_l"))
 
 
@@ -216,10 +231,24 @@ def extract(text: str) -> Features:
     # Logic puzzles state their premises up front; the head is enough.
     if len(_QUANTIFIED_RE.findall(lowered, 0, 800)) >= 2:
         cues.append("quantified")
+    n_premises = len(_PREMISE_RE.findall(lowered, 0, 1000))
+    if n_premises >= 2:
+        cues.append("premises_2plus")
+        if n_premises >= 4:
+            cues.append("premises_4plus")
     if len(set(_CHOICE_RE.findall(text))) >= 3:
         cues.append("choices")
     n_nums = toks.count("<num>")
     cues.append(next((n for lim, n in _NUM_BINS if n_nums <= lim), "nums_many"))
+    # A word problem is dense with numbers; an article or a review that happens to
+    # hold many is not.
+    if n_nums:
+        density = n_nums / len(toks)
+        cues.append(next((n for lim, n in _DENSITY_BINS if density <= lim), "numdens_high"))
+    if len(text) > LONG_CHARS:
+        # In a long prompt a question mark or a math word may sit in a pasted article or
+        # review; the model learns separate weights for cues seen in long prompts.
+        cues.extend([c + "@long" for c in cues])
     cues.append(next((n for lim, n in _LEN_BINS if len(text) <= lim), "len_xl"))
     return Features(lexical=tuple(lexical), cues=tuple(cues))
 

@@ -76,16 +76,16 @@ CODE_PHRASES = (
 MATH_TERMS = words(
     """
     calculate compute solve solving equation equations inequality integral integrals
-    derivative derivatives differentiate integrate probability probabilities expected
-    expectation variance deviation median mean average percent percentage ratio ratios
+    derivative derivatives differentiate integrate probability probabilities
+    expectation variance deviation median percent percentage ratio ratios
     proportion proportional prove proof theorem lemma deduce deduction infer syllogism
     premise premises conclusion logically knights knaves puzzle riddle remainder
     divisible divisor prime primes factorial permutations permutation combinations
-    combinatorics dice coin coins marbles odds estimate fermi total sum product quotient
-    fraction fractions decimal polynomial quadratic linear matrix determinant eigenvalue
-    vector vectors limit converge convergence series sequence geometric arithmetic
-    triangle circle radius diameter area perimeter volume angle angles hypotenuse speed
-    velocity distance interest compound annual growth margin margins revenue cagr roi
+    combinatorics dice coin coins marbles estimate fermi quotient
+    fraction fractions decimal polynomial quadratic matrix determinant eigenvalue
+    converge convergence geometric arithmetic
+    triangle circle radius diameter perimeter angle angles hypotenuse
+    velocity cagr roi
     npv irr calcula calcular calcule calculer resuelve resolver résoudre resous
     demuestra demostrar démontrer démontre probabilidad probabilité wahrscheinlichkeit
     berechne berechnen beweise beweisen gleichung ecuación équation equazione calcolare
@@ -99,6 +99,10 @@ MATH_PHRASES = (
     "计算", "求解", "证明", "概率", "方程", "多少", "几个", "計算", "証明", "確率", "方程式", "いくつ", "何個",
     "계산", "증명", "확률", "방정식", "몇 개",
     "how many", "how much", "wie viele", "wie viel", "what is the probability",
+    # Deduction without numbers: how a logic question is usually asked.
+    "true or false", "true, false", "follow from", "follows from", "conclude that", "logically follow",
+    "must be true", "cannot be true", "who is lying", "telling the truth", "always lie", "always tell the truth",
+    "how many ways",
 )  # fmt: skip
 
 # Words too common to explain a decision; skipped when writing a reason.
