@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from router.intent.lexicon import CODE_WORDS, MATH_TERMS, TECH_NAMES
 from router.intent.model import LABELS, Scored
 
 CUE_GROUPS = {
@@ -52,7 +51,9 @@ CUE_GROUPS = {
 }
 # Cues that describe every prompt (its length, how many numbers) explain nothing alone.
 _SHAPE_GROUPS = {"len": "prompt length", "nums": "number count", "numdens": "number density"}
-LEXICAL_GROUPS = ("tech names", "code vocabulary", "math/logic vocabulary", "opening words", "wording", "word pieces")
+# Lexical features are grouped by kind only; the word lists they may belong to have
+# cues of their own (tech names, code vocabulary, math/logic vocabulary).
+LEXICAL_GROUPS = ("opening words", "wording", "word pieces")
 NOTES = ("conversation context", "tools", "json output", "no user text")
 FALLBACK = "no strong cue (default)"
 # Every phrase `reason` may contain; a test holds the reason to this closed set.
@@ -77,17 +78,10 @@ def group_of(feature: str) -> str:
         if name in CUE_GROUPS:
             return CUE_GROUPS[name]
         return _SHAPE_GROUPS.get(name.split("_", 1)[0], "wording")
-    if feature.startswith(("c:", "p:")):
+    if feature[1:2] == ":":
         return "word pieces"
     if feature.startswith("^"):
         return "opening words"
-    words = feature.split()
-    if any(w in TECH_NAMES for w in words):
-        return "tech names"
-    if any(w in CODE_WORDS for w in words):
-        return "code vocabulary"
-    if any(w in MATH_TERMS for w in words):
-        return "math/logic vocabulary"
     return "wording"
 
 
@@ -102,20 +96,13 @@ def evidence(scored: Scored, best: int) -> list[Evidence]:
 def reason(scored: Scored, best: int, notes: Sequence[str] = ()) -> str:
     """`"<intent>: <group> + <group>"`, naming at most three feature groups, then notes."""
     # Runs on every request, so it stays cheap: margins against the runner-up label
-    # only, and lexical features grouped by their prefix alone (the word lists they
-    # might belong to already have cues of their own).
+    # only, and no Evidence objects.
     logits = scored.logits
     runner = max((i for i in range(len(LABELS)) if i != best), key=lambda i: logits[i])
-    pieces = opening = wording = 0.0
+    totals: dict[str, float] = {"word pieces": 0.0, "opening words": 0.0, "wording": 0.0}
     for name, w in scored.lexical:
-        if name[1:2] == ":":
-            pieces += w[best] - w[runner]
-        elif name[0] == "^":
-            opening += w[best] - w[runner]
-        else:
-            wording += w[best] - w[runner]
-    k = scored.scale
-    totals = {"word pieces": pieces * k, "opening words": opening * k, "wording": wording * k}
+        group = "word pieces" if name[1:2] == ":" else "opening words" if name[0] == "^" else "wording"
+        totals[group] += (w[best] - w[runner]) * scored.scale
     for name, w in scored.cues:
         group = group_of(name)
         totals[group] = totals.get(group, 0.0) + w[best] - w[runner]
