@@ -1,6 +1,6 @@
 """Shared deployment health in Redis: circuit breakers, cooling, latency EWMA, upstream key state.
 
-Every worker reads and writes the same hashes (names in workers/protocol.py), so a breaker
+Every worker reads and writes the same hashes (names in router/keyspace.py), so a breaker
 opened by one worker keeps all of them off that route. The hot path costs one pipelined read
 per request (all candidates and their keys) and one pipelined write after the answer.
 """
@@ -16,14 +16,14 @@ from typing import Any, Protocol
 from redis.asyncio import Redis
 
 from router.catalog import Deployment
-from router.providers.limits import QuotaReading
-from workers.protocol import (
+from router.keyspace import (
     MODEL_PARK_PREFIX,
     DeploymentHealth,
     deployment_health_key,
     deployment_probe_key,
     upstream_key_state_key,
 )
+from router.providers.limits import QuotaReading
 
 # Health hashes outlive any cooldown by far; the TTL only collects deployments that were removed.
 _HEALTH_TTL_MS = 7 * 24 * 3600 * 1000

@@ -28,11 +28,7 @@ from redis.exceptions import RedisError
 from router.catalog import ProviderRuntime, RuntimeCatalog
 from router.discovery import Learned, ListedModel, learn, parse_listing
 from router.health import HealthStore, key_fingerprint, now_ms
-from router.providers.sanitize import sanitize
-from router.providers.sse import TooLarge, read_capped
-from settings.catalog import CatalogFile
-from settings.logfields import STORE_DOWN
-from workers.protocol import (
+from router.keyspace import (
     LEARNED_CATALOG_KEY,
     LIVE_DEPLOYMENTS_KEY,
     PROVIDER_STATUS_KEY,
@@ -41,6 +37,10 @@ from workers.protocol import (
     ProviderStatus,
     catalog_refresh_lock_key,
 )
+from router.providers.sanitize import sanitize
+from router.providers.sse import TooLarge, read_capped
+from settings.catalog import CatalogFile
+from settings.logfields import STORE_DOWN
 
 log = logging.getLogger("freeference.catalog")
 

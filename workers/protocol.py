@@ -12,11 +12,34 @@ OpenAI ``chat.completion.chunk`` JSON itself, written to the SSE stream byte for
 import math
 import time
 import uuid
-from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+# The routing layer's shared state is named by the router itself (workers → router: the layers'
+# own direction); what the API reads of it is re-exported here, the one module the API imports.
+from router.keyspace import (
+    LEARNED_CATALOG_KEY,
+    LIVE_DEPLOYMENTS_KEY,
+    MODEL_PARK_PREFIX,
+    PROVIDER_STATUS_KEY,
+    DeploymentHealth,
+    KeyCheck,
+    LiveDeployment,
+    ProviderStatus,
+    catalog_refresh_lock_key,
+    deployment_health_key,
+    deployment_probe_key,
+    key_quota_view,
+    upstream_key_state_key,
+)
+
+__all__ = [
+    "LEARNED_CATALOG_KEY", "LIVE_DEPLOYMENTS_KEY", "MODEL_PARK_PREFIX", "PROVIDER_STATUS_KEY", "DeploymentHealth",
+    "KeyCheck", "LiveDeployment", "ProviderStatus", "catalog_refresh_lock_key", "deployment_health_key",
+    "deployment_probe_key", "key_quota_view", "upstream_key_state_key",
+]
 
 PROTOCOL_VERSION = 1
 
@@ -24,7 +47,8 @@ EventType = Literal["accepted", "start", "chunk", "done", "error"]
 EVENT_TYPES: frozenset[str] = frozenset({"accepted", "start", "chunk", "done", "error"})
 Tier = Literal["free", "pro"]
 
-# --- Redis names. Every key and channel the gateway uses is built here.
+# --- Redis names. Every key and channel the gateway uses is built here, except those of the
+# routing layer's shared state (router/keyspace.py, re-exported above).
 KEY_PREFIX = "ff:"
 # Workers subscribe to this channel for id-less wake-ups (and the job ids an API of an earlier
 # release publishes on every enqueue); current APIs hand jobs over through ready_list_key.
@@ -140,65 +164,6 @@ def key_streams_key(key_id: str) -> str:
 REQUEST_ID: ContextVar[str | None] = ContextVar("freeference_request_id", default=None)
 
 
-# --- Routing health, shared by every worker and read by the API (/v1/models, /v1/models/random).
-# A deployment is "provider/model"; its health is one hash so a worker reads the health of all
-# its candidates in one pipelined round trip.
-def deployment_health_key(deployment: str) -> str:
-    """Hash of the DeploymentHealth fields of one deployment."""
-    return f"ff:health:{deployment}"
-
-
-def deployment_probe_key(deployment: str) -> str:
-    """Claimed (SET NX PX) by the one worker allowed to probe a half-open breaker."""
-    return f"ff:probe:{deployment}"
-
-
-def upstream_key_state_key(provider: str, key_fingerprint: str) -> str:
-    """Quota / ban state of one upstream provider key, named by a fingerprint, never the key."""
-    return f"ff:keyq:{provider}:{key_fingerprint}"
-
-
-# Fields of a key-state hash named "m:<upstream model>": that key's quota for that model is out
-# until then (providers whose limits apply per model); the other fields are the key's own.
-MODEL_PARK_PREFIX = "m:"
-
-
-def key_quota_view(raw: Mapping[bytes, bytes], now_ms: int) -> dict[str, Any] | None:
-    """A key-state hash as people read it: headroom and what sits out until when (future times only)."""
-    fields = {k.decode(): v.decode() for k, v in raw.items()}
-
-    def number(name: str) -> int | None:
-        try:
-            return int(float(fields[name])) if fields.get(name) else None
-        except ValueError:
-            return None
-
-    view: dict[str, Any] = {}
-    for name in ("remaining_requests", "limit_requests"):
-        if (value := number(name)) is not None:
-            view[name] = value
-    for name, shown in (("exhausted_until_ms", "parked_until_ms"), ("banned_until_ms", "banned_until_ms")):
-        if (value := number(name)) is not None and value > now_ms:
-            view[shown] = value
-    models = {name[len(MODEL_PARK_PREFIX):]: value for name in fields if name.startswith(MODEL_PARK_PREFIX)
-              and (value := number(name)) is not None and value > now_ms}
-    if models:
-        view["models_parked_until_ms"] = models
-    return view or None
-
-
-def catalog_refresh_lock_key(provider: str) -> str:
-    """Short lock: one worker re-reads a provider's /models per period."""
-    return f"ff:catalog:refresh:{provider}"
-
-
-# Hash deployment → LiveDeployment JSON, refreshed by every worker: what is routable somewhere.
-LIVE_DEPLOYMENTS_KEY = "ff:deployments"
-# Hash provider → what its model listing taught ({"context": {model: window}, "added": [model]}),
-# written by the worker that refreshed it, applied by every worker (router/refresh.py).
-LEARNED_CATALOG_KEY = "ff:catalog:learned"
-# Hash provider → ProviderStatus JSON: its last check, per key (GET /admin/providers).
-PROVIDER_STATUS_KEY = "ff:providers:status"
 
 
 # --- Job payload
@@ -288,72 +253,6 @@ class ErrorEvent(_Model):
     retry_after_s: float | None = None
     attempts: int = 0
     failures: list[AttemptFailure] = Field(default_factory=list)  # optional, for /metrics
-
-
-class LiveDeployment(_Model):
-    """One deployment a worker can route to (it published this at most a few seconds ago)."""
-
-    model: str
-    provider: str
-    seen_ms: int
-
-
-class KeyCheck(_Model):
-    """What one upstream key's model listing answered (the key named by its fingerprint only)."""
-
-    fingerprint: str
-    reachable: bool  # the provider answered at all
-    valid: bool | None  # False: 401/403; None: the answer says nothing about the key
-    status: int | None = None
-    detail: str = ""  # why it failed, sanitized
-    listed: int | None = None
-
-
-class ProviderStatus(_Model):
-    """The last check of one provider: its keys, and its listing against the catalog."""
-
-    provider: str
-    enabled: bool = True
-    reason: str = ""  # why it is disabled
-    checked_ms: int = 0
-    keys: list[KeyCheck] = []
-    listed: int | None = None  # models the listing has (None: no listing read)
-    configured: int = 0  # models the catalog has for it
-    new: list[str] = []  # listed, not in the catalog (added when the provider discovers)
-    added: list[str] = []  # of those, routed now
-    vanished: list[str] = []  # in the catalog, no longer listed (out of rotation)
-    context_changed: dict[str, list[int]] = {}  # model → [catalog window, listed window]
-
-
-class DeploymentHealth(BaseModel):
-    """The health hash of one deployment; times are unix milliseconds, 0 = unset."""
-
-    fails: int = 0  # consecutive failures
-    open_until_ms: int = 0  # breaker open until; > 0 and past = half-open (one probe allowed)
-    cooldown_ms: int = 0  # the breaker's current cooldown, doubled on each failed probe
-    cooling_until_ms: int = 0  # from an upstream 429 Retry-After
-    ewma_ms: float = -1.0  # latency to the first token; -1 = never measured
-    gone: bool = False  # the provider's /models no longer lists it
-
-    @classmethod
-    def from_hash(cls, raw: Mapping[bytes, bytes]) -> "DeploymentHealth":
-        """Parse HGETALL output (missing fields keep their defaults)."""
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
-        return cls.model_validate({k: v for k, v in fields.items() if k in cls.model_fields})
-
-    def state(self, now_ms: int) -> Literal["gone", "open", "cooling", "half_open", "closed"]:
-        """Where the breaker stands at `now_ms`."""
-        if self.gone:
-            return "gone"
-        if self.open_until_ms > now_ms:
-            return "open"
-        if self.cooling_until_ms > now_ms:
-            return "cooling"
-        return "half_open" if self.open_until_ms else "closed"
-
-    def blocked_for_ms(self, now_ms: int) -> int:
-        """How long until this deployment may be tried again (0 = now)."""
-        return max(self.open_until_ms - now_ms, self.cooling_until_ms - now_ms, 0)
 
 
 def encode_event(job_id: str, event_type: EventType, payload: bytes) -> bytes:
