@@ -78,6 +78,10 @@ class Metrics:
         self.job_errors = Counter("freeference_job_errors",
                                   "Jobs that ended in an error event (streams: in-band), by status and code.",
                                   ["status", "code"], registry=r)
+        self.hedges = Counter("freeference_hedges",
+                              "Hedged first tokens, by the slow deployment's provider and outcome (won: the hedge's "
+                              "token came first; lost: the slow one's; failed: the hedge failed).",
+                              ["provider", "outcome"], registry=r)
         self.usage_estimated = Counter("freeference_usage_estimated",
                                        "Answers whose provider sent no usage: the gateway estimated the tokens.",
                                        ["provider"], registry=r)
@@ -149,6 +153,8 @@ def note_event(event_type: str, payload: bytes) -> None:
 def _account(m: "Metrics", event_type: str, event: dict[str, Any]) -> None:
     for failure in event.get("failures") or ():
         m.attempt(failure["provider"], failure["reason"]).inc()
+    for hedge in event.get("hedges") or ():
+        m.child(m.hedges, hedge["provider"], hedge["outcome"]).inc()
     if event_type == "error":
         m.job_errors.labels(str(event.get("status")), (event.get("error") or {}).get("code") or "").inc()
         return

@@ -43,6 +43,9 @@ def _route_headers(request_id: str, route: RouteInfo | None) -> dict[str, str]:
         if route.intent_reason:
             # Header values must be latin-1; the reason is short ASCII from the classifier.
             headers["x-freeference-intent-reason"] = route.intent_reason.encode("ascii", "replace").decode()[:200]
+        if route.skipped:
+            # What was passed over and why (router/why.py): deployment names and reason words only.
+            headers["x-freeference-route"] = route.skipped.encode("ascii", "replace").decode()[:512]
     return headers
 
 

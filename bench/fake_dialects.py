@@ -169,7 +169,8 @@ def quota_headers(dialect: Dialect, quota: dict[str, Any]) -> dict[str, str]:
 
 
 def listing(dialect: Dialect, models: list[Any]) -> Any:
-    """GET /models in the provider's shape; a model is an id or {"id", "context", "free", "tools", "vision"}."""
+    """GET /models in the provider's shape; a model is an id or {"id", "context", "free", "tools", "json",
+    "structured", "vision"} (JSON mode is listed unless "json" is false)."""
     entries = [m if isinstance(m, dict) else {"id": m} for m in models]
     if dialect.listing == "openrouter":  # openrouter.ai/docs/models
         return {"data": [{"id": m["id"], "name": m["id"], "created": 0, "context_length": m.get("context", 32768),
@@ -177,7 +178,9 @@ def listing(dialect: Dialect, models: list[Any]) -> Any:
                                            "output_modalities": ["text"]},
                           "pricing": {"prompt": "0" if m.get("free", True) else "0.000001",
                                       "completion": "0" if m.get("free", True) else "0.000002"},
-                          "supported_parameters": ["max_tokens", "temperature", *(["tools"] if m.get("tools") else [])]}
+                          "supported_parameters": ["max_tokens", "temperature", *(["tools"] if m.get("tools") else []),
+                                                   *(["response_format"] if m.get("json", True) else []),
+                                                   *(["structured_outputs"] if m.get("structured") else [])]}
                          for m in entries]}
     if dialect.listing == "groq":
         return {"object": "list", "data": [{"id": m["id"], "object": "model", "owned_by": "fake", "active": True,

@@ -7,7 +7,7 @@ labelled "simulated" provider). Behaviour per upstream model name is scripted ov
     POST /_control/default  {"model": M, "fault": spec | null}     every request after the script
     POST /_control/models   {"models": [..] | null}                what GET /v1/models lists (null: 404); an
                                                                    entry is an id or {"id", "context", "free",
-                                                                   "tools", "vision"}
+                                                                   "tools", "json", "structured", "vision"}
     POST /_control/bad_keys {"keys": [..]}                        Authorization values answered with 401
     POST /_control/reset                                           forget scripts and the log
     GET  /_control/requests                                        every request seen, in order
@@ -18,7 +18,9 @@ first_token_delay_s, cut_after (chunks, then drop), stall_after (chunks, then si
 malformed_after (a garbage line after N chunks), deep_chunk_after (a chunk nested 300 levels
 deep after N chunks), no_done (finish without [DONE]),
 hold_open (finish without [DONE] and keep the connection open),
-context_length, content_policy, token_interval_s, ratelimit_headers (dict),
+context_length (true: a 400 stating an 8192-token window; a number: that window),
+context_requested (the tokens it says the request had), content_policy, token_interval_s,
+ratelimit_headers (dict),
 quota ({"remaining", "limit", "reset_s"}: rate-limit headers in the dialect's names and units),
 refuse (field names answered with the dialect's 4xx), huge_body (bytes: a body that size, with
 `status`, default 500, and `content_type`, default application/json; "text/event-stream" sends
@@ -212,7 +214,10 @@ class FakeUpstream:
         headers: dict[str, str] = {}
         if fault.get("context_length"):
             status, code = 400, "context_length_exceeded"
-            message = "This model's maximum context length is 8192 tokens. Please reduce the length."
+            stated = fault["context_length"] if type(fault["context_length"]) is int else 8192
+            message = f"This model's maximum context length is {stated} tokens. Please reduce the length."
+            if fault.get("context_requested"):
+                message += f" However, you requested {int(fault['context_requested'])} tokens."
         elif fault.get("content_policy"):
             status, code = 400, "content_policy_violation"
             message = "Your request was rejected as a result of our safety system."

@@ -14,6 +14,13 @@ from router.providers.openai_compat import OpenAICompatProvider
 
 OnStart = Callable[[Deployment, int], Awaitable[None]]
 OnChunk = Callable[[dict[str, Any]], Awaitable[None]]
+# Asked once, right before an attempt would hand its first token on: True lets it (it won the
+# request's first token), False means another attempt of the same request already did.
+Gate = Callable[[], bool]
+
+
+class HedgeLost(Exception):
+    """Another attempt of the same request produced its first token first; this one stops unseen."""
 
 
 @dataclass
@@ -33,6 +40,11 @@ class RunState:
     # Candidates passed over before any call: they cannot serve this request (their profile or
     # what they answered earlier says so). Not attempts: nothing reached their provider.
     skipped: list[AttemptLog] = field(default_factory=list)
+    # Why each candidate before the one that answers did not (deployment, short reason), in order:
+    # the route header and the debug log (never any request text).
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    # Hedges this request started: (the slow deployment, its provider, "won" | "lost" | "failed").
+    hedges: list[tuple[str, str, str]] = field(default_factory=list)
     chunks_sent: int = 0
     usage: dict[str, Any] | None = None
     # What the caller already holds of choice 0, so another model can continue it (prefill).
@@ -73,11 +85,14 @@ def continuation_body(body: dict[str, Any], deployment: Deployment, state: RunSt
 
 async def stream_attempt(provider: OpenAICompatProvider, deployment: Deployment, body: dict[str, Any],
                          api_key: str | None, budget_s: float, state: RunState, on_start: OnStart,
-                         on_chunk: OnChunk, forward_usage_chunk: bool) -> AttemptResult:
+                         on_chunk: OnChunk, forward_usage_chunk: bool, gate: Gate | None = None) -> AttemptResult:
     """Stream one attempt to on_chunk. Raises the typed failure; returns once the answer is whole.
 
     Whole means a finish_reason was seen: [DONE], a closed connection or even a stall after it
     ends the attempt as a success (the usage chunk that follows the finish ends it at once).
+    With a `gate` (a hedged request runs two attempts), nothing of this attempt reaches `state`
+    or the caller before the gate lets its first token through; HedgeLost when it does not.
+    first_chunk_ms is the time to that first token (role-only openers do not count).
     """
     continuing = state.chunks_sent > 0
     # `body` is already this provider's (router/providers/profile.py); a prefill message carries
@@ -107,8 +122,6 @@ async def stream_attempt(provider: OpenAICompatProvider, deployment: Deployment,
             if item.chunk is None:
                 continue  # a malformed line is skipped, the stream goes on
             chunk = item.chunk
-            if result.first_chunk_ms is None:
-                result.first_chunk_ms = (loop.time() - started) * 1000
             choices = [c for c in chunk.get("choices") or [] if isinstance(c, dict)]
             # Whole only when every choice seen has finished ("error" is OpenRouter's in-band
             # failure, not an ending).
@@ -116,12 +129,16 @@ async def stream_attempt(provider: OpenAICompatProvider, deployment: Deployment,
             finished_choices.update(c.get("index", 0) for c in choices
                                     if c.get("finish_reason") and c.get("finish_reason") != "error")
             finished = bool(seen_choices) and seen_choices <= finished_choices
-            if chunk.get("usage"):
-                state.usage = chunk["usage"]
             if _role_only(choices) and (continuing or state.chunks_sent == 0):
                 if not continuing:
                     held.append((chunk, choices))
                 continue
+            if result.first_chunk_ms is None:
+                result.first_chunk_ms = (loop.time() - started) * 1000
+                if gate is not None and not gate():
+                    raise HedgeLost(deployment.key)
+            if chunk.get("usage"):
+                state.usage = chunk["usage"]
             if choices or forward_usage_chunk:
                 for held_chunk, held_choices in held:
                     await _forward(deployment, held_chunk, held_choices, state, on_start, on_chunk)
@@ -137,6 +154,8 @@ async def stream_attempt(provider: OpenAICompatProvider, deployment: Deployment,
             await items.aclose()  # type: ignore[attr-defined]
     if not finished:
         raise StreamBroken("upstream stream ended before the answer was complete")
+    if result.first_chunk_ms is None and gate is not None and not gate():
+        raise HedgeLost(deployment.key)  # an answer without a single token still must win to count
     if state.chunks_sent == 0:
         await on_start(deployment, len(state.attempts) + 1)
     return result

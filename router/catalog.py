@@ -74,7 +74,8 @@ class RuntimeCatalog:
 
     def apply_learned(self, learned: Mapping[str, Mapping[str, Any]]) -> bool:
         """Rebuild the deployments from the file plus what provider listings taught (provider →
-        {"context": {model id: window}, "added": [model]}); True when they changed.
+        {"context": {model id: window}, "features": {model id: {"capabilities", "lacks"}},
+        "added": [model]}); True when they changed.
 
         The list is replaced in place: holders of `deployments` see the new one.
         """
@@ -83,9 +84,14 @@ class RuntimeCatalog:
             provider = self.providers.get(model.provider)
             if provider is None:
                 continue
-            window = (learned.get(model.provider) or {}).get("context", {}).get(model.id)
+            taught = learned.get(model.provider) or {}
+            window = taught.get("context", {}).get(model.id)
             if isinstance(window, int) and window > 0 and window != model.context_window:
                 model = model.model_copy(update={"context_window": window})
+            features = (taught.get("features") or {}).get(model.id)
+            if isinstance(features, dict):
+                model = model.model_copy(update={name: [str(f) for f in features.get(name) or []]
+                                                 for name in ("capabilities", "lacks")})
             deployments.append(Deployment(model, provider))
         known = {(d.model.id, d.provider.id) for d in deployments}
         for provider_id, taught in learned.items():

@@ -29,7 +29,13 @@ class ListedModel:
     free: bool | None = None
     tools: bool | None = None
     json: bool | None = None
+    structured: bool | None = None
     vision: bool | None = None
+
+    def features(self) -> dict[str, bool]:
+        """What the listing says about each feature (router/capabilities.py names), where it says."""
+        flags = {"tools": self.tools, "json": self.json, "structured_outputs": self.structured, "vision": self.vision}
+        return {name: flag for name, flag in flags.items() if flag is not None}
 
 
 def parse_listing(payload: bytes) -> list[ListedModel] | None:
@@ -60,6 +66,7 @@ def _model(item: Mapping[str, Any]) -> ListedModel | None:
         free=_free(item.get("pricing")),
         tools=("tools" in params) if params is not None else None,
         json=bool({"response_format", "structured_outputs"} & params) if params is not None else None,
+        structured=("structured_outputs" in params) if params is not None else None,
         vision=("image" in modalities) if isinstance(modalities, list) else None,
     )
 
@@ -97,12 +104,16 @@ class Learned:
     provider: str
     listed: set[str] = field(default_factory=set)
     context: dict[str, int] = field(default_factory=dict)  # catalog model id → the listing's window
+    # catalog model id → {"capabilities": [...], "lacks": [...]} where the listing reports features
+    # the catalog entry does not say (or says otherwise).
+    features: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     added: list[ModelConfig] = field(default_factory=list)
     gone: list[str] = field(default_factory=list)  # catalog model ids the listing no longer has
 
     def to_json(self) -> bytes:
-        """The part every worker applies (context corrections and added models)."""
-        return orjson.dumps({"context": self.context, "added": [m.model_dump(mode="json") for m in self.added]})
+        """The part every worker applies (context and feature corrections, added models)."""
+        return orjson.dumps({"context": self.context, "features": self.features,
+                             "added": [m.model_dump(mode="json") for m in self.added]})
 
 
 def learn(file: CatalogFile, provider: ProviderConfig, listing: list[ListedModel]) -> Learned:
@@ -115,8 +126,12 @@ def learn(file: CatalogFile, provider: ProviderConfig, listing: list[ListedModel
         seen = by_upstream.get(model.upstream_name)
         if seen is None:
             result.gone.append(model.id)
-        elif endpoint.update_context and seen.context_window and seen.context_window != model.context_window:
+            continue
+        if endpoint.update_context and seen.context_window and seen.context_window != model.context_window:
             result.context[model.id] = seen.context_window
+        corrected = with_features(model.capabilities, model.lacks, seen.features())
+        if corrected != (model.capabilities, model.lacks):
+            result.features[model.id] = {"capabilities": corrected[0], "lacks": corrected[1]}
     if endpoint.discover:
         known = {m.upstream_name for m in configured}
         result.added = [m for item in listing if item.id not in known
@@ -141,9 +156,13 @@ def discovered(file: CatalogFile, provider: ProviderConfig, item: ListedModel) -
     scores: dict[Intent, float] = dict(scored.scores) if scored else dict(matched.scores) if matched else {}
     if not scores:
         return None  # a guard, an embedding model, or no family: not a chat candidate
-    capabilities = ["chat", *(matched.capabilities if matched else [])]
-    capabilities += [name for name, flag in (("tools", item.tools), ("json", item.json), ("vision", item.vision))
-                     if flag]
+    capabilities, lacks = with_features(["chat", *(matched.capabilities if matched else [])], [], item.features())
     return ModelConfig(id=item.id, provider=provider.id, upstream_name=item.id, context_window=window,
-                       capabilities=list(dict.fromkeys(capabilities)), scores=scores,
-                       name=item.name or item.id)
+                       capabilities=capabilities, lacks=lacks, scores=scores, name=item.name or item.id)
+
+
+def with_features(capabilities: list[str], lacks: list[str], reported: dict[str, bool]) -> tuple[list[str], list[str]]:
+    """(capabilities, lacks) with what a listing reports taking precedence over what was written."""
+    has = [c for c in capabilities if reported.get(c, True)] + [f for f, flag in reported.items() if flag]
+    lacking = [f for f in lacks if not reported.get(f, False)] + [f for f, flag in reported.items() if not flag]
+    return list(dict.fromkeys(has)), list(dict.fromkeys(lacking))

@@ -55,7 +55,16 @@ class StreamBroken(UpstreamError):
 
 
 class ContextTooLong(UpstreamError):
+    """The request is over the deployment's context window (class a: tried on a larger one first)."""
+
     reason = "context_length"
+
+    def __init__(self, message: str, *, status: int | None = None, limit_tokens: int | None = None,
+                 requested_tokens: int | None = None) -> None:
+        super().__init__(message, status=status)
+        # The window the provider stated and the tokens it counted for this request, when it says.
+        self.limit_tokens = limit_tokens
+        self.requested_tokens = requested_tokens
 
 
 class ContentRejected(UpstreamError):
@@ -70,10 +79,14 @@ class NotServable(UpstreamError):
 
     reason = "not_servable"
 
-    def __init__(self, message: str, *, status: int | None = None, feature: str | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, feature: str | None = None,
+                 limit_tokens: int | None = None, requested_tokens: int | None = None) -> None:
         super().__init__(message, status=status)
         # What it lacks ("logprobs", "tools", "tokens"), remembered so later requests skip it.
         self.feature = feature
+        # For "tokens": the per-request cap it stated, and what it counted for this request.
+        self.limit_tokens = limit_tokens
+        self.requested_tokens = requested_tokens
 
 
 class RequestRejected(UpstreamError):

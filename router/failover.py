@@ -4,45 +4,43 @@ Before the first chunk reaches the caller a failure is invisible: retry or fail 
 the answer continues on a deployment that supports an assistant prefix (prefill), or the
 failure is reported in-band. Non-streaming requests stream upstream as well and assemble the
 answer, so a cut is retried from scratch and a truncated completion is never returned.
+
+A first token later than the deployment's own history starts the next candidate beside it
+(router/hedge.py); exactly one attempt passes the request's first-token gate, and the other is
+cancelled before anything of it reaches the caller.
 """
 
 import asyncio
-import dataclasses
+import collections
 import logging
-import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from redis.exceptions import RedisError
-
+from router import capabilities
 from router.assemble import CompletionAssembler
-from router.attempt import AttemptLog, OnChunk, OnStart, RunState, stream_attempt
+from router.attempt import AttemptLog, AttemptResult, HedgeLost, OnChunk, OnStart, RunState, stream_attempt
 from router.catalog import Deployment
-from router.errors import NotServable, RateLimited, UpstreamError
-from router.health import HealthSnapshot, HealthStore, KeyState, key_fingerprint, now_ms, quota_scope
+from router.errors import ContextTooLong, NotServable, UpstreamError
+from router.health import HealthSnapshot, HealthStore, now_ms
+from router.hedge import HedgePolicy, HedgeTuning
 from router.keys import KeyRotation, NoUsableKey
-from router.policy import POLICY, Outcome, Tuning, classify, park_s, retry_wait_s
-from router.providers import limits
+from router.learning import MODEL_GONE_COOLDOWN_S, HealthLearner
+from router.policy import POLICY, Tuning, classify, retry_wait_s
 from router.providers.openai_compat import OpenAICompatProvider
-from router.providers.profile import droppable, request_needs
-from router.select import NoneAvailable
-from settings.logfields import STORE_DOWN
+from router.providers.profile import droppable
+from router.select import NoneAvailable, window
 
-__all__ = ["AllFailed", "AttemptLog", "FailoverExecutor", "MidStreamFailure", "RunState"]
+__all__ = ["MODEL_GONE_COOLDOWN_S", "AllFailed", "AttemptLog", "FailoverExecutor", "MidStreamFailure", "RunState"]
 
 log = logging.getLogger("freeference.failover")
 
-# A model that answered 404 stays out of rotation this long (the catalog refresh may end it sooner).
-MODEL_GONE_COOLDOWN_S = 300.0
 # Retry-After for a request whose candidates were all being probed by other workers.
 _BUSY_RETRY_AFTER_S = 1.0
 # A retry wait must leave at least this much of the request's budget for the retry itself.
 _MIN_ATTEMPT_BUDGET_S = 0.5
-# A deployment that said it cannot serve a feature (tools, a field) is skipped for requests that
-# need it this long, in this worker, before it is asked again (providers add features).
-UNSUPPORTED_MEMORY_S = 3600.0
 # Features learned per request rather than per deployment: a per-request size cap says nothing
-# about the next request.
+# about the next request (its stated limit is learned as a window instead).
 _UNLEARNED = frozenset({"tokens"})
 
 
@@ -63,33 +61,74 @@ class MidStreamFailure(Exception):
 
 
 Sleep = Callable[[float], Awaitable[None]]
+Outcome_ = AttemptResult | UpstreamError | None  # None: lost a hedge (nothing learned)
+
+
+@dataclass
+class _Try:
+    """One candidate being tried: its prepared body, key, probe claim and retries so far."""
+
+    deployment: Deployment
+    body: dict[str, Any]
+    probe: bool
+    api_key: str | None = None
+    retries: int = 0
+
+
+@dataclass
+class _Request:
+    """One request's run through its candidates."""
+
+    pending: collections.deque[Deployment]
+    ranked: Sequence[Deployment]
+    body: dict[str, Any]
+    needs: frozenset[str]
+    state: RunState
+    health: HealthSnapshot
+    budget_s: Callable[[], float]
+    on_start: OnStart
+    on_chunk: OnChunk
+    forward_usage_chunk: bool
+    visible: bool
+    restart: Callable[[], None] | None
+    min_tokens: int = 0  # after a context refusal: what any later candidate's window must hold
+    last: UpstreamError | None = None
+
+
+@dataclass
+class _Race:
+    """The first-token gate of one attempt and, if it was slow, its hedge."""
+
+    primary: _Try
+    primary_task: asyncio.Task[Any] | None
+    winner: _Try | None = None
+    hedge: _Try | None = None
+    hedge_task: asyncio.Task[tuple[_Try, Outcome_] | None] | None = None
+    primary_running: bool = True
+    primary_cancelled: bool = False
+    timer: asyncio.TimerHandle | None = None
+    done: list[tuple[_Try, Outcome_]] = field(default_factory=list)
 
 
 class FailoverExecutor:
     def __init__(self, provider: OpenAICompatProvider, rotation: KeyRotation, health: HealthStore | None,
-                 tuning: Tuning, sleep: Sleep = asyncio.sleep) -> None:
+                 tuning: Tuning, sleep: Sleep = asyncio.sleep, hedging: HedgeTuning | None = None) -> None:
         self._provider = provider
         self._rotation = rotation
-        self._health = health
         self._tuning = tuning
         self._sleep = sleep
-        self._bookkeeping: set[asyncio.Task[None]] = set()
-        # (deployment key, feature) → monotonic time until which that deployment is not asked
-        # for requests needing that feature (class b answers, DESIGN.md §5).
-        self._unsupported: dict[tuple[str, str], float] = {}
-        # deployment key → fields it refused that a request may go without: dropped for it
-        # from then on, as if its profile listed them (this worker's lifetime).
-        self._refused_fields: dict[str, frozenset[str]] = {}
+        self.learner = HealthLearner(health, tuning)
+        self.hedging = HedgePolicy(hedging or HedgeTuning(enabled=False))
+        # Attempts in flight per deployment in this worker (spreading prefers the less busy).
+        self.inflight: collections.Counter[str] = collections.Counter()
 
     async def snapshot(self, deployments: Sequence[Deployment]) -> HealthSnapshot:
         """Shared health of the candidates; an empty snapshot when Redis cannot tell."""
-        if self._health is None:
-            return HealthSnapshot(at_ms=0)
-        try:
-            return await self._health.snapshot(deployments)
-        except (RedisError, OSError) as exc:
-            log.warning("health unavailable (%s): routing without it", type(exc).__name__, extra=STORE_DOWN)
-            return HealthSnapshot(at_ms=0)
+        return await self.learner.snapshot(deployments)
+
+    async def settle(self) -> None:
+        """Wait for background health writes (tests, shutdown)."""
+        await self.learner.settle()
 
     async def complete(self, ranked: Sequence[Deployment], body: dict[str, Any], state: RunState,
                        health: HealthSnapshot, budget_s: Callable[[], float]) -> tuple[dict[str, Any], Deployment]:
@@ -99,249 +138,288 @@ class FailoverExecutor:
         async def on_start(_: Deployment, __: int) -> None:
             return None
 
-        served = await self._run(ranked, body, state, health, budget_s, on_start, assembler.add,
-                                 forward_usage_chunk=True, visible=False, restart=assembler.reset)
+        served = await self._run(_Request(collections.deque(ranked), ranked, body, capabilities.request_needs(body),
+                                          state, health, budget_s, on_start, assembler.add, forward_usage_chunk=True,
+                                          visible=False, restart=assembler.reset))
         return assembler.result(served.model.id), served
 
     async def stream(self, ranked: Sequence[Deployment], body: dict[str, Any], state: RunState,
                      health: HealthSnapshot, budget_s: Callable[[], float], on_start: OnStart, on_chunk: OnChunk,
                      forward_usage_chunk: bool) -> Deployment:
         """Streaming: invisible failover before the first chunk, continuation (prefill) after."""
-        return await self._run(ranked, body, state, health, budget_s, on_start, on_chunk,
-                               forward_usage_chunk=forward_usage_chunk, visible=True, restart=None)
+        return await self._run(_Request(collections.deque(ranked), ranked, body, capabilities.request_needs(body),
+                                        state, health, budget_s, on_start, on_chunk,
+                                        forward_usage_chunk=forward_usage_chunk, visible=True, restart=None))
 
-    async def _run(self, ranked: Sequence[Deployment], body: dict[str, Any], state: RunState,
-                   health: HealthSnapshot, budget_s: Callable[[], float], on_start: OnStart, on_chunk: OnChunk,
-                   *, forward_usage_chunk: bool, visible: bool, restart: Callable[[], None] | None) -> Deployment:
-        last: UpstreamError | None = None
-        min_context = 0
-        needs = request_needs(body) if self._unsupported else frozenset()
-        for deployment in ranked:
-            midstream = visible and state.chunks_sent > 0
-            if deployment.model.context_window <= min_context:
+    async def _run(self, req: _Request) -> Deployment:
+        current: _Try | None = None
+        while True:
+            if current is None:
+                current = await self._next(req)
+                if current is None:
+                    break
+            if not await self._pick_key(current, req):
+                current = None
                 continue
-            if midstream and not (state.continuable and deployment.model.supports_prefill):
-                continue
-            try:
-                prepared = self._prepare(deployment, body, needs)
-            except NotServable as exc:  # known before any call: skipped, nothing to learn
-                state.skipped.append(AttemptLog(deployment.key, deployment.provider.id, exc.reason, None,
-                                                exc.message))
-                continue
-            probe = health.of(deployment).state(health.at_ms) == "half_open"
-            if probe and not await self._claim_probe(deployment):
-                continue  # another worker is probing this breaker right now
-            retries = 0
-            try:
-                while True:
-                    try:
-                        api_key = self._rotation.pick(deployment, health)
-                    except NoUsableKey:
-                        if probe:
-                            await self._release_probe(deployment)  # let a worker with a key probe it
-                        break
-                    if restart is not None:
-                        restart()
-                        state.forget_output()
-                    try:
-                        result = await stream_attempt(self._provider, deployment, prepared, api_key, budget_s(),
-                                                      state, on_start, on_chunk, forward_usage_chunk)
-                    except UpstreamError as exc:
-                        outcome = classify(exc, self._tuning)
-                        self._record(state, deployment, exc, outcome)
-                        last = exc
-                        if self._learn_field_drop(deployment, exc, prepared):
-                            # A field its profile did not know it refuses, and one it may go without:
-                            # never sent to it again, and this request asks once more without it.
-                            prepared = self._prepare(deployment, body, needs)
-                            continue
-                        await self._learn(deployment, api_key, outcome, exc, probe, health, ranked)
-                        rule = POLICY[outcome]
-                        if visible and state.chunks_sent > 0:
-                            break  # the caller holds part of an answer: continue elsewhere, never retry here
-                        if rule.then == "return":
-                            raise
-                        if rule.then == "failover_larger_context":
-                            min_context = max(min_context, deployment.model.context_window)
-                        if probe or retries >= rule.same_deployment_retries:
-                            break
-                        retries += 1
-                        wait_s = retry_wait_s(outcome, exc, retries, self._tuning)
-                        if wait_s > budget_s() - _MIN_ATTEMPT_BUDGET_S:
-                            break  # waiting would eat the deadline: fail over instead
-                        await self._sleep(wait_s)
-                        health.at_ms = now_ms()  # a park this wait was for has lapsed by now
-                        continue
-                    # Recording success must not delay the answer: the caller's done event goes first.
-                    self._in_background(self._succeeded(deployment, api_key, result.first_chunk_ms, result.headers,
-                                                        health))
-                    return deployment
-            except UpstreamError:
-                raise  # its outcome is recorded (_learn), which settles a probe
-            except BaseException:
-                # Cancelled (the caller left) or stopped for a reason that says nothing about the
-                # route: free a half-open breaker's probe now, not after probe_ttl_s.
-                if probe:
-                    await asyncio.shield(self._release_probe(deployment))
-                raise
-        if last is None:
-            if state.skipped and len(state.skipped) == len(ranked):
+            if req.restart is not None:
+                req.restart()
+                req.state.forget_output()
+            finished = await self._attempt(current, req)
+            *earlier, (counted, outcome) = finished
+            for tried, failure in earlier:  # a hedge race's other attempt, failed first: learned only
+                if isinstance(failure, UpstreamError):
+                    await self._failed(tried, failure, req, decide=False)
+            if isinstance(outcome, AttemptResult):
+                # Recording success must not delay the answer: the caller's done event goes first.
+                self.learner.in_background(self.learner.succeeded(
+                    counted.deployment, counted.api_key, outcome.first_chunk_ms, outcome.headers, req.health))
+                return counted.deployment
+            current = await self._failed(counted, outcome, req) if outcome is not None else None
+        state = req.state
+        if req.last is None:
+            if state.skipped and len(state.skipped) == len(req.ranked):
                 # Every candidate lacks something this request needs: no upstream call can help.
                 raise AllFailed(NotServable(state.skipped[-1].message))
             # Nothing was tried: every candidate was being probed by another worker or had no
             # usable key left. That is "unavailable right now", not an upstream failure.
             raise NoneAvailable(_BUSY_RETRY_AFTER_S)
-        if visible and state.chunks_sent > 0:
-            raise MidStreamFailure(last)
-        raise AllFailed(last)
+        if req.visible and state.chunks_sent > 0:
+            raise MidStreamFailure(req.last)
+        raise AllFailed(req.last)
 
-    def _prepare(self, deployment: Deployment, body: dict[str, Any], needs: frozenset[str]) -> dict[str, Any]:
-        """The body for this deployment (its profile applied), or NotServable before any call."""
-        if needs:
-            now = time.monotonic()
-            for feature in needs:
-                until = self._unsupported.get((deployment.key, feature))
-                if until is not None and until > now:
-                    raise NotServable(f"{deployment.key} answered earlier that it does not support {feature}",
-                                      feature=feature)
-        prepared = self._provider.prepare(deployment, body)
-        refused = self._refused_fields.get(deployment.key)
-        if refused and refused & prepared.keys():
-            prepared = {k: v for k, v in prepared.items() if k not in refused}
-        return prepared
+    async def _next(self, req: _Request) -> _Try | None:
+        """The next candidate that may be tried for this request (its probe claimed), or None."""
+        state, health = req.state, req.health
+        while req.pending:
+            d = req.pending.popleft()
+            if window(d, health) < req.min_tokens:
+                state.notes.append((d.key, "window"))
+                continue
+            if req.visible and state.chunks_sent > 0 and not (state.continuable and d.model.supports_prefill):
+                continue
+            try:
+                body = self._prepare(d, req)
+            except NotServable as exc:  # known before any call: skipped, nothing to learn
+                state.skipped.append(AttemptLog(d.key, d.provider.id, exc.reason, None, exc.message))
+                state.notes.append((d.key, f"unsupported:{exc.feature}" if exc.feature else "unsupported"))
+                continue
+            probe = health.of(d).state(health.at_ms) == "half_open"
+            if probe and not await self.learner.claim_probe(d):
+                state.notes.append((d.key, "breaker"))  # another worker is probing it right now
+                continue
+            return _Try(d, body, probe)
+        return None
 
-    def _learn_field_drop(self, deployment: Deployment, exc: UpstreamError, sent: dict[str, Any]) -> bool:
-        """True when `exc` refused a top-level field this request may go without (now dropped for it)."""
-        field = exc.feature if isinstance(exc, NotServable) else None
-        if not field or field not in sent or not droppable(field, sent[field]):
+    async def _pick_key(self, t: _Try, req: _Request) -> bool:
+        try:
+            t.api_key = self._rotation.pick(t.deployment, req.health)
+        except NoUsableKey:
+            req.state.notes.append((t.deployment.key, "quota"))
+            if t.probe:
+                await self.learner.release_probe(t.deployment)  # let a worker with a key probe it
             return False
-        known = self._refused_fields.get(deployment.key, frozenset())
-        if field in known:
-            return False
-        self._refused_fields[deployment.key] = known | {field}
-        log.warning("%s refused the field %r: it is no longer sent there", deployment.key, field)
         return True
 
-    def _remember_unsupported(self, deployment: Deployment, exc: UpstreamError) -> None:
-        feature = getattr(exc, "feature", None)
-        if feature and feature not in _UNLEARNED:
-            self._unsupported[(deployment.key, feature)] = time.monotonic() + UNSUPPORTED_MEMORY_S
-            if len(self._unsupported) > 10_000:  # bounded: drop what has lapsed
-                now = time.monotonic()
-                self._unsupported = {k: v for k, v in self._unsupported.items() if v > now}
+    def _prepare(self, d: Deployment, req: _Request) -> dict[str, Any]:
+        """The body for this deployment (its profile applied, fields it refused dropped), or
+        NotServable before any call when it said it lacks something this request needs."""
+        marks = req.health.of(d).unsupported
+        body = req.body
+        if marks:
+            now = req.health.at_ms
+            refused = {name for name, until in marks.items() if until > now and name in req.needs}
+            for name in refused:
+                if name not in body or not droppable(name, body[name]):
+                    raise NotServable(f"{d.key} answered earlier that it does not support {name}", feature=name)
+            if refused:
+                body = {k: v for k, v in body.items() if k not in refused}
+        return self._provider.prepare(d, body)
 
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._bookkeeping.add(task)  # a reference, so the task is not garbage-collected mid-flight
-        task.add_done_callback(self._bookkeeping.discard)
+    async def _attempt(self, t: _Try, req: _Request) -> list[tuple[_Try, Outcome_]]:
+        """Run one attempt, hedged if its first token is late: the attempts that finished, in
+        order, the last being the one whose outcome counts."""
+        d = t.deployment
+        self.hedging.started(d.key)
+        threshold_s = self.hedging.threshold_s(req.health.of(d))
+        hedgeable = (self.hedging.tuning.enabled and req.state.chunks_sent == 0 and t.retries == 0
+                     and bool(req.pending) and threshold_s < req.budget_s() - _MIN_ATTEMPT_BUDGET_S
+                     and (t.probe or self.hedging.may_hedge(d.key)))
+        if not hedgeable:
+            return [(t, await self._stream(t, req, self._probe_gate(t) if t.probe else None))]
+        # The primary runs in this task (no task of its own on the hot path); a timer starts the
+        # hedge in a task only when the first token is late.
+        race = _Race(t, asyncio.current_task())
+        race.timer = asyncio.get_running_loop().call_later(threshold_s, self._start_hedge, race, req)
+        outcome: Outcome_
+        try:
+            outcome = await self._stream(t, req, self._gate(race, t, req))
+        except (asyncio.CancelledError, HedgeLost) as exc:
+            task = asyncio.current_task()
+            ours = race.primary_cancelled and (not isinstance(exc, asyncio.CancelledError)
+                                               or (task is not None and task.uncancel() == 0))
+            if not ours:
+                if race.hedge_task is not None:
+                    race.hedge_task.cancel()  # the caller went away: the hedge goes too
+                raise
+            outcome = None  # the hedge's first token came first: this attempt stopped unseen
+        finally:
+            race.primary_running = False
+            race.timer.cancel()
+        return await self._settle(race, outcome, req)
 
-    async def settle(self) -> None:
-        """Wait for background health writes (tests, shutdown)."""
-        while self._bookkeeping:
-            await asyncio.gather(*self._bookkeeping)
+    async def _settle(self, race: _Race, outcome: Outcome_, req: _Request) -> list[tuple[_Try, Outcome_]]:
+        """Once the primary is done: what became of the race (see _attempt)."""
+        t, hedge_task = race.primary, race.hedge_task
+        if hedge_task is None:
+            return [(t, outcome)]
+        refusal = isinstance(outcome, UpstreamError) and POLICY[classify(outcome, self._tuning)].then == "return"
+        if race.winner is t or refusal:
+            # The primary's first token came first, or it answered with the caller's own error (a
+            # safety refusal is not routed around): the hedge stops unseen.
+            hedge_task.cancel()
+            await asyncio.wait([hedge_task])
+            if race.hedge is not None:
+                self._hedged(race, req, "lost")
+            return [(t, outcome)]
+        # The hedge won, or the primary failed before its first token: the hedge's outcome counts.
+        await asyncio.wait([hedge_task])
+        hedged = None if hedge_task.cancelled() else hedge_task.result()
+        finished: list[tuple[_Try, Outcome_]] = [(t, outcome)] if outcome is not None else []
+        if hedged is None:
+            if race.hedge is not None:
+                self._hedged(race, req, "failed")
+            return finished or [(t, None)]
+        self._hedged(race, req, "won" if race.winner is hedged[0] else "failed")
+        return [*finished, hedged]
 
-    async def _claim_probe(self, deployment: Deployment) -> bool:
-        if self._health is None:
+    def _start_hedge(self, race: _Race, req: _Request) -> None:
+        """The primary's first token is late: start the next candidate beside it."""
+        if race.winner is None and race.primary_running and req.pending:
+            race.hedge_task = asyncio.get_running_loop().create_task(self._run_hedge(race, req))
+
+    async def _run_hedge(self, race: _Race, req: _Request) -> tuple[_Try, Outcome_] | None:
+        hedge = await self._next(req)
+        if hedge is not None and race.winner is not None:  # the primary's token came meanwhile
+            req.pending.appendleft(hedge.deployment)
+            await self._release(hedge)
+            return None
+        if hedge is None or not await self._pick_key(hedge, req):
+            return None
+        race.hedge = hedge
+        self.hedging.hedged(race.primary.deployment.key)
+        log.info("first token of %s is late: hedging on %s", race.primary.deployment.key, hedge.deployment.key)
+        try:
+            return hedge, await self._stream(hedge, req, self._gate(race, hedge, req))
+        except HedgeLost:
+            return hedge, None
+
+    def _gate(self, race: _Race, t: _Try, req: _Request) -> Callable[[], bool]:
+        """`t`'s first-token gate in `race`: the first attempt to ask wins, the other one stops."""
+
+        def gate() -> bool:
+            if race.winner is not None:
+                return race.winner is t
+            race.winner = t
+            if race.timer is not None:
+                race.timer.cancel()
+            if t is race.primary:
+                if race.hedge_task is not None:
+                    race.hedge_task.cancel()
+            else:
+                req.state.notes.append((race.primary.deployment.key, "hedge"))
+                if race.primary_running and race.primary_task is not None:
+                    race.primary_cancelled = True
+                    race.primary_task.cancel()
+            if t.probe:
+                self.learner.in_background(self.learner.probe_answered(t.deployment, None))
             return True
+
+        return gate
+
+    def _probe_gate(self, t: _Try) -> Callable[[], bool]:
+        """A probe's gate: its first token closes the breaker for everyone right away."""
+
+        def gate() -> bool:
+            self.learner.in_background(self.learner.probe_answered(t.deployment, None))
+            return True
+
+        return gate
+
+    async def _stream(self, t: _Try, req: _Request, gate: Callable[[], bool] | None) -> AttemptResult | UpstreamError:
+        """One streamed attempt; its typed failure returned, not raised. A probe that stops for
+        another reason (cancelled, lost) frees its claim at once, not after probe_ttl_s."""
+        d = t.deployment
+        self.inflight[d.key] += 1
         try:
-            return await self._health.claim_probe(deployment)
-        except (RedisError, OSError):
-            return False
+            return await stream_attempt(self._provider, d, t.body, t.api_key, req.budget_s(), req.state,
+                                        req.on_start, req.on_chunk, req.forward_usage_chunk, gate)
+        except UpstreamError as exc:
+            return exc
+        except BaseException:
+            if t.probe:
+                await asyncio.shield(self.learner.release_probe(d))
+            raise
+        finally:
+            self.inflight[d.key] -= 1
+            if self.inflight[d.key] <= 0:
+                del self.inflight[d.key]
 
-    async def _release_probe(self, deployment: Deployment) -> None:
-        if self._health is None:
-            return
-        try:
-            await self._health.release_probe(deployment)
-        except (RedisError, OSError) as exc:
-            log.warning("could not release the probe of %s: %s", deployment.key, type(exc).__name__,
-                        extra=STORE_DOWN)
-
-    async def _succeeded(self, deployment: Deployment, api_key: str | None, first_chunk_ms: float | None,
-                         headers: Mapping[str, str] | None, health: HealthSnapshot) -> None:
-        if self._health is None:
-            return
-        reading = limits.read(headers, deployment.provider.config.profile.limits.headers) if headers else None
-        quota = reading if reading is not None and not reading.empty else None
-        try:
-            await self._health.record_success(deployment, first_chunk_ms, quota, api_key)
-            if quota is not None and quota.wait_s and api_key is not None:
-                # The answer used up its key's quota: if no other key may serve this model, it
-                # cools as long as the soonest of them is out (as a quota failure would).
-                others = [health.key(deployment.provider.id, k).blocked_until_ms(deployment.model.upstream_name)
-                          for k in deployment.provider.api_keys if k != api_key]
-                back_ms = min([now_ms() + int(quota.wait_s * 1000), *others])
-                if back_ms > now_ms():
-                    await self._health.cool(deployment, (back_ms - now_ms()) / 1000)
-        except (RedisError, OSError) as exc:
-            log.warning("could not record health of %s: %s", deployment.key, type(exc).__name__, extra=STORE_DOWN)
-
-    async def _learn(self, deployment: Deployment, api_key: str | None, outcome: Outcome, exc: UpstreamError,
-                     probe: bool, health: HealthSnapshot, ranked: Sequence[Deployment] = ()) -> None:
-        """Tell the shared health what this failure means (policy column 'health')."""
-        if self._health is None:
-            return
-        effect = POLICY[outcome].health
-        if effect == "unsupported":
-            self._remember_unsupported(deployment, exc)
-        try:
-            if effect == "failure":
-                if await self._health.record_failure(deployment, probe=probe):
-                    log.warning("circuit breaker opened for %s", deployment.key)
-            elif effect == "park":
-                await self._park(deployment, api_key, outcome, exc, health, ranked)
-            elif effect == "gone":
-                await self._health.cool(deployment, MODEL_GONE_COOLDOWN_S)
-            elif effect == "ban_key" and api_key is not None:
-                await self._health.ban_key(deployment, api_key)
-                # This request must not pick the same key again either.
-                health.keys[(deployment.provider.id, key_fingerprint(api_key))] = KeyState(
-                    banned_until_ms=now_ms() + int(self._health.tuning.key_ban_s * 1000))
-                log.warning("an upstream key of %s was refused (%s): out of rotation", deployment.provider.id,
-                            exc.status)
-            elif effect in ("none", "unsupported") and probe:
-                # The probe got an answer about the request itself: the route is alive.
-                await self._health.record_success(deployment, None, None, None)
-        except (RedisError, OSError) as err:
-            log.warning("could not record health of %s: %s", deployment.key, type(err).__name__, extra=STORE_DOWN)
-        if probe and (effect == "ban_key" or (effect == "park" and api_key is not None)):
-            # The answer was about our key's quota, not the route: a worker with another key may probe now.
-            await self._release_probe(deployment)
-
-    async def _park(self, deployment: Deployment, api_key: str | None, outcome: Outcome, exc: UpstreamError,
-                    health: HealthSnapshot, ranked: Sequence[Deployment]) -> None:
-        """Take the key's quota out at the scope it applies to, for exactly the wait stated.
-
-        A deployment left with no key that may serve it also cools until its first key is back,
-        so that what reads deployment health alone (the API's /v1/models/random) sees it out too.
-        """
-        assert self._health is not None
-        scope = (exc.scope if isinstance(exc, RateLimited) else None) or quota_scope(deployment)
-        seconds = park_s(outcome, exc, self._tuning)
-        until_ms = await self._health.park(deployment, api_key, scope, seconds)
-        if api_key is None:
-            return
-        # This request must not pick the same key for the same quota either.
-        key_id = (deployment.provider.id, key_fingerprint(api_key))
-        current = health.keys.get(key_id) or KeyState()
-        if scope == "model":
-            models = {**current.models, deployment.model.upstream_name: until_ms}
-            health.keys[key_id] = dataclasses.replace(current, models=models)
-        else:
-            health.keys[key_id] = dataclasses.replace(current, exhausted_until_ms=until_ms)
-        affected = [deployment] if scope == "model" else \
-            [deployment, *(d for d in ranked if d.provider.id == deployment.provider.id and d.key != deployment.key)]
-        for d in affected:
-            if not health.usable_keys(d):
-                back_ms = min(health.key(d.provider.id, k).blocked_until_ms(d.model.upstream_name)
-                              for k in d.provider.api_keys)
-                await self._health.cool(d, max(back_ms - now_ms(), 0) / 1000)
-        if outcome is Outcome.QUOTA_EXHAUSTED:
-            log.warning("quota of a %s key (%s scope) is exhausted for %.0f s: parked, not retried before then",
-                        deployment.provider.id, scope, seconds)
+    async def _release(self, t: _Try) -> None:
+        if t.probe:
+            await self.learner.release_probe(t.deployment)
 
     @staticmethod
-    def _record(state: RunState, deployment: Deployment, exc: UpstreamError, outcome: Outcome) -> None:
-        state.attempts.append(AttemptLog(deployment.key, deployment.provider.id, exc.reason, exc.status,
-                                         exc.message))
-        log.info("attempt on %s failed: %s", deployment.key, outcome.value)
+    def _hedged(race: _Race, req: _Request, outcome: str) -> None:
+        d = race.primary.deployment
+        req.state.hedges.append((d.key, d.provider.id, outcome))
+        log.info("hedge of %s: %s", d.key, outcome)
+
+    async def _failed(self, t: _Try, exc: UpstreamError, req: _Request, decide: bool = True) -> _Try | None:
+        """Learn from one failed attempt; the same candidate again (retry) or None (the next one)."""
+        state, d = req.state, t.deployment
+        outcome = classify(exc, self._tuning)
+        state.attempts.append(AttemptLog(d.key, d.provider.id, exc.reason, exc.status, exc.message))
+        state.notes.append((d.key, f"failed:{exc.reason}"))
+        log.info("attempt on %s failed: %s", d.key, outcome.value)
+        req.last = exc
+        rule = POLICY[outcome]
+        refused = capabilities.learned_feature(getattr(exc, "feature", None), tuple(req.needs))
+        if refused is not None and refused in t.body and droppable(refused, t.body[refused]):
+            # A field its profile did not know it refuses, and one it may go without: never sent to
+            # it again (by any worker), and this request asks once more without it.
+            await self.learner.mark_unsupported(d, refused, req.health)
+            t.body = self._prepare(d, req)
+            return t if decide else None
+        await self.learner.learn(d, t.api_key, rule.health, outcome, exc, t.probe, req.health, req.ranked)
+        if rule.health == "unsupported" and refused is not None and refused not in _UNLEARNED:
+            await self.learner.mark_unsupported(d, refused, req.health)
+        await self._learn_window(d, exc, req)
+        if not decide:
+            return None
+        if req.visible and state.chunks_sent > 0:
+            return None  # the caller holds part of an answer: continue elsewhere, never retry here
+        if rule.then == "return":
+            raise exc
+        if t.probe or t.retries >= rule.same_deployment_retries:
+            return None
+        t.retries += 1
+        wait_s = retry_wait_s(outcome, exc, t.retries, self._tuning)
+        if wait_s > req.budget_s() - _MIN_ATTEMPT_BUDGET_S:
+            return None  # waiting would eat the deadline: fail over instead
+        await self._sleep(wait_s)
+        req.health.at_ms = now_ms()  # a park this wait was for has lapsed by now
+        return t
+
+    async def _learn_window(self, d: Deployment, exc: UpstreamError, req: _Request) -> None:
+        """After a context refusal, only candidates whose window holds what it said this request
+        needs are tried; a window it stated is routed by from now on (every worker)."""
+        too_long = isinstance(exc, ContextTooLong)
+        capped = isinstance(exc, NotServable) and exc.feature == "tokens"
+        if not isinstance(exc, ContextTooLong | NotServable) or not (too_long or capped):
+            return
+        limit, requested = exc.limit_tokens, exc.requested_tokens
+        if limit:
+            await self.learner.learn_window(d, limit, req.health)
+            req.min_tokens = max(req.min_tokens, requested if requested and requested > limit else limit + 1)
+        elif too_long:  # no limit stated: a larger window than this one's, at least
+            req.min_tokens = max(req.min_tokens, window(d, req.health) + 1)

@@ -8,6 +8,7 @@ per request (all candidates and their keys) and one pipelined write after the an
 import asyncio
 import functools
 import hashlib
+import random
 import time
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,9 +16,12 @@ from typing import Any, Protocol
 
 from redis.asyncio import Redis
 
+from router import health_scripts as scripts
 from router.catalog import Deployment
 from router.keyspace import (
     MODEL_PARK_PREFIX,
+    MODEL_QUOTA_PREFIX,
+    UNSUPPORTED_PREFIX,
     DeploymentHealth,
     deployment_health_key,
     deployment_probe_key,
@@ -27,55 +31,10 @@ from router.providers.limits import QuotaReading
 
 # Health hashes outlive any cooldown by far; the TTL only collects deployments that were removed.
 _HEALTH_TTL_MS = 7 * 24 * 3600 * 1000
-
-# KEYS: health hash, probe key. ARGV: now_ms, threshold, base_ms, max_ms, ttl_ms, is_probe (1/0).
-# A failure while the breaker is open, or after it lapsed from a request that is not the probe
-# (it started before the breaker opened), only counts; a failed probe reopens for twice as long.
-_RECORD_FAILURE = """
-local now = tonumber(ARGV[1])
-local fails = redis.call('HINCRBY', KEYS[1], 'fails', 1)
-local open_until = tonumber(redis.call('HGET', KEYS[1], 'open_until_ms') or '0')
-local cooldown = tonumber(redis.call('HGET', KEYS[1], 'cooldown_ms') or '0')
-local opened = 0
-if open_until > 0 and open_until <= now and ARGV[6] == '1' then
-  cooldown = math.min(math.max(cooldown * 2, tonumber(ARGV[3])), tonumber(ARGV[4]))
-  opened = 1
-elseif open_until == 0 and fails >= tonumber(ARGV[2]) then
-  cooldown = tonumber(ARGV[3])
-  opened = 1
-end
-if opened == 1 then
-  redis.call('HSET', KEYS[1], 'open_until_ms', now + cooldown, 'cooldown_ms', cooldown)
-  redis.call('DEL', KEYS[2])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return {fails, opened, cooldown}
-"""
-
-# KEYS: health hash, probe key. ARGV: latency_ms (or -1), alpha, ttl_ms. Closes the breaker.
-_RECORD_SUCCESS = """
-local latency = tonumber(ARGV[1])
-if latency >= 0 then
-  local ewma = tonumber(redis.call('HGET', KEYS[1], 'ewma_ms') or '-1')
-  if ewma < 0 then ewma = latency else ewma = tonumber(ARGV[2]) * latency + (1 - tonumber(ARGV[2])) * ewma end
-  redis.call('HSET', KEYS[1], 'ewma_ms', tostring(ewma))
-end
-redis.call('HSET', KEYS[1], 'fails', 0, 'open_until_ms', 0, 'cooldown_ms', 0)
-redis.call('DEL', KEYS[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-
-
-# KEYS: a key-state (or health) hash. ARGV: field, until_ms, ttl_ms. Never moves a park earlier:
-# two workers told different waits (a day cap and a minute's) keep the longer one.
-_PARK = """
-local current = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
-if tonumber(ARGV[2]) > current then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"""
-
+# A breaker stays open for 80-100 % of its cooldown (never longer: the cap is a promise).
+_COOLDOWN_JITTER = 0.2
+# Live feature marks one deployment may carry (real providers refuse a handful of features).
+_MAX_MARKS = 32
 
 def now_ms() -> int:
     """Wall-clock milliseconds (shared across processes and machines)."""
@@ -103,6 +62,9 @@ class KeyState:
     # upstream model → the key's quota for that model is out until then (providers whose
     # limits apply per model: Groq, Gemini, Cerebras, Mistral, GitHub Models).
     models: Mapping[str, int] = field(default_factory=dict)
+    # upstream model → (remaining, limit) requests the last answer for that model reported, for
+    # those providers: each model has its own headroom there.
+    model_quota: Mapping[str, tuple[int, int | None]] = field(default_factory=dict)
 
     @classmethod
     def from_hash(cls, raw: Mapping[bytes, bytes]) -> "KeyState":
@@ -113,8 +75,10 @@ class KeyState:
             return int(float(f[name])) if f.get(name) not in (None, "") else None
 
         models = {k[len(MODEL_PARK_PREFIX):]: int(float(v)) for k, v in f.items() if k.startswith(MODEL_PARK_PREFIX)}
+        quota = {k[len(MODEL_QUOTA_PREFIX):]: parsed for k, v in f.items()
+                 if k.startswith(MODEL_QUOTA_PREFIX) and (parsed := _remaining_limit(v)) is not None}
         return cls(int(float(f.get("banned_until_ms", 0))), int(float(f.get("exhausted_until_ms", 0))),
-                   opt("remaining_requests"), opt("limit_requests"), models)
+                   opt("remaining_requests"), opt("limit_requests"), models, quota)
 
     def blocked_until_ms(self, model: str | None = None) -> int:
         """When this key may serve `model` again (the past: now)."""
@@ -124,13 +88,24 @@ class KeyState:
         """Neither banned (401/403) nor out of quota (for `model`, if given) at `at_ms`."""
         return self.blocked_until_ms(model) <= at_ms
 
-    def headroom(self) -> float:
-        """Fraction of the request quota left (1.0 when the provider does not say)."""
-        if self.remaining_requests is None:
+    def headroom(self, model: str | None = None) -> float:
+        """Fraction of the request quota left, for `model` where it has its own (1.0 when nobody said)."""
+        remaining, limit = self.model_quota.get(model, (self.remaining_requests, self.limit_requests)) \
+            if model else (self.remaining_requests, self.limit_requests)
+        if remaining is None:
             return 1.0
-        if self.limit_requests:
-            return max(min(self.remaining_requests / self.limit_requests, 1.0), 0.0)
-        return 1.0 if self.remaining_requests > 0 else 0.0
+        if limit:
+            return max(min(remaining / limit, 1.0), 0.0)
+        return 1.0 if remaining > 0 else 0.0
+
+
+def _remaining_limit(value: str) -> tuple[int, int | None] | None:
+    """A MODEL_QUOTA_PREFIX field: "<remaining>/<limit>" (the limit may be empty)."""
+    remaining, _, limit = value.partition("/")
+    try:
+        return int(remaining), int(limit) if limit else None
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -159,17 +134,20 @@ class HealthSnapshot:
         keys = self.usable_keys(deployment)
         if not deployment.provider.api_keys:
             return 1.0
-        return max((self.key(deployment.provider.id, k).headroom() for k in keys), default=0.0)
+        model = deployment.model.upstream_name
+        return max((self.key(deployment.provider.id, k).headroom(model) for k in keys), default=0.0)
 
 
 @dataclass(frozen=True)
 class BreakerTuning:
     failure_threshold: int = 3
     cooldown_s: float = 5.0
-    max_cooldown_s: float = 300.0
+    max_cooldown_s: float = 8.0
     probe_ttl_s: float = 30.0
     ewma_alpha: float = 0.3
     key_ban_s: float = 3600.0
+    feature_mark_s: float = 3600.0
+    learned_window_s: float = 86_400.0
 
 
 class CommandSink(Protocol):
@@ -189,8 +167,9 @@ class HealthStore:
         self._redis = redis
         self.tuning = tuning
         self._sink = sink
-        self._failure = redis.register_script(_RECORD_FAILURE)
-        self._park = redis.register_script(_PARK)
+        self._failure = redis.register_script(scripts.RECORD_FAILURE)
+        self._park = redis.register_script(scripts.PARK)
+        self._mark = redis.register_script(scripts.MARK)
 
     async def snapshot(self, deployments: Iterable[Deployment]) -> HealthSnapshot:
         """Health of every deployment and every key of their providers: one pipelined round trip."""
@@ -218,17 +197,23 @@ class HealthStore:
         args = [str(latency_ms if latency_ms is not None else -1), str(self.tuning.ewma_alpha), str(_HEALTH_TTL_MS)]
         # EVAL, not a Script object: redis-py checks a pipeline's scripts with SCRIPT EXISTS
         # first, which would be a second round trip on every success.
-        commands: list[tuple[str, ...]] = [("EVAL", _RECORD_SUCCESS, str(len(keys)), *keys, *args)]
+        commands: list[tuple[str, ...]] = [("EVAL", scripts.RECORD_SUCCESS, str(len(keys)), *keys, *args)]
         if quota is not None and api_key:
             key_state = upstream_key_state_key(deployment.provider.id, key_fingerprint(api_key))
-            fields = [(name, value) for name, value in (("remaining_requests", quota.remaining_requests),
-                                                        ("limit_requests", quota.limit_requests)) if value is not None]
+            scope = quota_scope(deployment)
+            fields = [(name, str(value)) for name, value in (("remaining_requests", quota.remaining_requests),
+                                                             ("limit_requests", quota.limit_requests))
+                      if value is not None]
+            if scope == "model" and quota.remaining_requests is not None:
+                # Each model has its own quota there: its headroom is its own (spreading reads it).
+                fields = [(f"{MODEL_QUOTA_PREFIX}{deployment.model.upstream_name}",
+                           f"{quota.remaining_requests}/{quota.limit_requests or ''}")]
             if fields:
-                commands.append(("HSET", key_state, *(str(part) for pair in fields for part in pair)))
-            field_name = park_field(deployment, quota_scope(deployment))
+                commands.append(("HSET", key_state, *(part for pair in fields for part in pair)))
+            field_name = park_field(deployment, scope)
             if quota.wait_s:  # an answer that used up the last of a limit: park before the next call
                 until = str(now_ms() + int(quota.wait_s * 1000))
-                commands.append(("EVAL", _PARK, "1", key_state, field_name, until, str(_HEALTH_TTL_MS)))
+                commands.append(("EVAL", scripts.PARK, "1", key_state, field_name, until, str(_HEALTH_TTL_MS)))
             elif quota.remaining_requests:  # the provider says there is quota again: a park is over
                 commands.append(("HSET", key_state, field_name, "0"))
             commands.append(("PEXPIRE", key_state, str(_HEALTH_TTL_MS)))
@@ -245,10 +230,24 @@ class HealthStore:
         """Count a failure; True when this failure opened (or, being the probe, reopened) the breaker."""
         t = self.tuning
         keys = [deployment_health_key(deployment.key), deployment_probe_key(deployment.key)]
+        jitter = 1.0 - random.uniform(0, _COOLDOWN_JITTER)
         _fails, opened, _cooldown = await self._failure(
             keys=keys, args=[now_ms(), t.failure_threshold, int(t.cooldown_s * 1000),
-                             int(t.max_cooldown_s * 1000), _HEALTH_TTL_MS, int(probe)])
+                             int(t.max_cooldown_s * 1000), _HEALTH_TTL_MS, int(probe), f"{jitter:.4f}"])
         return bool(opened)
+
+    async def mark_unsupported(self, deployment: Deployment, feature: str) -> bool:
+        """Keep every worker's requests needing `feature` off this deployment for feature_mark_s."""
+        until_ms = now_ms() + int(self.tuning.feature_mark_s * 1000)
+        written = await self._mark(keys=[deployment_health_key(deployment.key)],
+                                   args=[now_ms(), f"{UNSUPPORTED_PREFIX}{feature}", until_ms, _HEALTH_TTL_MS,
+                                         _MAX_MARKS, UNSUPPORTED_PREFIX])
+        return bool(written)
+
+    async def learn_window(self, deployment: Deployment, tokens: int) -> None:
+        """Route by a context window the provider stated for this deployment, for learned_window_s."""
+        until_ms = now_ms() + int(self.tuning.learned_window_s * 1000)
+        await self._write(deployment_health_key(deployment.key), {"window_tokens": tokens, "window_until_ms": until_ms})
 
     async def cool(self, deployment: Deployment, seconds: float) -> None:
         """Keep every worker off this deployment for `seconds` (upstream 429)."""

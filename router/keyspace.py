@@ -8,6 +8,7 @@ importing nothing but that module. The names are the ones earlier releases used:
 keeps every breaker, park and learned window.
 """
 
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -39,6 +40,9 @@ def upstream_key_state_key(provider: str, key_fingerprint: str) -> str:
 # Fields of a key-state hash named "m:<upstream model>": that key's quota for that model is out
 # until then (providers whose limits apply per model); the other fields are the key's own.
 MODEL_PARK_PREFIX = "m:"
+# Fields named "q:<upstream model>": "<remaining>/<limit>" requests the last answer for that model
+# reported, where each model has its own quota (the key-level remaining_requests otherwise).
+MODEL_QUOTA_PREFIX = "q:"
 
 
 def key_quota_view(raw: Mapping[bytes, bytes], now_ms: int) -> dict[str, Any] | None:
@@ -62,6 +66,9 @@ def key_quota_view(raw: Mapping[bytes, bytes], now_ms: int) -> dict[str, Any] | 
               and (value := number(name)) is not None and value > now_ms}
     if models:
         view["models_parked_until_ms"] = models
+    remaining = {name[len(MODEL_QUOTA_PREFIX):]: fields[name] for name in fields if name.startswith(MODEL_QUOTA_PREFIX)}
+    if remaining:
+        view["models_remaining_requests"] = remaining  # "<remaining>/<limit>"
     return view or None
 
 
@@ -114,21 +121,36 @@ class ProviderStatus(_Model):
     context_changed: dict[str, list[int]] = {}  # model → [catalog window, listed window]
 
 
+# Fields of a health hash named "nf:<feature>": the deployment said it does not take that
+# feature or field ("tools", "vision", "json", "logprobs", …) and is kept from requests needing
+# it until then (unix ms). Shared by every worker; lapsed ones are deleted by the next mark.
+UNSUPPORTED_PREFIX = "nf:"
+
+
 class DeploymentHealth(BaseModel):
     """The health hash of one deployment; times are unix milliseconds, 0 = unset."""
 
     fails: int = 0  # consecutive failures
     open_until_ms: int = 0  # breaker open until; > 0 and past = half-open (one probe allowed)
-    cooldown_ms: int = 0  # the breaker's current cooldown, doubled on each failed probe
+    cooldown_ms: int = 0  # the breaker's current cooldown, doubled on each failed probe up to its cap
     cooling_until_ms: int = 0  # from an upstream 429 Retry-After
-    ewma_ms: float = -1.0  # latency to the first token; -1 = never measured
+    ewma_ms: float = -1.0  # time to the first token, exponentially weighted mean; -1 = never measured
+    ttft_var_ms2: float = 0.0  # its exponentially weighted variance (for a p95 estimate)
     gone: bool = False  # the provider's /models no longer lists it
+    # A context window the provider stated in an error ("maximum context length is 8192 tokens",
+    # a 413 token cap), smaller than the catalog's: routed by until window_until_ms.
+    window_tokens: int = 0
+    window_until_ms: int = 0
+    unsupported: dict[str, int] = {}  # feature or field → refused until (UNSUPPORTED_PREFIX fields)
 
     @classmethod
     def from_hash(cls, raw: Mapping[bytes, bytes]) -> "DeploymentHealth":
         """Parse HGETALL output (missing fields keep their defaults)."""
         fields = {k.decode(): v.decode() for k, v in raw.items()}
-        return cls.model_validate({k: v for k, v in fields.items() if k in cls.model_fields})
+        known = {k: v for k, v in fields.items() if k in cls.model_fields and k != "unsupported"}
+        marks = {k[len(UNSUPPORTED_PREFIX):]: int(float(v)) for k, v in fields.items()
+                 if k.startswith(UNSUPPORTED_PREFIX)}
+        return cls.model_validate({**known, "unsupported": marks})
 
     def state(self, now_ms: int) -> Literal["gone", "open", "cooling", "half_open", "closed"]:
         """Where the breaker stands at `now_ms`."""
@@ -143,3 +165,19 @@ class DeploymentHealth(BaseModel):
     def blocked_for_ms(self, now_ms: int) -> int:
         """How long until this deployment may be tried again (0 = now)."""
         return max(self.open_until_ms - now_ms, self.cooling_until_ms - now_ms, 0)
+
+    def window(self, catalog_window: int, now_ms: int) -> int:
+        """The context window to route by: the catalog's, or a smaller one the provider stated."""
+        if 0 < self.window_tokens < catalog_window and self.window_until_ms > now_ms:
+            return self.window_tokens
+        return catalog_window
+
+    def lacks(self, feature: str, now_ms: int) -> bool:
+        """The deployment said it does not take `feature`, and that is still remembered."""
+        return self.unsupported.get(feature, 0) > now_ms
+
+    def ttft_p95_ms(self) -> float | None:
+        """An estimate of the 95th percentile time to the first token (None: never measured)."""
+        if self.ewma_ms < 0:
+            return None
+        return self.ewma_ms + 1.645 * math.sqrt(max(self.ttft_var_ms2, 0.0))

@@ -1,16 +1,22 @@
-"""Candidate selection: which deployments may serve a request, best first."""
+"""Candidate selection: which deployments may serve a request, best first, and why others may not."""
 
-from collections.abc import Sequence
+import functools
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from router import capabilities
 from router.catalog import Deployment, RuntimeCatalog
 from router.health import HealthSnapshot
 from settings.catalog import Intent
 
 # Ranking ties are broken by latency in buckets this wide, so noise does not reshuffle them.
 _LATENCY_BUCKET_MS = 250.0
+# Quota headroom is compared in steps this wide when spreading: a few requests' difference is a tie.
+_HEADROOM_STEP = 0.1
 
 
 class NoCandidates(Exception):
@@ -33,6 +39,32 @@ class NothingFits(NoCandidates):
     def __init__(self, needed_tokens: int) -> None:
         super().__init__(f"needs ~{needed_tokens} tokens")
         self.needed_tokens = needed_tokens
+
+
+class NotCapable(NoCandidates):
+    """No candidate has a feature the request needs (router/capabilities.py)."""
+
+    def __init__(self, features: Sequence[str]) -> None:
+        super().__init__(f"no candidate has {', '.join(features)}")
+        self.features = list(features)
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A candidate passed over, and why: a short reason for the route header and the debug log."""
+
+    deployment: str
+    reason: str  # capability:<feature> · window · breaker · cooling · quota · gone (and, later, hedge, failed:…)
+    score: float
+
+
+@dataclass
+class Ranking:
+    """The candidates to try, in order, and those left out."""
+
+    candidates: list[Deployment]
+    skipped: list[Skip] = field(default_factory=list)
+    groups: dict[str, int] = field(default_factory=dict)  # deployment → its fallback group (0: the request's own)
 
 
 def candidate_groups(catalog: RuntimeCatalog, requested: str | None, intent: Intent,
@@ -68,55 +100,111 @@ def estimate_tokens(body: dict[str, Any]) -> int:
     return prompt + tools + int(completion)
 
 
-def fits(deployment: Deployment, needed_tokens: int) -> bool:
-    """The deployment's context window holds the estimated prompt and completion."""
-    return deployment.model.context_window >= needed_tokens
+def window(deployment: Deployment, health: HealthSnapshot) -> int:
+    """The context window to route by: the catalog's, or a smaller one its provider stated."""
+    return health.of(deployment).window(deployment.model.context_window, health.at_ms)
 
 
-def rank(groups: Sequence[Sequence[Deployment]], intent: Intent, health: HealthSnapshot,
-         needed_tokens: int) -> list[Deployment]:
-    """Candidates that fit and may be tried now, best first.
+def fits(deployment: Deployment, needed_tokens: int, health: HealthSnapshot) -> bool:
+    """The deployment's (effective) context window holds the estimated prompt and completion."""
+    return window(deployment, health) >= needed_tokens
 
-    Groups keep their order (the requested model or capability before each explicit fallback);
-    inside a group: score for the intent, then a closed breaker before a half-open one, then
-    latency EWMA, then quota headroom. Raises NothingFits / NoneAvailable when nothing is left.
+
+def rank(groups: Sequence[Sequence[Deployment]], intent: Intent, health: HealthSnapshot, needed_tokens: int, *,
+         features: Sequence[str] = (), band: float = 0.0, rng: random.Random | None = None,
+         inflight: Mapping[str, int] | None = None) -> Ranking:
+    """Candidates that have what the request needs and may be tried now, best first.
+
+    Groups keep their order (the requested model or capability before each explicit fallback).
+    Inside a group: score for the intent, then a closed breaker before a half-open one, then
+    latency EWMA, then quota headroom. With a `band`, the candidates scoring within it of the
+    group's best share its traffic: two of them are drawn and the one with more quota headroom
+    (then lower latency, then fewer requests in flight in this worker) goes first; a half-open
+    one among them goes before it, so a recovered deployment is probed at once. Raises
+    NotCapable / NothingFits / NoneAvailable when nothing is left.
     """
-    fitting = [[d for d in group if fits(d, needed_tokens)] for group in groups]
+    now = health.at_ms
+    skipped: list[Skip] = []
+    capable = [[d for d in group if _capable(d, features, health, intent, skipped)] for group in groups]
+    if not any(capable):
+        raise NotCapable(capabilities.missing([d for g in groups for d in g], features, health.of, now))
+    fitting = [[d for d in group if fits(d, needed_tokens, health) or _skip(d, "window", intent, skipped)]
+               for group in capable]
     if not any(fitting):
         raise NothingFits(needed_tokens)
-    now = health.at_ms
     ranked: list[Deployment] = []
     waits_ms: list[int] = []
     for group in fitting:
         usable: list[Deployment] = []
         for d in group:
-            wait_ms = _blocked_for_ms(d, health)
+            wait_ms, reason = _blocked_for_ms(d, health)
             if wait_ms == 0:
                 usable.append(d)
-            elif wait_ms is not None:
+                continue
+            _skip(d, reason, intent, skipped)
+            if wait_ms is not None:
                 waits_ms.append(wait_ms)
-
-        def sort_key(d: Deployment, group: list[Deployment] = group) -> tuple[float, ...]:
-            h = health.of(d)
-            latency_bucket = (h.ewma_ms // _LATENCY_BUCKET_MS) if h.ewma_ms >= 0 else 0.0
-            return (-d.score(intent), 1.0 if h.state(now) == "half_open" else 0.0, latency_bucket,
-                    -health.headroom(d), group.index(d))
-
-        ranked.extend(sorted(usable, key=sort_key))
+        ordered = sorted(usable, key=functools.partial(_order, group=group, intent=intent, health=health))
+        ranked.extend(_spread(ordered, intent, health, band, rng or random, inflight or {}))
     if not ranked:
         raise NoneAvailable(max(min(waits_ms, default=5000) / 1000, 1.0), wait_known=bool(waits_ms))
-    return ranked
+    return Ranking(ranked, skipped, {d.key: i for i, group in reversed(list(enumerate(groups))) for d in group})
 
 
-def _blocked_for_ms(d: Deployment, health: HealthSnapshot) -> int | None:
-    """0 when the deployment may be tried now, else how long until it may (None: unknown, gone)."""
+def _capable(d: Deployment, features: Sequence[str], health: HealthSnapshot, intent: Intent,
+             skipped: list[Skip]) -> bool:
+    h = health.of(d)
+    for feature in features:
+        if not capabilities.has(d, feature, h, health.at_ms):
+            return _skip(d, f"capability:{feature}", intent, skipped)
+    return True
+
+
+def _skip(d: Deployment, reason: str, intent: Intent, skipped: list[Skip]) -> bool:
+    skipped.append(Skip(d.key, reason, d.score(intent)))
+    return False
+
+
+def _order(d: Deployment, group: Sequence[Deployment], intent: Intent, health: HealthSnapshot) -> tuple[float, ...]:
+    h = health.of(d)
+    return (-d.score(intent), 1.0 if h.state(health.at_ms) == "half_open" else 0.0, _latency_bucket(d, health),
+            -health.headroom(d), group.index(d))
+
+
+def _latency_bucket(d: Deployment, health: HealthSnapshot) -> float:
+    ewma_ms = health.of(d).ewma_ms
+    return ewma_ms // _LATENCY_BUCKET_MS if ewma_ms >= 0 else 0.0
+
+
+def _spread(ordered: list[Deployment], intent: Intent, health: HealthSnapshot, band: float, rng: Any,
+            inflight: Mapping[str, int]) -> list[Deployment]:
+    """`ordered` with the pick of two random candidates of the top band first (see rank)."""
+    if band <= 0 or len(ordered) < 2:
+        return ordered
+    floor = ordered[0].score(intent) - band - 1e-9
+    top = [d for d in ordered if d.score(intent) >= floor]
+    probes = [d for d in top if health.of(d).state(health.at_ms) == "half_open"]
+    closed = [d for d in top if d not in probes]
+    if len(closed) < 2:
+        return [*probes, *(d for d in ordered if d not in probes)]
+
+    def load(d: Deployment) -> tuple[float, ...]:
+        return (-round(health.headroom(d) / _HEADROOM_STEP), _latency_bucket(d, health), inflight.get(d.key, 0))
+
+    first, second = rng.sample(closed, 2)
+    pick = second if load(second) < load(first) else first
+    return [*probes, pick, *(d for d in ordered if d is not pick and d not in probes)]
+
+
+def _blocked_for_ms(d: Deployment, health: HealthSnapshot) -> tuple[int | None, str]:
+    """(0 when the deployment may be tried now, else how long until it may (None: unknown, gone); why)."""
     h = health.of(d)
     state = h.state(health.at_ms)
     if state == "gone":
-        return None
+        return None, "gone"
     if state in ("open", "cooling"):
-        return h.blocked_for_ms(health.at_ms)
+        return h.blocked_for_ms(health.at_ms), "breaker" if state == "open" else "cooling"
     if not d.provider.api_keys or health.usable_keys(d):
-        return 0
+        return 0, ""
     states = [health.key(d.provider.id, k) for k in d.provider.api_keys]
-    return max(min(s.blocked_until_ms(d.model.upstream_name) for s in states) - health.at_ms, 1)
+    return max(min(s.blocked_until_ms(d.model.upstream_name) for s in states) - health.at_ms, 1), "quota"

@@ -113,6 +113,10 @@ class ModelConfig(_Strict):
     upstream_name: str
     context_window: int = Field(gt=0)
     capabilities: list[str] = Field(default_factory=lambda: ["chat"])
+    # Features it is known not to have (its provider's listing says so): "json", "structured_outputs",
+    # "tools", "vision". A feature neither listed here nor in capabilities is the router's default
+    # for it (router/capabilities.py: JSON output is assumed, tools and images are not).
+    lacks: list[str] = Field(default_factory=list)
     scores: dict[Intent, float] = Field(default_factory=dict)
     supports_prefill: bool = False
     name: str | None = None

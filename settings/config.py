@@ -108,7 +108,9 @@ class Settings(BaseSettings):
     # Failover and shared health (DESIGN.md §5, docs/failover.md)
     breaker_failure_threshold: int = Field(default=3, ge=1)  # consecutive failures that open it
     breaker_cooldown_s: float = Field(default=5.0, gt=0)  # first open period; doubles per failed probe
-    breaker_max_cooldown_s: float = Field(default=300.0, gt=0)
+    # The cooldown's cap, which is also the longest a recovered deployment waits for its next probe
+    # under steady traffic (the open period is jittered down by up to a fifth, never up).
+    breaker_max_cooldown_s: float = Field(default=8.0, gt=0, le=30)
     breaker_probe_ttl_s: float = Field(default=30.0, gt=0)  # a probe claim lapses if its worker died
     # A 429 whose Retry-After is at most this is waited out and retried once; longer → fail over.
     short_retry_after_max_s: float = Field(default=5.0, ge=0)
@@ -143,6 +145,25 @@ class Settings(BaseSettings):
     # Share of a key's per-minute limits its batch lines may use, so live requests by the same
     # key keep the rest while a batch runs. The daily limit is shared in full.
     batch_rate_share: float = Field(default=0.8, gt=0, le=1)
+
+    # Routing that fits the request and heals itself (docs/failover.md, "Which model answers").
+    # Candidates scoring within this of the best share the traffic by quota headroom and latency
+    # (0: always the best-ranked one).
+    spread_score_band: float = Field(default=0.05, ge=0, le=1)
+    # A deployment that said it does not take a feature (tools, images, JSON, a field) is kept from
+    # requests that need it this long, by every worker.
+    feature_mark_s: float = Field(default=3600.0, gt=0)
+    # A context window a provider stated in an error is routed by this long before it is trusted
+    # to have grown again.
+    learned_window_s: float = Field(default=86_400.0, gt=0)
+    # Hedged first token: when a deployment's first token is later than its recent p95 times the
+    # multiplier (between the floor and the cap), the next candidate starts too; the first token wins.
+    hedge_enabled: bool = True
+    hedge_ttft_multiplier: float = Field(default=2.0, ge=1)
+    hedge_min_s: float = Field(default=1.0, gt=0)
+    hedge_max_s: float = Field(default=8.0, gt=0)
+    # At most this share of a deployment's requests in a minute (per worker, at least one) is hedged.
+    hedge_max_share: float = Field(default=0.05, ge=0, le=1)
 
     # Batches (docs/batches.md). Files live in Redis: the upload limit is also a memory budget.
     batch_upload_max_bytes: int = Field(default=200 * 1024 * 1024, gt=0)  # OpenAI's limit
@@ -181,6 +202,8 @@ class Settings(BaseSettings):
             if len(key) < 16:
                 raise ValueError("FREEFERENCE_MASTER_KEY must be set (16+ characters) when "
                                  "FREEFERENCE_ENVIRONMENT=production; generate one with `openssl rand -hex 24`")
+        if self.hedge_min_s > self.hedge_max_s:
+            raise ValueError("hedge_min_s must not be larger than hedge_max_s")
         if self.worker_heartbeat_ttl_s <= self.worker_heartbeat_s:
             raise ValueError("worker_heartbeat_ttl_s must be longer than worker_heartbeat_s")
         return self

@@ -14,12 +14,22 @@ import orjson
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from router import capabilities, why
 from router.catalog import Deployment, RuntimeCatalog
 from router.errors import ContentRejected, ContextTooLong, NotServable, RequestRejected, UpstreamError
 from router.failover import AllFailed, FailoverExecutor, MidStreamFailure, RunState
 from router.health import HealthSnapshot
 from router.intent import classify_request
-from router.select import NoCandidates, NoneAvailable, NothingFits, candidate_groups, estimate_tokens, rank
+from router.select import (
+    NoCandidates,
+    NoneAvailable,
+    NotCapable,
+    NothingFits,
+    Ranking,
+    candidate_groups,
+    estimate_tokens,
+    rank,
+)
 from settings import Settings
 from settings.catalog import Intent
 from settings.logfields import STORE_DOWN
@@ -33,6 +43,7 @@ from workers.protocol import (
     ErrorBody,
     ErrorEvent,
     EventType,
+    HedgeRecord,
     RouteInfo,
     StartEvent,
     WorkerTimings,
@@ -283,10 +294,12 @@ async def _run(job: ChatJob, state: WorkerState, out: Publisher, confirmed: Conf
             return
         event = error_event(exc, run)
         event.failures = _failures(run)
+        event.hedges = _hedges(run)
         with contextlib.suppress(RedisError, OSError):  # Redis is gone: nobody to tell
             await out.send("error", event.model_dump_json().encode())
         return
     done.failures = _failures(run)
+    done.hedges = _hedges(run)
     done.timings = WorkerTimings(upstream_ms=((first_output_s or time.monotonic()) - started) * 1000)
     try:
         await out.send("done", done.model_dump_json().encode())
@@ -297,6 +310,10 @@ async def _run(job: ChatJob, state: WorkerState, out: Publisher, confirmed: Conf
 
 def _failures(run: RunState) -> list[AttemptFailure]:
     return [AttemptFailure(provider=a.provider, deployment=a.deployment, reason=a.reason) for a in run.attempts]
+
+
+def _hedges(run: RunState) -> list[HedgeRecord]:
+    return [HedgeRecord(deployment=d, provider=p, outcome=o) for d, p, o in run.hedges]  # type: ignore[arg-type]
 
 
 OnRoute = Callable[[RouteInfo], Awaitable[None]]
@@ -317,11 +334,12 @@ async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnR
     def budget_s() -> float:
         return max(deadline_s - time.time(), 0.001)
 
-    intent, why = _intent_for(job, state.catalog, state.settings)
+    intent, reason = _intent_for(job, state.catalog, state.settings)
     groups = candidate_groups(state.catalog, job.requested_model, intent, job.fallback_models)
     deployments = [d for group in groups for d in group]
     body = dict(job.body)
     needed_tokens = estimate_tokens(body)
+    features = capabilities.required(body)
     wants_usage = _ask_for_usage(body, job.stream)
     waited_s = 0.0
     async with asyncio.timeout(budget_s()):
@@ -333,15 +351,16 @@ async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnR
                 first_health = None
                 health = await state.executor.snapshot(deployments)
             try:
-                ranked = rank(groups, intent, health, needed_tokens)
+                ranking = rank(groups, intent, health, needed_tokens, features=features,
+                               band=state.settings.spread_score_band, inflight=state.executor.inflight)
+                route = _Router(run, ranking, intent, reason)
                 if job.stream:
-                    return await _stream(state, run, ranked, health, body, budget_s, intent, why, on_start, on_chunk,
-                                         wants_usage)
-                completion, served = await state.executor.complete(ranked, body, run, health, budget_s)
+                    return await _stream(state, run, ranking.candidates, health, body, budget_s, route, on_start,
+                                         on_chunk, wants_usage)
+                completion, served = await state.executor.complete(ranking.candidates, body, run, health, budget_s)
                 if not completion.get("usage"):
                     completion["usage"] = _estimate(job.body, run, served)
-                return DoneEvent(route=_route(served, run, intent, why), usage=completion["usage"],
-                                 completion=completion)
+                return DoneEvent(route=route.info(served), usage=completion["usage"], completion=completion)
             except NoneAvailable as exc:
                 wait_s = _availability_wait_s(exc, waited_s, state.settings.availability_wait_max_s, budget_s())
                 if wait_s is None:
@@ -391,6 +410,11 @@ def error_event(exc: BaseException, run: RunState) -> ErrorEvent:
     """The caller-facing error for a failed job."""
     if isinstance(exc, TimeoutError):
         return _error(504, "The request exceeded its deadline.", "timeout", run)
+    if isinstance(exc, NotCapable):
+        missing, param = capabilities.describe(exc.features)
+        return _error(400, f"No eligible model supports {missing}. Ask without it, or for a model or capability "
+                      "whose models have it (GET /v1/models lists each one's capabilities).", "unsupported_capability",
+                      run, param=param)
     if isinstance(exc, NothingFits):
         return _error(400, f"The conversation (about {exc.needed_tokens} tokens with max_tokens) is too long for "
                       "every eligible model.", "context_length_exceeded", run)
@@ -419,11 +443,31 @@ def error_event(exc: BaseException, run: RunState) -> ErrorEvent:
     return _error(500, "Internal error while running the request.", "internal_error", run)
 
 
+class _Router:
+    """A request's route metadata: where it was served and why not elsewhere (router/why.py)."""
+
+    def __init__(self, run: RunState, ranking: Ranking, intent: Intent, reason: str) -> None:
+        self._run = run
+        self._ranking = ranking
+        self._intent = intent
+        self._reason = reason
+
+    def info(self, served: Deployment, attempts: int | None = None) -> RouteInfo:
+        """The route of an answer from `served` (attempts: failed ones + 1 unless given)."""
+        run = self._run
+        skipped = why.summary(self._ranking.skipped, run.notes, self._ranking.groups, served.key,
+                              served.score(self._intent))
+        log.debug("route to %s: %s", served.key, skipped or "first choice")
+        return RouteInfo(model=served.model.id, provider=served.provider.id,
+                         attempts=attempts if attempts is not None else len(run.attempts) + 1,
+                         intent=self._intent, intent_reason=self._reason, skipped=skipped or None)
+
+
 async def _stream(state: WorkerState, run: RunState, candidates: list[Deployment], health: HealthSnapshot,
-                  body: dict[str, Any], budget_s: Callable[[], float], intent: Intent, why: str, on_route: OnRoute,
+                  body: dict[str, Any], budget_s: Callable[[], float], route: _Router, on_route: OnRoute,
                   on_chunk: OnChunk, wants_usage: bool) -> DoneEvent:
     async def on_start(deployment: Deployment, attempts: int) -> None:
-        await on_route(_route(deployment, run, intent, why, attempts))
+        await on_route(route.info(deployment, attempts))
 
     served = await state.executor.stream(candidates, body, run, health, budget_s, on_start, on_chunk, wants_usage)
     usage = run.usage
@@ -432,7 +476,7 @@ async def _stream(state: WorkerState, run: RunState, candidates: list[Deployment
         if wants_usage:  # the caller asked for the usage chunk; it ends the stream as a provider's would
             await on_chunk({"id": run.stream_id or "chatcmpl-freeference", "object": "chat.completion.chunk",
                             "created": int(time.time()), "model": served.model.id, "choices": [], "usage": usage})
-    return DoneEvent(route=_route(served, run, intent, why), usage=usage)
+    return DoneEvent(route=route.info(served), usage=usage)
 
 
 def _estimate(body: dict[str, Any], run: RunState, served: Deployment) -> dict[str, Any]:
@@ -443,15 +487,10 @@ def _estimate(body: dict[str, Any], run: RunState, served: Deployment) -> dict[s
     return usage
 
 
-def _route(deployment: Deployment, run: RunState, intent: Intent, why: str, attempts: int | None = None) -> RouteInfo:
-    return RouteInfo(model=deployment.model.id, provider=deployment.provider.id,
-                     attempts=attempts if attempts is not None else len(run.attempts) + 1,
-                     intent=intent, intent_reason=why)
-
-
-def _error(status: int, message: str, code: str, run: RunState, retry_after_s: float | None = None) -> ErrorEvent:
+def _error(status: int, message: str, code: str, run: RunState, retry_after_s: float | None = None,
+           param: str | None = None) -> ErrorEvent:
     error_type = {400: "invalid_request_error", 503: "service_unavailable"}.get(status, "upstream_error")
-    return ErrorEvent(status=status, error=ErrorBody(message=message, type=error_type, code=code),
+    return ErrorEvent(status=status, error=ErrorBody(message=message, type=error_type, code=code, param=param),
                       retry_after_s=retry_after_s, attempts=len(run.attempts))
 
 

@@ -199,6 +199,10 @@ class RouteInfo(_Model):
     attempts: int
     intent: str | None = None
     intent_reason: str | None = None
+    # The candidates ranked before the one that answered and why they did not (`x-freeference-route`):
+    # "<deployment>=<reason>, ..." with reasons such as capability:tools, window, breaker, cooling,
+    # quota, hedge, failed:<kind>. Short, ASCII, never any request text.
+    skipped: str | None = None
 
 
 class AcceptedEvent(_Model):
@@ -222,6 +226,14 @@ class AttemptFailure(_Model):
     reason: str
 
 
+class HedgeRecord(_Model):
+    """A hedge the request started because this deployment's first token was late (/metrics)."""
+
+    provider: str
+    deployment: str
+    outcome: Literal["won", "lost", "failed"]  # the hedge's first token came first; the slow one's; none
+
+
 class WorkerTimings(_Model):
     """Where a job's time went in the worker, so the API can tell its own overhead from upstream time."""
 
@@ -238,6 +250,7 @@ class DoneEvent(_Model):
     # Optional, for /metrics (an older worker sends neither).
     failures: list[AttemptFailure] = Field(default_factory=list)
     timings: WorkerTimings | None = None
+    hedges: list[HedgeRecord] = Field(default_factory=list)
 
 
 class ErrorBody(_Model):
@@ -253,6 +266,7 @@ class ErrorEvent(_Model):
     retry_after_s: float | None = None
     attempts: int = 0
     failures: list[AttemptFailure] = Field(default_factory=list)  # optional, for /metrics
+    hedges: list[HedgeRecord] = Field(default_factory=list)
 
 
 def encode_event(job_id: str, event_type: EventType, payload: bytes) -> bytes:

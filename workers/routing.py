@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 from router.catalog import RuntimeCatalog
 from router.failover import FailoverExecutor
 from router.health import BreakerTuning, CommandSink, HealthStore
+from router.hedge import HedgeTuning
 from router.keys import KeyRotation
 from router.policy import Tuning
 from router.providers.openai_compat import BodyCaps, OpenAICompatProvider
@@ -20,7 +21,8 @@ def breaker_tuning(settings: Settings) -> BreakerTuning:
     """Breaker and key-ban numbers from settings."""
     return BreakerTuning(failure_threshold=settings.breaker_failure_threshold, cooldown_s=settings.breaker_cooldown_s,
                          max_cooldown_s=settings.breaker_max_cooldown_s, probe_ttl_s=settings.breaker_probe_ttl_s,
-                         ewma_alpha=settings.latency_ewma_alpha, key_ban_s=settings.upstream_key_ban_s)
+                         ewma_alpha=settings.latency_ewma_alpha, key_ban_s=settings.upstream_key_ban_s,
+                         feature_mark_s=settings.feature_mark_s, learned_window_s=settings.learned_window_s)
 
 
 def build_executor(redis: Redis, client: httpx.AsyncClient, settings: Settings,
@@ -29,7 +31,14 @@ def build_executor(redis: Redis, client: httpx.AsyncClient, settings: Settings,
     health = HealthStore(redis, breaker_tuning(settings), sink)
     caps = BodyCaps(error_bytes=settings.upstream_error_body_max_bytes, body_bytes=settings.upstream_body_max_bytes,
                     stream_bytes=settings.upstream_stream_max_bytes)
-    return FailoverExecutor(OpenAICompatProvider(client, caps), KeyRotation(), health, Tuning.from_settings(settings))
+    return FailoverExecutor(OpenAICompatProvider(client, caps), KeyRotation(), health, Tuning.from_settings(settings),
+                            hedging=hedge_tuning(settings))
+
+
+def hedge_tuning(settings: Settings) -> HedgeTuning:
+    """Hedged-first-token numbers from settings."""
+    return HedgeTuning(enabled=settings.hedge_enabled, multiplier=settings.hedge_ttft_multiplier,
+                       min_s=settings.hedge_min_s, max_s=settings.hedge_max_s, max_share=settings.hedge_max_share)
 
 
 def start_refresher(redis: Redis, catalog: RuntimeCatalog, client: httpx.AsyncClient,

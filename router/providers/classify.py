@@ -122,13 +122,14 @@ def _too_large(detail: ErrorDetail, lowered: str, headers: Mapping[str, str],
         limit, requested = detail.token_cap
         if requested > limit:
             return NotServable(f"request over this deployment's token limit: {detail.message}", status=413,
-                               feature="tokens")
+                               feature="tokens", limit_tokens=limit, requested_tokens=requested)
         return rate_limited(413, detail, headers, profile)
     if "rate_limit" in lowered and "too large" not in lowered:
         return rate_limited(413, detail, headers, profile)
     # GitHub Models' free tier: "tokens_limit_reached", "Request body too large for gpt-4o model.
     # Max size: 8000 tokens." — a per-request cap of this deployment.
-    return NotServable(f"request over this deployment's size limit: {detail.message}", status=413, feature="tokens")
+    return NotServable(f"request over this deployment's size limit: {detail.message}", status=413, feature="tokens",
+                       limit_tokens=detail.stated_window, requested_tokens=detail.stated_request)
 
 
 def _not_found(message: str, lowered: str) -> UpstreamError:
@@ -142,8 +143,9 @@ def _not_found(message: str, lowered: str) -> UpstreamError:
 
 def _bad_request(status: int, detail: ErrorDetail, lowered: str) -> UpstreamError:
     message = detail.message
-    if any(m in lowered for m in _CONTEXT_MARKERS):
-        return ContextTooLong(message, status=400)
+    if any(m in lowered for m in _CONTEXT_MARKERS) or detail.stated_window is not None:
+        return ContextTooLong(message, status=400, limit_tokens=detail.stated_window,
+                              requested_tokens=detail.stated_request)
     if any(m in lowered for m in _POLICY_MARKERS):
         return ContentRejected(message, status=400)
     if "model" in lowered and ("not found" in lowered or "does not exist" in lowered):

@@ -141,21 +141,3 @@ def _message(message: dict[str, Any], profile: CompiledProfile, provider: str) -
     copy = {k: v for k, v in message.items() if k not in unwanted}
     copy["role"] = renamed
     return copy
-
-
-def request_needs(body: Mapping[str, Any]) -> frozenset[str]:
-    """What a request needs of a deployment, in the words NotServable.feature uses: its top-level
-    fields, "tools", "vision", "json", and "data_policy" (which every request needs)."""
-    needs = {name for name, value in body.items() if value is not None}
-    needs.add("data_policy")
-    if body.get("tools") or body.get("functions"):
-        needs.add("tools")
-    if body.get("response_format"):
-        needs.add("json")
-    for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list) and any(isinstance(part, dict) and part.get("type") == "image_url"
-                                             for part in content):
-            needs.add("vision")
-            break
-    return frozenset(needs)

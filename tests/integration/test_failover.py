@@ -158,15 +158,16 @@ def test_idle_stall_of_a_non_streaming_answer_restarts_elsewhere(gateway: Gatewa
 @pytest.mark.parametrize("stream", [False, True])
 def test_context_length_400_goes_only_to_larger_models(gateway: Gateway, upstream: FakeUpstream, key: str,
                                                        stream: bool) -> None:
-    upstream.script(BEST, {"context_length": True})
+    upstream.script(BEST, {"context_length": 8192})
     answer = ask(gateway, key, stream)
     assert answer.model == BACKUP
-    upstream.script(BEST, {"context_length": True})
-    upstream.script(BACKUP, {"context_length": True})
+    upstream.script(BEST, {"context_length": 8192})
+    upstream.script(BACKUP, {"context_length": 32768})
     with pytest.raises(openai.BadRequestError) as info:
         ask(gateway, key, stream)
     assert info.value.code == "context_length_exceeded"
     assert upstream.requests(SMALL) == []  # 4k < 8k: never tried after an 8k model said too long
+    assert upstream.requests("coder") == []  # 16k < 32k: the same
 
 
 def test_prompt_longer_than_a_window_skips_that_model_before_trying(gateway: Gateway, upstream: FakeUpstream,

@@ -25,6 +25,8 @@ FAST_ENV = {
     "FREEFERENCE_BREAKER_COOLDOWN_S": "1",
     "FREEFERENCE_BREAKER_MAX_COOLDOWN_S": "4",
     "FREEFERENCE_LIVE_DEPLOYMENTS_PUBLISH_S": "0.5",
+    # The policy tests expect the best-scored candidate first; spreading is tested on its own.
+    "FREEFERENCE_SPREAD_SCORE_BAND": "0",
     # The caller's own limits are not under test here: base_env already sets them far above this traffic.
     "FREEFERENCE_MAX_STREAMS_PER_KEY": "10000",
 }

@@ -100,7 +100,8 @@ class FakeUpstream:
         self._post("/_control/default", {"model": model, "fault": fault})
 
     def set_models(self, models: list[str] | list[dict[str, Any]] | None) -> None:
-        """What GET /models lists: ids, or {"id", "context", "free", "tools", "vision"} (bench/fake_dialects.py)."""
+        """What GET /models lists: ids, or {"id", "context", "free", "tools", "json", "structured", "vision"}
+        (bench/fake_dialects.py)."""
         self._post("/_control/models", {"models": models})
 
     def set_bad_keys(self, keys: list[str]) -> None:

@@ -77,6 +77,21 @@ def test_openrouter_listing_corrects_adds_free_only_and_retires() -> None:
     assert learned.added == []
 
 
+def test_a_listing_corrects_what_the_catalog_says_a_model_can_do() -> None:
+    file = load_catalog(DEFAULT_CATALOG)
+    provider = next(p for p in file.providers if p.id == "openrouter")
+    gemma = next(m for m in file.models if m.id == "google/gemma-4-31b-it:free")
+    listing = parse_listing(orjson.dumps({"data": [
+        {"id": gemma.upstream_name, "context_length": gemma.context_window,
+         "pricing": {"prompt": "0", "completion": "0"}, "architecture": {"input_modalities": ["text"]},
+         "supported_parameters": ["response_format", "tools"]},
+    ]})) or []
+    features = learn(file, provider, listing).features[gemma.id]
+    # It lists tools and JSON mode, no structured outputs and no images: the listing wins.
+    assert set(features["capabilities"]) == {"chat", "tools", "json"}
+    assert set(features["lacks"]) == {"structured_outputs", "vision"}
+
+
 def test_a_newly_listed_free_model_is_added_with_family_scores_and_reported_capabilities() -> None:
     file = load_catalog(DEFAULT_CATALOG)
     provider = next(p for p in file.providers if p.id == "openrouter")
@@ -91,7 +106,8 @@ def test_a_newly_listed_free_model_is_added_with_family_scores_and_reported_capa
     assert [m.id for m in learned.added] == ["acme/mega-coder-2:free"]
     model = learned.added[0]
     assert model.context_window == 200000 and model.provider == "openrouter"
-    assert set(model.capabilities) == {"chat", "code", "tools", "json", "vision"}
+    assert set(model.capabilities) == {"chat", "code", "tools", "json", "structured_outputs", "vision"}
+    assert model.lacks == []
     coder_family = family(model.id, file.families)
     assert coder_family is not None and model.scores == coder_family.scores
     # Below every curated code model: a discovered model is a fallback until someone scores it.

@@ -143,6 +143,34 @@ async def test_not_servable_fails_over_without_cooling_and_is_remembered(env: An
     assert served == "a"  # ...but still serves requests without tools
 
 
+async def test_a_refusal_is_learned_by_every_worker_and_lapses(env: Any) -> None:
+    upstream = Upstream({"a": [answer(404, NO_TOOLS)]})
+    first, second = env(upstream), env(upstream)  # two workers, one Redis
+    deployments = catalog({"errors": "openrouter"})
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    assert (await ask(first, deployments, tools=tools))[0] == "c"
+    served, state = await ask(second, deployments, tools=tools)
+    assert served == "c" and upstream.calls == ["a", "c", "c"]  # the other worker never asks a
+    assert ("p1/a", "unsupported:tools") in state.notes
+    snap = await second.snapshot(list(deployments.values()))
+    assert 3_500_000 < snap.of(deployments["a"]).unsupported["tools"] - now_ms() <= 3_600_000
+
+
+async def test_a_stated_window_routes_this_request_and_the_next_ones(env: Any) -> None:
+    too_long = {"error": {"message": "This model's maximum context length is 600 tokens. However, you requested 700 "
+                                     "tokens (600 in the messages, 100 in the completion).",
+                          "code": "context_length_exceeded"}}
+    upstream = Upstream({"a": [answer(400, too_long)]})
+    executor = env(upstream)
+    deployments = catalog({})
+    # c's window is no larger than a's catalog one (1000 tokens each), but a said 600 and counted 700: c fits.
+    served, state = await ask(executor, deployments)
+    assert served == "c" and upstream.calls == ["a", "c"]
+    snap = await executor.snapshot(list(deployments.values()))
+    assert snap.of(deployments["a"]).window(1000, now_ms()) == 600  # every worker routes by it from now on
+    assert [a.reason for a in state.attempts] == ["context_length"]
+
+
 @pytest.mark.parametrize(("scope", "second"), [("model", "c"), ("key", "b")])
 async def test_a_429_parks_the_key_at_its_scope(env: Any, scope: str, second: str) -> None:
     upstream = Upstream({"a": [answer(429, {"error": {"message": "slow down"}}, **{"retry-after": "120"})]})

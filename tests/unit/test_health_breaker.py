@@ -60,7 +60,9 @@ async def test_breaker_opens_after_threshold_consecutive_failures(store: HealthS
     assert await store.record_failure(d)
     health = await _health(store, d)
     assert health.state(now_ms()) == "open"
-    assert before + 1000 <= health.open_until_ms <= now_ms() + 1000
+    # Open for the cooldown less up to a fifth (jitter, so breakers opened together lapse apart).
+    assert before + 800 <= health.open_until_ms <= now_ms() + 1000
+    assert health.cooldown_ms == 1000
     # More failures while open (requests that started earlier) do not extend it.
     assert not await store.record_failure(d)
     assert (await _health(store, d)).open_until_ms == health.open_until_ms
@@ -160,24 +162,24 @@ def test_rank_orders_by_score_then_health_and_skips_what_does_not_fit(deployment
     best, twin, backup = deployments["best"], deployments["twin"], deployments["backup"]
     now = now_ms()
     snap = HealthSnapshot(at_ms=now)
-    assert rank([[best, twin, backup]], "general", snap, 100) == [best, twin, backup]
+    assert rank([[best, twin, backup]], "general", snap, 100).candidates == [best, twin, backup]
     # Equal scores: the faster one first; a slower equal is still before a lower score.
     snap.deployments[best.key] = DeploymentHealth(ewma_ms=2000)
     snap.deployments[twin.key] = DeploymentHealth(ewma_ms=100)
-    assert rank([[best, twin, backup]], "general", snap, 100) == [twin, best, backup]
+    assert rank([[best, twin, backup]], "general", snap, 100).candidates == [twin, best, backup]
     # A half-open breaker goes after a closed one of the same score; an open one is skipped.
     snap.deployments[best.key] = DeploymentHealth(open_until_ms=now - 1, cooldown_ms=1000)
     snap.deployments[twin.key] = DeploymentHealth(open_until_ms=now + 5000, cooldown_ms=5000)
-    assert rank([[best, twin, backup]], "general", snap, 100) == [best, backup]
+    assert rank([[best, twin, backup]], "general", snap, 100).candidates == [best, backup]
     # Too long for the 8k and 32k windows: only the 64k model remains.
-    assert rank([[best, twin, backup]], "general", HealthSnapshot(at_ms=now), 40_000) == [backup]
+    assert rank([[best, twin, backup]], "general", HealthSnapshot(at_ms=now), 40_000).candidates == [backup]
     with pytest.raises(NothingFits):
         rank([[best, twin, backup]], "general", HealthSnapshot(at_ms=now), 100_000)
 
 
 def test_rank_keeps_fallback_groups_in_order(deployments: dict[str, Deployment]) -> None:
     best, backup = deployments["best"], deployments["backup"]
-    assert rank([[backup], [best]], "general", HealthSnapshot(at_ms=now_ms()), 10) == [backup, best]
+    assert rank([[backup], [best]], "general", HealthSnapshot(at_ms=now_ms()), 10).candidates == [backup, best]
 
 
 def test_everything_cooling_is_none_available_with_the_soonest_retry(deployments: dict[str, Deployment]) -> None:

@@ -2,8 +2,9 @@
 
 import pytest
 
+from router.capabilities import request_needs
 from router.errors import NotServable
-from router.providers.profile import CompiledProfile, droppable, prepare, request_needs
+from router.providers.profile import CompiledProfile, droppable, prepare
 from settings.catalog import ProviderProfile, load_catalog
 from settings.config import DEFAULT_CATALOG
 

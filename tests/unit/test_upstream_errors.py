@@ -308,3 +308,41 @@ def test_chunk_shapes(chunk: dict, ok: bool) -> None:
     from router.providers.sse import well_formed
 
     assert well_formed(chunk) is ok
+
+
+# --- Stated limits: the window a context refusal names, and the tokens it counted (routed by next)
+@pytest.mark.parametrize(("status", "body", "errors", "limit", "requested"), [
+    # vllm-project/vllm#20409 (OpenAI, Groq and OpenRouter word it the same)
+    (400, _body("This model's maximum context length is 16384 tokens. However, you requested 19591 tokens (9591 in "
+                "the messages, 10000 in the completion). Please reduce the length of the messages or completion.",
+                "context_length_exceeded"), "openai", 16384, 19591),
+    # dissorial/Chainlit-OpenAI-Functions#1
+    (400, _body("This model's maximum context length is 4097 tokens. However, your messages resulted in 4238 tokens "
+                "(4143 in the messages, 95 in the functions).", "context_length_exceeded"), "openai", 4097, 4238),
+    # google-gemini/gemini-cli#6678: a JSON list
+    (400, orjson.dumps([{"error": {"code": 400, "message": "The input token count (1200293) exceeds the maximum "
+                                   "number of tokens allowed (1048576).", "status": "INVALID_ARGUMENT"}}]),
+     "gemini", 1048576, 1200293),
+    # cline/cline#5140 (Cerebras)
+    (400, _body("Please reduce the length of the messages or completion. Current length is 42328 while limit is "
+                "40000"), "openai", 40000, 42328),
+    # anthropics/claude-code#408 (an Anthropic-style server behind an OpenAI-compatible front)
+    (400, _body("input length and `max_tokens` exceed context limit: 189136 + 20000 > 204648, decrease input length "
+                "or `max_tokens` and try again"), "openai", 204648, 189136),
+    (400, _body("This model's maximum context length is 8192 tokens."), "openai", 8192, None),
+])
+def test_a_stated_window_is_read(status: int, body: bytes, errors: str, limit: int, requested: int | None) -> None:
+    error = error_for_status(status, body, {}, profile(errors=errors))
+    assert isinstance(error, ContextTooLong)
+    assert (error.limit_tokens, error.requested_tokens) == (limit, requested)
+
+
+def test_a_per_request_token_cap_states_its_limit() -> None:
+    # cline/cline#995 (GitHub Models' free tier) and Groq's whole-minute overrun (continue#10218).
+    github = error_for_status(413, _body("Request body too large for gpt-4o model. Max size: 8000 tokens.",
+                                         "tokens_limit_reached"), {})
+    assert isinstance(github, NotServable) and (github.feature, github.limit_tokens) == ("tokens", 8000)
+    groq = error_for_status(413, _body("Request too large for model `llama-3.1-8b-instant` on tokens per minute (TPM): "
+                                       "Limit 6000, Requested 14368, please reduce your message size and try again.",
+                                       "rate_limit_exceeded"), {}, profile(headers="groq"))
+    assert isinstance(groq, NotServable) and (groq.limit_tokens, groq.requested_tokens) == (6000, 14368)
