@@ -1,5 +1,7 @@
 """The FastAPI application: create_app() and its lifespan (Redis, reply hub, catalog)."""
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +16,7 @@ from api.dispatch import Dispatcher
 from api.errors import install_error_handlers
 from api.fastpath import DirectRoute
 from api.gate import KeyGate
+from api.live_catalog import follow
 from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import EdgeMiddleware
 from api.openapi_schema import install_openapi
@@ -57,9 +60,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.key_gate = KeyGate(redis, conf)
         app.state.stream_limiter = StreamLimiter(redis, conf.max_streams_per_key)
         app.state.background = BackgroundWrites()
+        # Models the workers' provider listings added become listed and pinnable here (api/live_catalog.py).
+        follower = asyncio.create_task(follow(app, redis, app.state.catalog, conf.live_deployments_publish_s),
+                                       name="live-catalog")
         try:
             yield
         finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
             await app.state.background.drain(timeout_s=5)
             await hub.stop()
             await redis.aclose()

@@ -9,6 +9,10 @@ labelled "simulated" provider). Behaviour per upstream model name is scripted ov
                                                                    entry is an id or {"id", "context", "free",
                                                                    "tools", "json", "structured", "vision"}
     POST /_control/bad_keys {"keys": [..]}                        Authorization values answered with 401
+    POST /_control/rpm      {"model": M, "rpm": N | null,          at most N requests a minute for M (fixed
+                             "retry_after": true}                  windows): the rest get 429 (with
+                                                                   Retry-After unless false); every answer
+                                                                   carries the dialect's rate-limit headers
     POST /_control/reset                                           forget scripts and the log
     GET  /_control/requests                                        every request seen, in order
 
@@ -70,6 +74,10 @@ class FakeUpstream:
         self.bad_keys: set[str] = set()
         self.log: list[dict[str, Any]] = []
         self.started = time.time()
+        self.rpm: dict[str, int] = {}
+        self.rpm_hints: dict[str, bool] = {}  # model → whether its 429s say Retry-After
+        # model → (start of its current minute, requests admitted in it)
+        self.windows: dict[str, tuple[float, int]] = {}
 
     def reset(self) -> None:
         self.scripts.clear()
@@ -77,6 +85,8 @@ class FakeUpstream:
         self.models = None
         self.bad_keys.clear()
         self.log.clear()
+        self.rpm.clear()
+        self.windows.clear()
 
     def next_fault(self, model: str) -> dict[str, Any]:
         script = self.scripts.get(model)
@@ -124,6 +134,13 @@ class FakeUpstream:
             self.models = data.get("models")
         elif path == "/_control/bad_keys":
             self.bad_keys = {f"Bearer {key}" for key in data.get("keys") or []}
+        elif path == "/_control/rpm":
+            if data.get("rpm"):
+                self.rpm[data["model"]] = int(data["rpm"])
+                self.rpm_hints[data["model"]] = bool(data.get("retry_after", True))
+            else:
+                self.rpm.pop(data["model"], None)
+            self.windows.pop(data["model"], None)
         elif path == "/_control/reset":
             self.reset()
         elif path == "/_control/requests":
@@ -145,6 +162,12 @@ class FakeUpstream:
         self.log.append({"t": time.time(), "model": model, "stream": bool(body.get("stream")), "body": body,
                          "authorization": headers.get("authorization"), "fault": fault, "dialect": dialect.name,
                          "refused": refused})
+        limited = self._admit(model, dialect)
+        if limited is not None:
+            self.log[-1]["limited"] = True
+            status, payload, limit_headers = limited
+            await _json(send, status, payload, limit_headers)
+            return
         if headers.get("authorization") in self.bad_keys:
             await _json(send, 401, {"error": {"message": "Invalid API key", "type": "invalid_request_error",
                                               "code": "invalid_api_key"}})
@@ -172,7 +195,9 @@ class FakeUpstream:
         if "status" in fault or fault.get("context_length") or fault.get("content_policy"):
             await self._error(send, fault, dialect)
             return
-        extra_headers = {**(quota_headers(dialect, fault["quota"]) if fault.get("quota") else {}),
+        window_quota = self._quota(model)
+        extra_headers = {**(quota_headers(dialect, window_quota) if window_quota else {}),
+                         **(quota_headers(dialect, fault["quota"]) if fault.get("quota") else {}),
                          **(fault.get("ratelimit_headers") or {})}
         with_usage = dialect.usage == "always" or (dialect.usage == "asked" and
                                                    bool((body.get("stream_options") or {}).get("include_usage")))
@@ -186,6 +211,35 @@ class FakeUpstream:
             if dialect.usage == "never":
                 completion.pop("usage")
             await _json(send, 200, completion, extra_headers)
+
+    def _admit(self, model: str, dialect: Dialect) -> tuple[int, Any, dict[str, str]] | None:
+        """Count a request against its model's requests-per-minute limit; a 429 answer when over it."""
+        limit = self.rpm.get(model)
+        if not limit:
+            return None
+        now = time.time()
+        start, used = self.windows.get(model, (now, 0))
+        if now - start >= 60:
+            start, used = now, 0
+        if used >= limit:
+            self.windows[model] = (start, used)
+            wait_s = max(start + 60 - now, 0.001)
+            headers = quota_headers(dialect, {"remaining": 0, "limit": limit, "reset_s": round(wait_s, 2)})
+            if self.rpm_hints.get(model, True):
+                headers["retry-after"] = str(max(int(wait_s + 0.999), 1))
+            return 429, {"error": {"message": f"Rate limit reached for {model}: {limit} requests per minute",
+                                   "type": "requests", "code": "rate_limit_exceeded"}}, headers
+        self.windows[model] = (start, used + 1)
+        return None
+
+    def _quota(self, model: str) -> dict[str, Any] | None:
+        """The rate-limit state an answer for `model` reports (None: it has no limit)."""
+        limit = self.rpm.get(model)
+        if not limit or model not in self.windows:
+            return None
+        start, used = self.windows[model]
+        reset_s = round(max(start + 60 - time.time(), 0), 2)
+        return {"remaining": max(limit - used, 0), "limit": limit, "reset_s": reset_s}
 
     async def _huge(self, send: Send, receive: Receive, fault: dict[str, Any]) -> None:
         """A body of fault["huge_body"] bytes, made as it is sent (the fake never holds it)."""

@@ -10,7 +10,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,10 +79,12 @@ def load_average() -> str:
 
 
 @contextmanager
-def running_stack(workers: int = 2, keep_logs: bool = False, repo: Path | None = None, **env: str) -> Iterator[Stack]:
+def running_stack(workers: int = 2, keep_logs: bool = False, repo: Path | None = None,
+                  catalog: Callable[[str], str] | None = None, **env: str) -> Iterator[Stack]:
     """Start Valkey, the fake upstream (no added latency), one API and `workers` workers.
 
-    `repo`: run the API and workers from another checkout (default: this one).
+    `repo`: run the API and workers from another checkout (default: this one). `catalog`: the
+    catalog YAML for the fake's URL (default: the tests' catalog).
     """
     log_dir = Path(tempfile.mkdtemp(prefix="ff-bench-"))
     redis_port = free_port()
@@ -96,7 +98,7 @@ def running_stack(workers: int = 2, keep_logs: bool = False, repo: Path | None =
     try:
         wait_http(fake.root + "/_control/requests")
         catalog_path = log_dir / "catalog.yaml"
-        catalog_path.write_text(catalog_yaml(fake.url))
+        catalog_path.write_text((catalog or catalog_yaml)(fake.url))
         # The 100-streams scenario holds 100 streams on one key: above the default per-key cap (64).
         settings = {"FREEFERENCE_MAX_STREAMS_PER_KEY": "1000", **env}
         gateway = Gateway(redis_url=redis_url, env=base_env(redis_url, catalog_path, **settings), log_dir=log_dir,

@@ -79,11 +79,27 @@ def catalog_refresh_lock_key(provider: str) -> str:
 
 # Hash deployment → LiveDeployment JSON, refreshed by every worker: what is routable somewhere.
 LIVE_DEPLOYMENTS_KEY = "ff:deployments"
+# Hash deployment → ModelCard JSON, written with it: what the worker routes that model as (its
+# catalog entry as the provider's listing corrected it, or a model the listing added). A hash of
+# its own, so an API of an earlier release, which reads LIVE_DEPLOYMENTS_KEY strictly, is unaffected.
+LIVE_MODEL_CARDS_KEY = "ff:deployments:cards"
 # Hash provider → what its model listing taught ({"context": {model: window}, "added": [model]}),
 # written by the worker that refreshed it, applied by every worker (router/refresh.py).
 LEARNED_CATALOG_KEY = "ff:catalog:learned"
 # Hash provider → ProviderStatus JSON: its last check, per key (GET /admin/providers).
 PROVIDER_STATUS_KEY = "ff:providers:status"
+
+
+class ModelCard(_Model):
+    """A model as a worker routes it (LIVE_MODEL_CARDS_KEY): enough for the API to list and pin it."""
+
+    name: str | None = None
+    context_window: int
+    capabilities: list[str]
+    lacks: list[str] = []
+    scores: dict[str, float]
+    created: int
+    discovered: bool = False  # added from the provider's listing: not in the catalog file
 
 
 class LiveDeployment(_Model):

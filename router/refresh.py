@@ -12,7 +12,9 @@ Redis lock per provider) lists the provider's models with each of its keys and:
 
 What a listing taught is shared in Redis (LEARNED_CATALOG_KEY) and every worker applies it on
 its next tick. Each worker also re-publishes its own deployments so the API can list exactly
-what is routable (LIVE_DEPLOYMENTS_KEY). `freeference providers check` runs the same check.
+what is routable (LIVE_DEPLOYMENTS_KEY), and as what (LIVE_MODEL_CARDS_KEY: windows and features
+as the listings corrected them, and the models they added, which the API then lists and pins).
+`freeference providers check` runs the same check.
 """
 
 import asyncio
@@ -31,9 +33,11 @@ from router.health import HealthStore, key_fingerprint, now_ms
 from router.keyspace import (
     LEARNED_CATALOG_KEY,
     LIVE_DEPLOYMENTS_KEY,
+    LIVE_MODEL_CARDS_KEY,
     PROVIDER_STATUS_KEY,
     KeyCheck,
     LiveDeployment,
+    ModelCard,
     ProviderStatus,
     catalog_refresh_lock_key,
 )
@@ -156,13 +160,22 @@ class CatalogRefresher:
             await asyncio.sleep(self.tick_s())
 
     async def publish_live(self) -> None:
-        """Tell the API which deployments this worker can route (with a fresh timestamp)."""
+        """Tell the API which deployments this worker can route (with a fresh timestamp), and as what."""
         if not self._catalog.deployments:
             return
         seen = now_ms()
         entries = {d.key: LiveDeployment(model=d.model.id, provider=d.provider.id, seen_ms=seen).model_dump_json()
                    for d in self._catalog.deployments}
-        await self._redis.hset(LIVE_DEPLOYMENTS_KEY, mapping=entries)  # type: ignore[misc]
+        in_file = {(m.id, m.provider) for m in self._catalog.file.models}
+        cards = {d.key: ModelCard(name=d.model.name, context_window=d.model.context_window,
+                                  capabilities=list(d.model.capabilities), lacks=list(d.model.lacks),
+                                  scores={str(k): v for k, v in d.model.scores.items()}, created=d.model.created,
+                                  discovered=(d.model.id, d.provider.id) not in in_file).model_dump_json()
+                 for d in self._catalog.deployments}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hset(LIVE_DEPLOYMENTS_KEY, mapping=entries)
+            pipe.hset(LIVE_MODEL_CARDS_KEY, mapping=cards)
+            await pipe.execute()
 
     async def sync_learned(self) -> None:
         """Apply what any worker's refresh taught (only when it changed since the last look)."""

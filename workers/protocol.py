@@ -22,11 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from router.keyspace import (
     LEARNED_CATALOG_KEY,
     LIVE_DEPLOYMENTS_KEY,
+    LIVE_MODEL_CARDS_KEY,
     MODEL_PARK_PREFIX,
     PROVIDER_STATUS_KEY,
     DeploymentHealth,
     KeyCheck,
     LiveDeployment,
+    ModelCard,
     ProviderStatus,
     catalog_refresh_lock_key,
     deployment_health_key,
@@ -36,9 +38,9 @@ from router.keyspace import (
 )
 
 __all__ = [
-    "LEARNED_CATALOG_KEY", "LIVE_DEPLOYMENTS_KEY", "MODEL_PARK_PREFIX", "PROVIDER_STATUS_KEY", "DeploymentHealth",
-    "KeyCheck", "LiveDeployment", "ProviderStatus", "catalog_refresh_lock_key", "deployment_health_key",
-    "deployment_probe_key", "key_quota_view", "upstream_key_state_key",
+    "LEARNED_CATALOG_KEY", "LIVE_DEPLOYMENTS_KEY", "LIVE_MODEL_CARDS_KEY", "MODEL_PARK_PREFIX", "PROVIDER_STATUS_KEY",
+    "DeploymentHealth", "KeyCheck", "LiveDeployment", "ModelCard", "ProviderStatus", "catalog_refresh_lock_key",
+    "deployment_health_key", "deployment_probe_key", "key_quota_view", "upstream_key_state_key",
 ]
 
 PROTOCOL_VERSION = 1

@@ -2,6 +2,7 @@
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import openai
@@ -74,3 +75,26 @@ def test_refresh_adds_free_models_corrects_windows_and_retires_vanished_ones(
     assert "acme/new-coder:free" in openrouter["new"]
     assert openrouter["context_changed"] == {"or-kept:free": [4096, 65536]}
     assert openrouter["keys"][0]["valid"] is True and openrouter["keys"][0]["listed"] == 3
+
+
+def test_discovered_models_are_listed_for_pro_keys_and_pinnable(gateway_factory: Callable[..., Gateway],
+                                                                 fake_upstream: FakeUpstream) -> None:
+    gateway = gateway_factory(workers=2, catalog=live_catalog(fake_upstream.root), **FAST_ENV)
+    fake_upstream.set_models([{"id": "or-old:free"}, {"id": "or-kept:free", "context": 65536},
+                              {"id": "acme/new-coder:free", "context": 65536, "tools": True}])
+    pro, free = gateway.create_key("pro"), gateway.create_key("free")
+
+    def listed() -> dict[str, Any]:
+        cards = gateway.client(pro).models.list().data
+        return {card.id: card for card in cards}
+
+    wait_for(lambda: "acme/new-coder:free" in listed(), 20, "the discovered model in /v1/models")
+    card = listed()["acme/new-coder:free"]
+    assert card.context_window == 65536 and "tools" in card.capabilities
+    assert listed()["or-kept:free"].context_window == 65536  # as the listing says, not the file's 4096
+    answer = ask(gateway, pro, stream=False, model="acme/new-coder:free")
+    assert answer.model == "acme/new-coder:free"
+    assert "acme/new-coder:free" not in {c.id for c in gateway.client(free).models.list().data}
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        ask(gateway, free, stream=False, model="acme/new-coder:free")
+    assert info.value.code == "tier_not_allowed"

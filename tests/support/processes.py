@@ -104,6 +104,11 @@ class FakeUpstream:
         (bench/fake_dialects.py)."""
         self._post("/_control/models", {"models": models})
 
+    def set_rpm(self, model: str, rpm: int | None, retry_after: bool = True) -> None:
+        """At most `rpm` requests a minute for `model` (429 past it, with Retry-After unless told not
+        to); None lifts it."""
+        self._post("/_control/rpm", {"model": model, "rpm": rpm, "retry_after": retry_after})
+
     def set_bad_keys(self, keys: list[str]) -> None:
         """Requests carrying one of these upstream keys are answered 401."""
         self._post("/_control/bad_keys", {"keys": keys})
