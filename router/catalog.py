@@ -38,8 +38,10 @@ class Deployment:
     model: ModelConfig
     provider: ProviderRuntime
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
+        """"provider/model": the name its shared health and every route note go by (computed once:
+        ranking reads it many times per request)."""
         return f"{self.provider.id}/{self.model.id}"
 
     def score(self, intent: Intent) -> float:

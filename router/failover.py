@@ -12,9 +12,10 @@ cancelled before anything of it reaches the caller.
 
 import asyncio
 import collections
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from router import capabilities
@@ -82,7 +83,6 @@ class _Request:
     pending: collections.deque[Deployment]
     ranked: Sequence[Deployment]
     body: dict[str, Any]
-    needs: frozenset[str]
     state: RunState
     health: HealthSnapshot
     budget_s: Callable[[], float]
@@ -93,6 +93,11 @@ class _Request:
     restart: Callable[[], None] | None
     min_tokens: int = 0  # after a context refusal: what any later candidate's window must hold
     last: UpstreamError | None = None
+
+    @functools.cached_property
+    def needs(self) -> frozenset[str]:
+        """What a deployment may have said it lacks that this request uses (read only when one has)."""
+        return capabilities.request_needs(self.body)
 
 
 @dataclass
@@ -107,7 +112,6 @@ class _Race:
     primary_running: bool = True
     primary_cancelled: bool = False
     timer: asyncio.TimerHandle | None = None
-    done: list[tuple[_Try, Outcome_]] = field(default_factory=list)
 
 
 class FailoverExecutor:
@@ -138,18 +142,17 @@ class FailoverExecutor:
         async def on_start(_: Deployment, __: int) -> None:
             return None
 
-        served = await self._run(_Request(collections.deque(ranked), ranked, body, capabilities.request_needs(body),
-                                          state, health, budget_s, on_start, assembler.add, forward_usage_chunk=True,
-                                          visible=False, restart=assembler.reset))
+        served = await self._run(_Request(collections.deque(ranked), ranked, body, state, health, budget_s, on_start,
+                                          assembler.add, forward_usage_chunk=True, visible=False,
+                                          restart=assembler.reset))
         return assembler.result(served.model.id), served
 
     async def stream(self, ranked: Sequence[Deployment], body: dict[str, Any], state: RunState,
                      health: HealthSnapshot, budget_s: Callable[[], float], on_start: OnStart, on_chunk: OnChunk,
                      forward_usage_chunk: bool) -> Deployment:
         """Streaming: invisible failover before the first chunk, continuation (prefill) after."""
-        return await self._run(_Request(collections.deque(ranked), ranked, body, capabilities.request_needs(body),
-                                        state, health, budget_s, on_start, on_chunk,
-                                        forward_usage_chunk=forward_usage_chunk, visible=True, restart=None))
+        return await self._run(_Request(collections.deque(ranked), ranked, body, state, health, budget_s, on_start,
+                                        on_chunk, forward_usage_chunk=forward_usage_chunk, visible=True, restart=None))
 
     async def _run(self, req: _Request) -> Deployment:
         current: _Try | None = None
@@ -277,12 +280,12 @@ class FailoverExecutor:
             # The primary's first token came first, or it answered with the caller's own error (a
             # safety refusal is not routed around): the hedge stops unseen.
             hedge_task.cancel()
-            await asyncio.wait([hedge_task])
+            await _joined(hedge_task)
             if race.hedge is not None:
                 self._hedged(race, req, "lost")
             return [(t, outcome)]
         # The hedge won, or the primary failed before its first token: the hedge's outcome counts.
-        await asyncio.wait([hedge_task])
+        await _joined(hedge_task)
         hedged = None if hedge_task.cancelled() else hedge_task.result()
         finished: list[tuple[_Try, Outcome_]] = [(t, outcome)] if outcome is not None else []
         if hedged is None:
@@ -423,3 +426,13 @@ class FailoverExecutor:
             req.min_tokens = max(req.min_tokens, requested if requested and requested > limit else limit + 1)
         elif too_long:  # no limit stated: a larger window than this one's, at least
             req.min_tokens = max(req.min_tokens, window(d, req.health) + 1)
+
+
+async def _joined(task: "asyncio.Task[Any]") -> None:
+    """Wait for a hedge's task to end; if this request is cancelled meanwhile (its caller left),
+    the hedge is cancelled too instead of streaming on for nobody."""
+    try:
+        await asyncio.wait([task])
+    except asyncio.CancelledError:
+        task.cancel()
+        raise

@@ -35,6 +35,8 @@ _HEALTH_TTL_MS = 7 * 24 * 3600 * 1000
 _COOLDOWN_JITTER = 0.2
 # Live feature marks one deployment may carry (real providers refuse a handful of features).
 _MAX_MARKS = 32
+# The health of a deployment nobody has written anything about yet (frozen, so it may be shared).
+_FRESH = DeploymentHealth()
 
 def now_ms() -> int:
     """Wall-clock milliseconds (shared across processes and machines)."""
@@ -68,17 +70,21 @@ class KeyState:
 
     @classmethod
     def from_hash(cls, raw: Mapping[bytes, bytes]) -> "KeyState":
-        """Parse HGETALL output."""
-        f = {k.decode(): v.decode() for k, v in raw.items()}
-
-        def opt(name: str) -> int | None:
-            return int(float(f[name])) if f.get(name) not in (None, "") else None
-
-        models = {k[len(MODEL_PARK_PREFIX):]: int(float(v)) for k, v in f.items() if k.startswith(MODEL_PARK_PREFIX)}
-        quota = {k[len(MODEL_QUOTA_PREFIX):]: parsed for k, v in f.items()
-                 if k.startswith(MODEL_QUOTA_PREFIX) and (parsed := _remaining_limit(v)) is not None}
-        return cls(int(float(f.get("banned_until_ms", 0))), int(float(f.get("exhausted_until_ms", 0))),
-                   opt("remaining_requests"), opt("limit_requests"), models, quota)
+        """Parse HGETALL output (one pass: every claim parses every key of every candidate)."""
+        numbers: dict[str, int] = {}
+        models: dict[str, int] = {}
+        quota: dict[str, tuple[int, int | None]] = {}
+        for key, value in raw.items():
+            name, text = key.decode(), value.decode()
+            if name.startswith(MODEL_PARK_PREFIX):
+                models[name[len(MODEL_PARK_PREFIX):]] = int(float(text))
+            elif name.startswith(MODEL_QUOTA_PREFIX):
+                if (parsed := _remaining_limit(text)) is not None:
+                    quota[name[len(MODEL_QUOTA_PREFIX):]] = parsed
+            elif text:
+                numbers[name] = int(float(text))
+        return cls(numbers.get("banned_until_ms", 0), numbers.get("exhausted_until_ms", 0),
+                   numbers.get("remaining_requests"), numbers.get("limit_requests"), models, quota)
 
     def blocked_until_ms(self, model: str | None = None) -> int:
         """When this key may serve `model` again (the past: now)."""
@@ -118,7 +124,7 @@ class HealthSnapshot:
 
     def of(self, deployment: Deployment) -> DeploymentHealth:
         """The deployment's health (a fresh, closed breaker if never seen)."""
-        return self.deployments.get(deployment.key) or DeploymentHealth()
+        return self.deployments.get(deployment.key) or _FRESH
 
     def key(self, provider: str, api_key: str) -> KeyState:
         """One upstream key's state."""

@@ -12,7 +12,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Model(BaseModel):
@@ -144,7 +144,10 @@ UNSUPPORTED_PREFIX = "nf:"
 
 
 class DeploymentHealth(BaseModel):
-    """The health hash of one deployment; times are unix milliseconds, 0 = unset."""
+    """The health hash of one deployment; times are unix milliseconds, 0 = unset. Frozen: what a
+    request learns goes into a copy (model_copy), and one fresh instance serves every unseen one."""
+
+    model_config = ConfigDict(frozen=True)
 
     fails: int = 0  # consecutive failures
     open_until_ms: int = 0  # breaker open until; > 0 and past = half-open (one probe allowed)
@@ -157,16 +160,36 @@ class DeploymentHealth(BaseModel):
     # a 413 token cap), smaller than the catalog's: routed by until window_until_ms.
     window_tokens: int = 0
     window_until_ms: int = 0
-    unsupported: dict[str, int] = {}  # feature or field → refused until (UNSUPPORTED_PREFIX fields)
+    # feature or field → refused until (UNSUPPORTED_PREFIX fields). A factory, not a {} default:
+    # pydantic copies a mutable default per instance, and one is made per candidate per request.
+    unsupported: dict[str, int] = Field(default_factory=dict)
 
     @classmethod
     def from_hash(cls, raw: Mapping[bytes, bytes]) -> "DeploymentHealth":
-        """Parse HGETALL output (missing fields keep their defaults)."""
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
-        known = {k: v for k, v in fields.items() if k in cls.model_fields and k != "unsupported"}
-        marks = {k[len(UNSUPPORTED_PREFIX):]: int(float(v)) for k, v in fields.items()
-                 if k.startswith(UNSUPPORTED_PREFIX)}
-        return cls.model_validate({**known, "unsupported": marks})
+        """Parse HGETALL output (missing fields keep their defaults; unknown ones are ignored).
+
+        Converted by hand first (pydantic's own coercion of strings costs more, and the claim
+        parses every deployment's hash for every job).
+        """
+        values: dict[str, Any] = {}
+        marks: dict[str, int] = {}
+        for key, value in raw.items():
+            name = key.decode()
+            kind = _HEALTH_FIELDS.get(name)
+            try:
+                if kind is int:
+                    values[name] = int(float(value))
+                elif kind is float:
+                    values[name] = float(value)
+                elif kind is bool:
+                    values[name] = value in (b"1", b"true", b"True")
+                elif name.startswith(UNSUPPORTED_PREFIX):
+                    marks[name[len(UNSUPPORTED_PREFIX):]] = int(float(value))
+            except ValueError:
+                continue  # a field written by hand or by another release: its default stands
+        if marks:
+            values["unsupported"] = marks
+        return cls(**values)
 
     def state(self, now_ms: int) -> Literal["gone", "open", "cooling", "half_open", "closed"]:
         """Where the breaker stands at `now_ms`."""
@@ -197,3 +220,10 @@ class DeploymentHealth(BaseModel):
         if self.ewma_ms < 0:
             return None
         return self.ewma_ms + 1.645 * math.sqrt(max(self.ttft_var_ms2, 0.0))
+
+
+# How each field of a health hash is read (DeploymentHealth.from_hash).
+_HEALTH_FIELDS: dict[str, type] = {
+    "fails": int, "open_until_ms": int, "cooldown_ms": int, "cooling_until_ms": int, "ewma_ms": float,
+    "ttft_var_ms2": float, "gone": bool, "window_tokens": int, "window_until_ms": int,
+}

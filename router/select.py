@@ -102,7 +102,10 @@ def estimate_tokens(body: dict[str, Any]) -> int:
 
 def window(deployment: Deployment, health: HealthSnapshot) -> int:
     """The context window to route by: the catalog's, or a smaller one its provider stated."""
-    return health.of(deployment).window(deployment.model.context_window, health.at_ms)
+    h = health.deployments.get(deployment.key)
+    if h is None or not h.window_tokens:
+        return deployment.model.context_window
+    return h.window(deployment.model.context_window, health.at_ms)
 
 
 def fits(deployment: Deployment, needed_tokens: int, health: HealthSnapshot) -> bool:
@@ -144,11 +147,12 @@ def rank(groups: Sequence[Sequence[Deployment]], intent: Intent, health: HealthS
             _skip(d, reason, intent, skipped)
             if wait_ms is not None:
                 waits_ms.append(wait_ms)
-        ordered = sorted(usable, key=functools.partial(_order, group=group, intent=intent, health=health))
+        position = {id(d): i for i, d in enumerate(group)}  # by identity: comparing models is costly
+        ordered = sorted(usable, key=functools.partial(_order, position=position, intent=intent, health=health))
         ranked.extend(_spread(ordered, intent, health, band, rng or random, inflight or {}))
     if not ranked:
         raise NoneAvailable(max(min(waits_ms, default=5000) / 1000, 1.0), wait_known=bool(waits_ms))
-    return Ranking(ranked, skipped, {d.key: i for i, group in reversed(list(enumerate(groups))) for d in group})
+    return Ranking(ranked, skipped, {d.key: i for i, group in enumerate(groups) for d in group})
 
 
 def _capable(d: Deployment, features: Sequence[str], health: HealthSnapshot, intent: Intent,
@@ -165,10 +169,11 @@ def _skip(d: Deployment, reason: str, intent: Intent, skipped: list[Skip]) -> bo
     return False
 
 
-def _order(d: Deployment, group: Sequence[Deployment], intent: Intent, health: HealthSnapshot) -> tuple[float, ...]:
+def _order(d: Deployment, position: Mapping[int, int], intent: Intent, health: HealthSnapshot) -> tuple[float, ...]:
     h = health.of(d)
-    return (-d.score(intent), 1.0 if h.state(health.at_ms) == "half_open" else 0.0, _latency_bucket(d, health),
-            -health.headroom(d), group.index(d))
+    latency_bucket = h.ewma_ms // _LATENCY_BUCKET_MS if h.ewma_ms >= 0 else 0.0
+    return (-d.score(intent), 1.0 if h.state(health.at_ms) == "half_open" else 0.0, latency_bucket,
+            -health.headroom(d), position[id(d)])
 
 
 def _latency_bucket(d: Deployment, health: HealthSnapshot) -> float:
@@ -183,6 +188,8 @@ def _spread(ordered: list[Deployment], intent: Intent, health: HealthSnapshot, b
         return ordered
     floor = ordered[0].score(intent) - band - 1e-9
     top = [d for d in ordered if d.score(intent) >= floor]
+    if len(top) < 2:
+        return ordered
     probes = [d for d in top if health.of(d).state(health.at_ms) == "half_open"]
     closed = [d for d in top if d not in probes]
     if len(closed) < 2:

@@ -206,3 +206,14 @@ async def test_stale_failures_do_not_extend_a_lapsed_breaker(store: HealthStore,
     health = await _health(store, d)
     assert health.state(now_ms()) == "open"
     assert health.cooldown_ms == int(TUNING.cooldown_s * 2000)
+
+
+def test_a_health_hash_is_read_field_by_field() -> None:
+    from router.keyspace import _HEALTH_FIELDS
+
+    raw = {b"fails": b"2", b"ewma_ms": b"12.5", b"gone": b"1", b"window_tokens": b"4096", b"nf:tools": b"99",
+           b"written_by_hand": b"x", b"cooldown_ms": b"oops"}
+    health = DeploymentHealth.from_hash(raw)
+    assert (health.fails, health.ewma_ms, health.gone, health.window_tokens) == (2, 12.5, True, 4096)
+    assert health.unsupported == {"tools": 99} and health.cooldown_ms == 0  # unreadable: its default
+    assert set(_HEALTH_FIELDS) == set(DeploymentHealth.model_fields) - {"unsupported"}  # every field is read

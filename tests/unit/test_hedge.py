@@ -28,9 +28,11 @@ QUICK = HedgeTuning(enabled=True, multiplier=2.0, min_s=0.05, max_s=0.05, max_sh
 class Upstream:
     """Per model: seconds before the answer's first byte (None: never), or an error status after it."""
 
-    def __init__(self, delays: dict[str, float | None], errors: dict[str, int] | None = None) -> None:
+    def __init__(self, delays: dict[str, float | None], errors: dict[str, int] | None = None,
+                 pause_after_first: dict[str, float] | None = None) -> None:
         self.delays = delays
         self.errors = errors or {}
+        self.pause_after_first = pause_after_first or {}  # model → seconds between its first chunk and the rest
         self.calls: list[str] = []
         self.closed_early: list[str] = []  # answers whose reader went away before they were sent
 
@@ -44,12 +46,15 @@ class Upstream:
 
     async def _body(self, model: str) -> AsyncIterator[bytes]:
         delay = self.delays.get(model, 0.0)
+        first, rest = sse(model).split(b"\n\n", 1)
         try:
             await asyncio.sleep(3600 if delay is None else delay)
-        except asyncio.CancelledError:
+            yield first + b"\n\n"
+            await asyncio.sleep(self.pause_after_first.get(model, 0.0))
+        except (asyncio.CancelledError, GeneratorExit):
             self.closed_early.append(model)
             raise
-        yield sse(model)
+        yield rest
 
 
 def deployments() -> list[Deployment]:
@@ -153,6 +158,23 @@ async def test_the_caller_leaving_stops_both_attempts(executor: Callable[..., Fa
     for _ in range(100):  # until both attempts are running
         await asyncio.sleep(0.01)
         if len(upstream.calls) == 2:
+            break
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0)
+    assert sorted(upstream.closed_early) == ["a", "b"]
+    assert not ex.inflight
+
+
+async def test_the_caller_leaving_while_the_hedge_answers_stops_the_hedge(
+        executor: Callable[..., FailoverExecutor]) -> None:
+    upstream = Upstream({"a": None, "b": 0.0}, pause_after_first={"b": 3600})
+    ex = executor(upstream)
+    task = asyncio.create_task(stream(ex))
+    for _ in range(200):  # until the hedge's first token is the caller's
+        await asyncio.sleep(0.01)
+        if "a" in upstream.closed_early:
             break
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
