@@ -33,7 +33,7 @@ COMPLETION_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/messages")
 # Response headers a browser client may read (CORS hides all but a few by default).
 CORS_EXPOSED_HEADERS = [
     "x-request-id", "x-freeference-model", "x-freeference-provider", "x-freeference-attempts",
-    "x-freeference-intent", "x-freeference-intent-reason", "retry-after", "retry-after-ms",
+    "x-freeference-intent", "x-freeference-intent-reason", "x-freeference-route", "retry-after", "retry-after-ms",
     *(f"x-ratelimit-{what}-{kind}" for what in ("limit", "remaining", "reset") for kind in ("requests", "tokens")),
 ]
 
