@@ -36,7 +36,10 @@ def hedge_catalog(upstream_url: str) -> str:
 
 @pytest.fixture(scope="module")
 def gateway(module_gateway_factory: Callable[..., Gateway], fake_upstream: FakeUpstream) -> Gateway:
-    env = {**FAST_ENV, "FREEFERENCE_HEDGE_MIN_S": "0.5", "FREEFERENCE_HEDGE_MAX_S": "3"}
+    # Every slow first token may be hedged here: the share per minute is a unit test's business
+    # (tests/unit/test_hedge.py), and this module's requests would otherwise use up one worker's.
+    env = {**FAST_ENV, "FREEFERENCE_HEDGE_MIN_S": "0.5", "FREEFERENCE_HEDGE_MAX_S": "3",
+           "FREEFERENCE_HEDGE_MAX_SHARE": "1"}
     return module_gateway_factory(workers=2, catalog=hedge_catalog(fake_upstream.url), **env)
 
 
