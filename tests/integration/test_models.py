@@ -79,6 +79,11 @@ def test_list_and_retrieve(gateway: Gateway, key: str) -> None:
 @pytest.mark.parametrize("tier", ["free", "pro"])
 def test_the_resilient_app_example_works_as_written(gateway: Gateway, key: str, tier: str) -> None:
     """The product's own example: take a random model, send its modelId as `model`."""
+    # code-refused's provider refuses every connection: until the gateway has seen that (two code
+    # requests, each failing over to coder after two refusals, open its breaker) it counts as
+    # healthy, and a pro key would get it pinned one time in six.
+    for _ in range(2):
+        assert ask(gateway, key, stream=False, model="code").model == "coder"
     client = gateway.client(key if tier == "free" else gateway.create_key("pro"))
     model = httpx.get(gateway.base_url + "/v1/models/random",
                       headers={"Authorization": f"Bearer {client.api_key}"}).json()
