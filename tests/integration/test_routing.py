@@ -119,7 +119,12 @@ def test_a_stated_limit_sends_the_request_to_a_fallback_that_fits_and_is_remembe
 
 
 def test_equivalent_models_share_the_traffic(gateway: Gateway, upstream: FakeUpstream, key: str) -> None:
-    served = Counter(ask(gateway, key, stream=False, model="code").model for _ in range(30))
+    served: Counter[str] = Counter()
+    for _ in range(30):
+        # A slower deployment rightly loses its draws (see router.select.rank); on a loaded machine one
+        # slow answer can put a model in a slower latency bucket, so each draw starts from equal health.
+        forget_health(gateway)
+        served[ask(gateway, key, stream=False, model="code").model] += 1
     assert set(served) == {"eq-1", "eq-2", "eq-3"}
     assert min(served.values()) >= 3  # not the first one taking everything
     assert not any(r["model"] in ("smart", "plain", "tooled") for r in upstream.requests())  # outside the band
