@@ -21,7 +21,7 @@ from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import EdgeMiddleware
 from api.openapi_schema import install_openapi
 from api.relay import ReplyHub
-from api.routes import admin, batches, chat, files, health, messages, models, responses
+from api.routes import admin, batches, chat, embeddings, files, health, messages, models, responses
 from settings import Settings, get_settings
 from settings.catalog import load_catalog
 from settings.redis_url import redis_client
@@ -29,6 +29,8 @@ from settings.redis_url import redis_client
 # Routes that run a completion job: served past FastAPI's routing (api/fastpath.py), counted
 # against the in-flight limit, and admitted by the script that also checks the key.
 COMPLETION_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/messages")
+# Every route that runs a job: counted against the in-flight limit, its key checked again by admission.
+JOB_PATHS = (*COMPLETION_PATHS, "/v1/embeddings")
 
 # Response headers a browser client may read (CORS hides all but a few by default).
 CORS_EXPOSED_HEADERS = [
@@ -86,13 +88,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Innermost: the chat route served without FastAPI's routing layers (api/fastpath.py).
     app.add_middleware(DirectRoute, fastapi_app=app,
                        routes=[chat.completions_route(), responses.create_route(), messages.create_route()])
-    app.add_middleware(InflightLimitMiddleware, max_inflight=conf.max_inflight_requests, paths=COMPLETION_PATHS)
+    app.add_middleware(InflightLimitMiddleware, max_inflight=conf.max_inflight_requests, paths=JOB_PATHS)
     app.add_middleware(EdgeMiddleware, max_body_bytes=conf.max_body_bytes, body_timeout_s=conf.http_body_timeout_s,
                        body_min_bytes_per_s=conf.http_body_min_bytes_per_s,
                        max_open_bodies_per_key=conf.http_max_open_bodies_per_key,
                        path_limits={"/v1/files": upload_limit},
                        # Their admission script checks the key again itself (api/gate.py).
-                       admitted_paths=COMPLETION_PATHS)
+                       admitted_paths=JOB_PATHS)
     app.state.metrics = Metrics()
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     if conf.cors_origins:
@@ -105,6 +107,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(chat.router)
     app.include_router(responses.router)
     app.include_router(messages.router)
+    app.include_router(embeddings.router)
     app.include_router(models.router)
     app.include_router(files.router)
     app.include_router(batches.router)

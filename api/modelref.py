@@ -1,13 +1,15 @@
 """Admission checks on the model a caller names (the worker does the actual routing)."""
 
 from fnmatch import fnmatchcase
+from typing import Literal
 
 from api.errors import OpenAIError, invalid_request
 from api.schemas import ChatCompletionRequest
-from settings.catalog import CatalogFile
+from settings.catalog import EMBEDDINGS, CatalogFile
 from workers.protocol import Tier
 
 AUTO_MODELS = frozenset({"", "auto"})
+Endpoint = Literal["chat", "embeddings"]
 
 
 def normalize_model(name: str | None) -> str | None:
@@ -27,16 +29,24 @@ def resolve_model(catalog: CatalogFile, name: str | None) -> str | None:
     return name
 
 
-def check_model_reference(catalog: CatalogFile, name: str, tier: Tier, param: str = "model") -> None:
-    """404 for unknown names; 403 when a free key pins an exact upstream model."""
-    if name in catalog.capabilities:
+def check_model_reference(catalog: CatalogFile, name: str, tier: Tier, param: str = "model",
+                          endpoint: Endpoint = "chat") -> None:
+    """404 for unknown names; 400 for a model or capability of the other endpoint (chat vs.
+    embeddings); 403 when a free key pins an exact upstream model."""
+    capability = catalog.capabilities.get(name)
+    if capability is not None:
+        if capability.endpoint != endpoint:  # the other of the two endpoints
+            raise _other_endpoint(name, "chat" if endpoint == EMBEDDINGS else EMBEDDINGS, param)
         return
-    if any(m.id == name for m in catalog.models):
+    model = next((m for m in catalog.models if m.id == name), None)
+    if model is not None:
+        if model.embeds != (endpoint == EMBEDDINGS):
+            raise _other_endpoint(name, EMBEDDINGS if model.embeds else "chat", param)
         if tier != "pro":
             raise OpenAIError(
                 403,
                 f"Pinning the exact model '{name}' needs a pro key; use 'auto' or a capability id "
-                f"({', '.join(sorted(catalog.capabilities))}).",
+                f"({', '.join(_capability_ids(catalog, endpoint))}).",
                 code="tier_not_allowed",
                 param=param,
             )
@@ -44,10 +54,20 @@ def check_model_reference(catalog: CatalogFile, name: str, tier: Tier, param: st
     raise OpenAIError(
         404,
         f"The model '{name}' does not exist. Use 'auto', a capability id "
-        f"({', '.join(sorted(catalog.capabilities))}) or an id from GET /v1/models.",
+        f"({', '.join(_capability_ids(catalog, endpoint))}) or an id from GET /v1/models.",
         code="model_not_found",
         param=param,
     )
+
+
+def _capability_ids(catalog: CatalogFile, endpoint: Endpoint) -> list[str]:
+    return sorted(k for k, c in catalog.capabilities.items() if c.endpoint == endpoint)
+
+
+def _other_endpoint(name: str, serves: Endpoint, param: str) -> OpenAIError:
+    path = "/v1/embeddings" if serves == EMBEDDINGS else "/v1/chat/completions"
+    kind = "an embedding model" if serves == EMBEDDINGS else "a chat model"
+    return OpenAIError(400, f"'{name}' is {kind}: send it to {path}.", code="unsupported_model", param=param)
 
 
 def fallbacks(catalog: CatalogFile, body: ChatCompletionRequest) -> list[str]:

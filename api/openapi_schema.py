@@ -33,7 +33,7 @@ _DESCRIPTIONS = {
 # Errors any authenticated route can answer; the completion routes add the upstream ones.
 _API_ERRORS = (400, 401, 403, 404, 413, 429, 503)
 _CHAT_ERRORS = (*_API_ERRORS, 502, 504)
-_COMPLETION_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/messages")
+_COMPLETION_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/messages", "/v1/embeddings")
 # Anthropic's error envelope and statuses on the /v1/messages paths (api/errors.anthropic_error).
 _ANTHROPIC_ERROR_REF = {"$ref": _COMPONENTS + "AnthropicErrorResponse"}
 _ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"], "properties": {
@@ -58,6 +58,8 @@ _EXTRA_RESPONSES: dict[tuple[str, str], dict[str, Any]] = {
         "A chat.completion object, or an SSE stream of chat.completion.chunk when stream is true"),
     ("/v1/responses", "post"): _answer("A response object, or an SSE stream of Responses events when stream is true"),
     ("/v1/messages", "post"): _answer("A message object, or an SSE stream of Messages events when stream is true"),
+    ("/v1/embeddings", "post"): {"200": {"description": "A list of embedding objects (floats, or base64 when asked)",
+                                         "content": {"application/json": {"schema": {"type": "object"}}}}},
     ("/readyz", "get"): {
         "200": {"description": "Ready", "content": {"application/json": {"schema": _READINESS}}},
         "503": {"description": "Not ready: Redis, the reply channel or every worker is down",

@@ -7,14 +7,15 @@ by the request's dialect. Every answer carries admission's x-ratelimit-* headers
 """
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator
+import functools
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 import anyio
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from api.admission import admit
-from api.dialects.base import Dialect, DialectStream
+from api.admission import Admission, admit
+from api.dialects.base import Answer, Dialect, DialectStream
 from api.dispatch import Dispatcher, JobHandle, ReplyLost, WorkerLost
 from api.errors import OpenAIError
 from api.intake import admit_and_enqueue, build_job
@@ -24,7 +25,7 @@ from api.relay import CALLER_LEFT, Event
 from api.usage import UsageRecorder
 from settings import Settings
 from settings.catalog import CatalogFile
-from workers.protocol import DoneEvent, ErrorEvent, RouteInfo, new_job_id
+from workers.protocol import ChatJob, DoneEvent, ErrorEvent, RouteInfo, new_job_id
 
 # A worker that dies before the first token costs the caller one silent retry, not an error.
 MAX_WORKER_LOSS_RETRIES = 1
@@ -89,8 +90,12 @@ class _CallerWatch:
             self._handle.queue.put_nowait(CALLER_LEFT)
 
 
+# The job for an admitted request (raises the request's 400 / 403 / 404 / 429 before it is queued).
+JobFactory = Callable[[Request, KeyRecord], Awaitable[ChatJob]]
+
+
 async def serve(request: Request, dialect: Dialect) -> Response:
-    """Admit, queue and answer one request in `dialect`.
+    """Admit, queue and answer one chat request in `dialect`.
 
     Takes what it needs from app.state and runs admission itself: FastAPI resolving it as five
     dependencies cost about a third as much as the whole admission round trip (docs/performance.md).
@@ -99,6 +104,19 @@ async def serve(request: Request, dialect: Dialect) -> Response:
     dispatcher: Dispatcher = request.app.state.dispatcher
     catalog: CatalogFile = request.app.state.catalog
     queued = await admit_and_enqueue(request, settings, dispatcher, catalog, dialect)
+    return await _serve(request, dialect, functools.partial(_chat_job, dialect=dialect), queued)
+
+
+async def serve_job(request: Request, answer: Answer, job_for: JobFactory) -> Response:
+    """Admit, queue and answer one request whose job `job_for` builds (embeddings): admission and
+    the enqueue in two round trips, with every rule of a chat request's."""
+    return await _serve(request, answer, job_for, None)
+
+
+async def _serve(request: Request, answer: Answer, job_for: JobFactory,
+                 queued: tuple[Admission, JobHandle] | None) -> Response:
+    settings: Settings = request.app.state.settings
+    dispatcher: Dispatcher = request.app.state.dispatcher
     if queued is None:  # the master key or an invalid body: admission, then the checks, then the enqueue
         admission, first = await admit(request, settings), None
     else:
@@ -106,7 +124,7 @@ async def serve(request: Request, dialect: Dialect) -> Response:
     usage = UsageRecorder(request.app.state.redis, admission, settings.usage_retention_days,
                           request.app.state.background)
     try:
-        response = await _complete(request, admission.key, usage, settings, dispatcher, catalog, first, dialect)
+        response = await _complete(request, admission.key, usage, dispatcher, first, answer, job_for)
     except OpenAIError as exc:
         await usage.failed()  # a no-op unless a job ran and ended without an outcome
         exc.headers = {**admission.headers, **exc.headers}
@@ -115,17 +133,20 @@ async def serve(request: Request, dialect: Dialect) -> Response:
     return response
 
 
-async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, settings: Settings,
-                    dispatcher: Dispatcher, catalog: CatalogFile, first: JobHandle | None,
-                    dialect: Dialect) -> Response:
+async def _chat_job(request: Request, key: KeyRecord, dialect: Dialect) -> ChatJob:
+    settings: Settings = request.app.state.settings
+    catalog: CatalogFile = request.app.state.catalog
+    body, raw = await dialect.translate(await request.body(), key.id)
+    check_chat_request(catalog, body, key.tier, settings.max_messages)
+    job = build_job(request, key.id, key.tier, body, raw, settings.request_timeout_s, catalog)
+    await request.app.state.stream_limiter.acquire(request, key.id, job)  # 429 past the key's open streams
+    return job
+
+
+async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, dispatcher: Dispatcher,
+                    first: JobHandle | None, dialect: Answer, job_for: JobFactory) -> Response:
     """Run the job (`first`: already queued by admit_and_enqueue), retrying once on a lost worker."""
-    if first is None:
-        body, raw = await dialect.translate(await request.body(), key.id)
-        check_chat_request(catalog, body, key.tier, settings.max_messages)
-        job = build_job(request, key.id, key.tier, body, raw, settings.request_timeout_s, catalog)
-        await request.app.state.stream_limiter.acquire(request, key.id, job)  # 429 past the key's open streams
-    else:
-        job = first.job
+    job = first.job if first is not None else await job_for(request, key)
     caller = _CallerWatch(request)
     try:
         for attempt in range(MAX_WORKER_LOSS_RETRIES + 1):
@@ -143,7 +164,7 @@ async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, sett
 
 
 async def _respond(handle: JobHandle, dispatcher: Dispatcher, caller: _CallerWatch, usage: UsageRecorder,
-                   dialect: Dialect) -> Response:
+                   dialect: Answer) -> Response:
     """Hold the status until the first chunk, the completion or an error arrives."""
     events = usage.watch(dispatcher.events(handle), handle.job.requested_model)
     route: RouteInfo | None = None

@@ -19,6 +19,7 @@ labelled "simulated" provider). Behaviour per upstream model name is scripted ov
 A fault spec is a dict with any of: status (+ retry_after, retry_after_ms, error_code, message),
 reset (drop the connection), silence (never answer), delay_s (before headers),
 first_token_delay_s, cut_after (chunks, then drop), stall_after (chunks, then silence),
+vectors (embeddings: answer that many vectors),
 malformed_after (a garbage line after N chunks), deep_chunk_after (a chunk nested 300 levels
 deep after N chunks), no_done (finish without [DONE]),
 hold_open (finish without [DONE] and keep the connection open),
@@ -108,6 +109,8 @@ class FakeUpstream:
         body = await read_body(receive)
         if path.endswith("/chat/completions") and method == "POST":
             await self.chat(scope, body, send, receive, dialect)
+        elif path.endswith("/embeddings") and method == "POST":
+            await self.embeddings(scope, body, send, receive, dialect)
         elif path.endswith("/models") and method == "GET" and not path.startswith("/_control"):
             await self.list_models(send, dialect)
         elif path.startswith("/_control/"):
@@ -149,52 +152,10 @@ class FakeUpstream:
         await _json(send, 200, {"ok": True})
 
     async def chat(self, scope: Scope, raw: bytes, send: Send, receive: Receive, dialect: Dialect) -> None:
-        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            await _json(send, 400, {"error": {"message": "bad json", "type": "invalid_request_error"}})
+        opened = await self._open(scope, raw, send, receive, dialect, "chat")
+        if opened is None:
             return
-        model = str(body.get("model", ""))
-        fault = self.next_fault(model)
-        # The dialect's refusals, plus fields a test has this provider refuse ("refuse": [names]).
-        refused = refused_fields(dialect, body) + [f for f in fault.get("refuse") or () if f in body]
-        self.log.append({"t": time.time(), "model": model, "stream": bool(body.get("stream")), "body": body,
-                         "authorization": headers.get("authorization"), "fault": fault, "dialect": dialect.name,
-                         "refused": refused})
-        limited = self._admit(model, dialect)
-        if limited is not None:
-            self.log[-1]["limited"] = True
-            status, payload, limit_headers = limited
-            await _json(send, status, payload, limit_headers)
-            return
-        if headers.get("authorization") in self.bad_keys:
-            await _json(send, 401, {"error": {"message": "Invalid API key", "type": "invalid_request_error",
-                                              "code": "invalid_api_key"}})
-            return
-        if refused:
-            status, payload = refusal(dialect, refused)
-            await _json(send, status, payload)
-            return
-        if dialect.token_cap is not None and len(orjson.dumps(body.get("messages") or [])) // 4 > dialect.token_cap:
-            message = f"Request body too large for {model} model. Max size: {dialect.token_cap} tokens."
-            await _json(send, 413, {"error": {"code": "tokens_limit_reached", "message": message, "details": message}})
-            return
-        if fault.get("huge_body"):
-            await self._huge(send, receive, fault)
-            return
-        delay = fault.get("delay_s", self.latency_s)
-        if delay:
-            await asyncio.sleep(delay)
-        if fault.get("silence"):  # never answer; end when the client gives up
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            return
-        if fault.get("reset"):
-            raise FaultInjected("connection reset (injected)")
-        if "status" in fault or fault.get("context_length") or fault.get("content_policy"):
-            await self._error(send, fault, dialect)
-            return
+        body, model, fault = opened
         window_quota = self._quota(model)
         extra_headers = {**(quota_headers(dialect, window_quota) if window_quota else {}),
                          **(quota_headers(dialect, fault["quota"]) if fault.get("quota") else {}),
@@ -211,6 +172,80 @@ class FakeUpstream:
             if dialect.usage == "never":
                 completion.pop("usage")
             await _json(send, 200, completion, extra_headers)
+
+    async def _open(self, scope: Scope, raw: bytes, send: Send, receive: Receive, dialect: Dialect,
+                    endpoint: str) -> tuple[dict[str, Any], str, dict[str, Any]] | None:
+        """Log a request and play its fault up to the answer: (body, model, fault) to answer, or
+        None when it is answered (an error, a limit, a refusal) or never will be."""
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            await _json(send, 400, {"error": {"message": "bad json", "type": "invalid_request_error"}})
+            return None
+        model = str(body.get("model", ""))
+        fault = self.next_fault(model)
+        # The dialect's refusals (of chat fields), plus fields a test has it refuse ("refuse": [names]).
+        refused = (refused_fields(dialect, body) if endpoint == "chat" else []) + \
+            [f for f in fault.get("refuse") or () if f in body]
+        self.log.append({"t": time.time(), "model": model, "stream": bool(body.get("stream")), "body": body,
+                         "authorization": headers.get("authorization"), "fault": fault, "dialect": dialect.name,
+                         "refused": refused, "endpoint": endpoint})
+        limited = self._admit(model, dialect)
+        if limited is not None:
+            self.log[-1]["limited"] = True
+            status, payload, limit_headers = limited
+            await _json(send, status, payload, limit_headers)
+            return None
+        if headers.get("authorization") in self.bad_keys:
+            await _json(send, 401, {"error": {"message": "Invalid API key", "type": "invalid_request_error",
+                                              "code": "invalid_api_key"}})
+            return None
+        if refused:
+            status, payload = refusal(dialect, refused)
+            await _json(send, status, payload)
+            return None
+        if dialect.token_cap is not None and len(orjson.dumps(body.get("messages") or [])) // 4 > dialect.token_cap:
+            message = f"Request body too large for {model} model. Max size: {dialect.token_cap} tokens."
+            await _json(send, 413, {"error": {"code": "tokens_limit_reached", "message": message, "details": message}})
+            return None
+        if fault.get("huge_body"):
+            await self._huge(send, receive, fault)
+            return None
+        delay = fault.get("delay_s", self.latency_s)
+        if delay:
+            await asyncio.sleep(delay)
+        if fault.get("silence"):  # never answer; end when the client gives up
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            return None
+        if fault.get("reset"):
+            raise FaultInjected("connection reset (injected)")
+        if "status" in fault or fault.get("context_length") or fault.get("content_policy"):
+            await self._error(send, fault, dialect)
+            return None
+        return body, model, fault
+
+    async def embeddings(self, scope: Scope, raw: bytes, send: Send, receive: Receive, dialect: Dialect) -> None:
+        """Vectors that depend only on the model name and the input (so two providers of one model
+        agree, and a test can tell models apart); `dimensions` long, else 8; `vectors` (a number)
+        in a fault answers that many instead of one per input."""
+        opened = await self._open(scope, raw, send, receive, dialect, "embeddings")
+        if opened is None:
+            return
+        body, model, fault = opened
+        value = body.get("input")
+        items = [value] if isinstance(value, str) or (value and isinstance(value[0], int)) else list(value or [])
+        size = int(body.get("dimensions") or 8)
+        count = int(fault.get("vectors", len(items)))
+        data = [{"object": "embedding", "index": i, "embedding": simulated.vector(model, items[i % len(items)], size)}
+                for i in range(count)]
+        answer: dict[str, Any] = {"object": "list", "data": data, "model": model}
+        if dialect.usage != "never":
+            tokens = sum(len(item) // 4 + 1 if isinstance(item, str) else len(item) for item in items)
+            answer["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+        window_quota = self._quota(model)
+        await _json(send, 200, answer, quota_headers(dialect, window_quota) if window_quota else None)
 
     def _admit(self, model: str, dialect: Dialect) -> tuple[int, Any, dict[str, str]] | None:
         """Count a request against its model's requests-per-minute limit; a 429 answer when over it."""

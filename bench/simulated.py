@@ -16,6 +16,7 @@ generated strings say "simulated". The test flavour keeps what the test suite re
 of exactly `max_tokens` tokens ending with "stop", and "x" for generated strings.
 """
 
+import hashlib
 import math
 import secrets
 from dataclasses import dataclass
@@ -264,3 +265,11 @@ class _Generator:
         if isinstance(high, int) and len(value) > high:
             value = value[:high]
         return value
+
+
+def vector(model: str, item: str | list[int], size: int) -> list[float]:
+    """A unit vector that depends only on the model and the input: the simulated embedding."""
+    seed = hashlib.sha256(model.encode() + b"\0" + orjson.dumps(item)).digest()
+    raw = [(seed[i % len(seed)] ^ (i * 131 % 256)) / 127.5 - 1.0 for i in range(size)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [round(x / norm, 6) for x in raw]

@@ -40,6 +40,9 @@ FEATURES: Mapping[str, Feature] = {f.name: f for f in (
             "response_format"),
     Feature("structured_outputs", frozenset({"structured_outputs"}), True,
             "structured outputs (response_format json_schema)", "response_format"),
+    # Embedding models: a chosen output size, and input given as token ids rather than text.
+    Feature("dimensions", frozenset({"dimensions"}), False, "a chosen output size (dimensions)", "dimensions"),
+    Feature("token_input", frozenset({"token_input"}), False, "input as token ids", "input"),
 )}
 
 # Request fields whose refusal by a provider means the deployment lacks a feature the request needs.

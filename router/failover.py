@@ -12,16 +12,18 @@ cancelled before anything of it reaches the caller.
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from router import capabilities
 from router.assemble import CompletionAssembler
 from router.attempt import AttemptLog, AttemptResult, HedgeLost, OnChunk, OnStart, RunState, stream_attempt
 from router.catalog import Deployment
+from router.embeddings import embedding_body
 from router.errors import ContextTooLong, NotServable, UpstreamError
 from router.health import HealthSnapshot, HealthStore, now_ms
 from router.hedge import HedgePolicy, HedgeTuning
@@ -62,6 +64,7 @@ class MidStreamFailure(Exception):
 
 
 Sleep = Callable[[float], Awaitable[None]]
+_Parsed = TypeVar("_Parsed")
 Outcome_ = AttemptResult | UpstreamError | None  # None: lost a hedge (nothing learned)
 
 
@@ -91,6 +94,7 @@ class _Request:
     forward_usage_chunk: bool
     visible: bool
     restart: Callable[[], None] | None
+    embeddings: bool = False  # an embeddings request: its body is router.embeddings's, not a chat profile's
     min_tokens: int = 0  # after a context refusal: what any later candidate's window must hold
     last: UpstreamError | None = None
 
@@ -138,11 +142,7 @@ class FailoverExecutor:
                        health: HealthSnapshot, budget_s: Callable[[], float]) -> tuple[dict[str, Any], Deployment]:
         """Non-streaming: a whole chat.completion from the first deployment that finishes one."""
         assembler = CompletionAssembler()
-
-        async def on_start(_: Deployment, __: int) -> None:
-            return None
-
-        served = await self._run(_Request(collections.deque(ranked), ranked, body, state, health, budget_s, on_start,
+        served = await self._run(_Request(collections.deque(ranked), ranked, body, state, health, budget_s, _no_start,
                                           assembler.add, forward_usage_chunk=True, visible=False,
                                           restart=assembler.reset))
         return assembler.result(served.model.id), served
@@ -153,6 +153,42 @@ class FailoverExecutor:
         """Streaming: invisible failover before the first chunk, continuation (prefill) after."""
         return await self._run(_Request(collections.deque(ranked), ranked, body, state, health, budget_s, on_start,
                                         on_chunk, forward_usage_chunk=forward_usage_chunk, visible=True, restart=None))
+
+    async def embed(self, ranked: Sequence[Deployment], body: dict[str, Any], state: RunState,
+                    health: HealthSnapshot, budget_s: Callable[[], float],
+                    parse: Callable[[Any], _Parsed]) -> tuple[_Parsed, Deployment]:
+        """Embeddings: the first deployment's answer, as `parse` reads its JSON, failing over by the
+        same policy as a chat request (an answer `parse` refuses with an UpstreamError is that
+        deployment's failure); `ranked` holds one vector space only (router/embeddings.py)."""
+        req = _Request(collections.deque(ranked), ranked, body, state, health, budget_s, _no_start, _no_chunk,
+                       forward_usage_chunk=False, visible=False, restart=None, embeddings=True)
+        current: _Try | None = None
+        while True:
+            if current is None:
+                current = await self._next(req)
+                if current is None:
+                    raise self._exhausted(req)
+            if not await self._pick_key(current, req):
+                current = None
+                continue
+            d = current.deployment
+            started = asyncio.get_running_loop().time()
+            try:
+                with self._in_flight(d):
+                    raw, headers = await self._provider.embed(d, current.body, current.api_key, budget_s())
+                answer = parse(raw)
+            except UpstreamError as exc:
+                current = await self._failed(current, exc, req)
+                continue
+            except BaseException:
+                if current.probe:
+                    await asyncio.shield(self.learner.release_probe(d))
+                raise
+            took_ms = (asyncio.get_running_loop().time() - started) * 1000
+            if current.probe:
+                self.learner.in_background(self.learner.probe_answered(d, None))
+            self.learner.in_background(self.learner.succeeded(d, current.api_key, took_ms, headers, req.health))
+            return answer, d
 
     async def _run(self, req: _Request) -> Deployment:
         current: _Try | None = None
@@ -178,17 +214,22 @@ class FailoverExecutor:
                     counted.deployment, counted.api_key, outcome.first_chunk_ms, outcome.headers, req.health))
                 return counted.deployment
             current = await self._failed(counted, outcome, req) if outcome is not None else None
+        raise self._exhausted(req)
+
+    @staticmethod
+    def _exhausted(req: _Request) -> Exception:
+        """What a request whose candidates are all used up ends with."""
         state = req.state
         if req.last is None:
             if state.skipped and len(state.skipped) == len(req.ranked):
                 # Every candidate lacks something this request needs: no upstream call can help.
-                raise AllFailed(NotServable(state.skipped[-1].message))
+                return AllFailed(NotServable(state.skipped[-1].message))
             # Nothing was tried: every candidate was being probed by another worker or had no
             # usable key left. That is "unavailable right now", not an upstream failure.
-            raise NoneAvailable(_BUSY_RETRY_AFTER_S)
+            return NoneAvailable(_BUSY_RETRY_AFTER_S)
         if req.visible and state.chunks_sent > 0:
-            raise MidStreamFailure(req.last)
-        raise AllFailed(req.last)
+            return MidStreamFailure(req.last)
+        return AllFailed(req.last)
 
     async def _next(self, req: _Request) -> _Try | None:
         """The next candidate that may be tried for this request (its probe claimed), or None."""
@@ -226,6 +267,8 @@ class FailoverExecutor:
     def _prepare(self, d: Deployment, req: _Request) -> dict[str, Any]:
         """The body for this deployment (its profile applied, fields it refused dropped), or
         NotServable before any call when it said it lacks something this request needs."""
+        if req.embeddings:
+            return embedding_body(d, req.body)
         marks = req.health.of(d).unsupported
         body = req.body
         if marks:
@@ -352,16 +395,23 @@ class FailoverExecutor:
         """One streamed attempt; its typed failure returned, not raised. A probe that stops for
         another reason (cancelled, lost) frees its claim at once, not after probe_ttl_s."""
         d = t.deployment
-        self.inflight[d.key] += 1
         try:
-            return await stream_attempt(self._provider, d, t.body, t.api_key, req.budget_s(), req.state,
-                                        req.on_start, req.on_chunk, req.forward_usage_chunk, gate)
+            with self._in_flight(d):
+                return await stream_attempt(self._provider, d, t.body, t.api_key, req.budget_s(), req.state,
+                                            req.on_start, req.on_chunk, req.forward_usage_chunk, gate)
         except UpstreamError as exc:
             return exc
         except BaseException:
             if t.probe:
                 await asyncio.shield(self.learner.release_probe(d))
             raise
+
+    @contextlib.contextmanager
+    def _in_flight(self, d: Deployment) -> Iterator[None]:
+        """Count an attempt on `d` as in flight in this worker while it runs (spreading reads it)."""
+        self.inflight[d.key] += 1
+        try:
+            yield
         finally:
             self.inflight[d.key] -= 1
             if self.inflight[d.key] <= 0:
@@ -387,7 +437,8 @@ class FailoverExecutor:
         req.last = exc
         rule = POLICY[outcome]
         refused = capabilities.learned_feature(getattr(exc, "feature", None), tuple(req.needs))
-        if refused is not None and refused in t.body and droppable(refused, t.body[refused]):
+        # An embeddings field is never dropped: without it the vectors would not be what was asked.
+        if refused is not None and not req.embeddings and refused in t.body and droppable(refused, t.body[refused]):
             # A field its profile did not know it refuses, and one it may go without: never sent to
             # it again (by any worker), and this request asks once more without it.
             await self.learner.mark_unsupported(d, refused, req.health)
@@ -426,6 +477,14 @@ class FailoverExecutor:
             req.min_tokens = max(req.min_tokens, requested if requested and requested > limit else limit + 1)
         elif too_long:  # no limit stated: a larger window than this one's, at least
             req.min_tokens = max(req.min_tokens, window(d, req.health) + 1)
+
+
+async def _no_start(_: Deployment, __: int) -> None:
+    return None
+
+
+async def _no_chunk(_: dict[str, Any]) -> None:
+    return None
 
 
 async def _joined(task: "asyncio.Task[Any]") -> None:

@@ -1,13 +1,16 @@
 """The catalog file (YAML): providers, model deployments and capability ids (DESIGN.md §4)."""
 
+from collections.abc import Container, Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Intent = Literal["code", "reasoning", "general"]
 INTENTS: tuple[Intent, ...] = ("code", "reasoning", "general")
+# The model capability of an embedding model, and of the capability ids served on /v1/embeddings.
+EMBEDDINGS: Final = "embeddings"
 
 
 class CatalogError(ValueError):
@@ -121,6 +124,21 @@ class ModelConfig(_Strict):
     supports_prefill: bool = False
     name: str | None = None
     created: int = 1_735_689_600
+    # Embedding models only (capability "embeddings"): the vector space its vectors live in.
+    # Vectors of two spaces cannot be compared, so a request fails over only inside its space:
+    # the same model on another provider, or a model declared here to be the same space (a
+    # provider's alias of it). None: the model's own id.
+    embedding_space: str | None = None
+
+    @property
+    def embeds(self) -> bool:
+        """An embedding model (served on /v1/embeddings, never routed chat)."""
+        return EMBEDDINGS in self.capabilities
+
+    @property
+    def space(self) -> str:
+        """The vector space of an embedding model (its embedding_space, else its id)."""
+        return self.embedding_space or self.id
 
     @model_validator(mode="after")
     def _scores_in_range(self) -> "ModelConfig":
@@ -132,7 +150,11 @@ class ModelConfig(_Strict):
 
 class CapabilityConfig(_Strict):
     name: str
-    intent: Intent
+    # What a chat request sent to this id is routed by (unused for an embeddings capability).
+    intent: Intent = "general"
+    # "embeddings": an id for /v1/embeddings; it names the first vector space in catalog order
+    # that has a deployment (see embedding_capability_space), never a mix of spaces.
+    endpoint: Literal["chat", "embeddings"] = "chat"
 
 
 # Model names clients send on their own (LangChain's and LlamaIndex's OpenAI clients default to
@@ -146,6 +168,8 @@ DEFAULT_MODEL_ALIASES: dict[str, str] = {
     "chatgpt-*": "auto",
     "o[0-9]*": "reasoning",
     "claude-*": "auto",
+    # LangChain's OpenAIEmbeddings and LlamaIndex's OpenAIEmbedding default to OpenAI's names.
+    "text-embedding-*": "embedding",
 }
 
 
@@ -181,7 +205,26 @@ class CatalogFile(_Strict):
         clash = {m.id for m in self.models} & set(self.capabilities)
         if clash:
             raise ValueError(f"capability ids clash with model ids: {sorted(clash)}")
+        for model in self.models:
+            if model.embeds and model.scores:
+                raise ValueError(f"model {model.id!r} is an embedding model: it has no chat scores")
         return self
+
+    def embedding_capability(self, name: str | None) -> bool:
+        """`name` is a capability id served on /v1/embeddings."""
+        capability = self.capabilities.get(name or "")
+        return capability is not None and capability.endpoint == EMBEDDINGS
+
+    def chat_capabilities(self) -> dict[str, CapabilityConfig]:
+        """The capability ids chat requests may name."""
+        return {k: c for k, c in self.capabilities.items() if c.endpoint == "chat"}
+
+
+def embedding_capability_space(models: Iterable[ModelConfig], deployed: Container[str]) -> str | None:
+    """The vector space an embeddings capability id means: that of the first embedding model, in
+    catalog order, with a deployment (`deployed`: model ids). Stable while the enabled providers
+    are; the answer's `model` names what served, so a store can tell if it ever moves."""
+    return next((m.space for m in models if m.embeds and m.id in deployed), None)
 
 
 def load_catalog(path: Path) -> CatalogFile:

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # lines): far above what real tool schemas use, far below where serializers give up (~254).
     max_json_depth: int = Field(default=64, ge=8, le=200)
     max_messages: int = Field(default=2048, gt=0)
+    # Inputs per /v1/embeddings request: OpenAI's own limit ("any array must be 2048 dimensions
+    # or less", https://platform.openai.com/docs/api-reference/embeddings/create).
+    max_embedding_inputs: int = Field(default=2048, gt=0)
     # Browser origins allowed to call the API (CORS), comma-separated; empty: CORS off (no
     # middleware at all). "*" allows any origin.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -16,6 +16,15 @@ from redis.exceptions import RedisError
 
 from router import capabilities, why
 from router.catalog import Deployment, RuntimeCatalog
+from router.embeddings import (
+    embedding_groups,
+    embedding_needs,
+    encode_answer,
+    estimated_prompt_tokens,
+    input_count,
+    longest_input_tokens,
+    parse_answer,
+)
 from router.errors import ContentRejected, ContextTooLong, NotServable, RequestRejected, UpstreamError
 from router.failover import AllFailed, FailoverExecutor, MidStreamFailure, RunState
 from router.health import HealthSnapshot
@@ -334,39 +343,77 @@ async def execute(job: ChatJob, state: WorkerState, run: RunState, on_start: OnR
     def budget_s() -> float:
         return max(deadline_s - time.time(), 0.001)
 
+    if job.endpoint == "embeddings":
+        async with asyncio.timeout(budget_s()):
+            return await _embed(job, state, run, budget_s, claimed)
     intent, reason = _intent_for(job, state.catalog, state.settings)
     groups = candidate_groups(state.catalog, job.requested_model, intent, job.fallback_models)
-    deployments = [d for group in groups for d in group]
     body = dict(job.body)
     needed_tokens = estimate_tokens(body)
     features = capabilities.required(body)
     wants_usage = _ask_for_usage(body, job.stream)
-    waited_s = 0.0
+
+    async def attempt(health: HealthSnapshot) -> DoneEvent:
+        ranking = rank(groups, intent, health, needed_tokens, features=features,
+                       band=state.settings.spread_score_band, inflight=state.executor.inflight)
+        route = _Router(run, ranking, intent, reason)
+        if job.stream:
+            return await _stream(state, run, ranking.candidates, health, body, budget_s, route, on_start,
+                                 on_chunk, wants_usage)
+        completion, served = await state.executor.complete(ranking.candidates, body, run, health, budget_s)
+        if not completion.get("usage"):
+            completion["usage"] = _estimate(job.body, run, served)
+        return DoneEvent(route=route.info(served), usage=completion["usage"], completion=completion)
+
     async with asyncio.timeout(budget_s()):
-        first_health = await claimed() if claimed is not None else None
-        while True:
-            if first_health is not None and all(d.key in first_health.deployments for d in deployments):
-                health, first_health = first_health, None
-            else:  # later rankings, or candidates the claim's read predates (models a listing added since)
-                first_health = None
-                health = await state.executor.snapshot(deployments)
-            try:
-                ranking = rank(groups, intent, health, needed_tokens, features=features,
-                               band=state.settings.spread_score_band, inflight=state.executor.inflight)
-                route = _Router(run, ranking, intent, reason)
-                if job.stream:
-                    return await _stream(state, run, ranking.candidates, health, body, budget_s, route, on_start,
-                                         on_chunk, wants_usage)
-                completion, served = await state.executor.complete(ranking.candidates, body, run, health, budget_s)
-                if not completion.get("usage"):
-                    completion["usage"] = _estimate(job.body, run, served)
-                return DoneEvent(route=route.info(served), usage=completion["usage"], completion=completion)
-            except NoneAvailable as exc:
-                wait_s = _availability_wait_s(exc, waited_s, state.settings.availability_wait_max_s, budget_s())
-                if wait_s is None:
-                    raise
-                await asyncio.sleep(wait_s)
-                waited_s += wait_s
+        return await _until_available(state, groups, claimed, budget_s, attempt)
+
+
+async def _until_available(state: WorkerState, groups: list[list[Deployment]],
+                           claimed: Callable[[], Awaitable[HealthSnapshot | None]] | None,
+                           budget_s: Callable[[], float],
+                           attempt: Callable[[HealthSnapshot], Awaitable[DoneEvent]]) -> DoneEvent:
+    """`attempt` with the candidates' health (the claim's read first), again after a wait while
+    none of them may be tried now."""
+    deployments = [d for group in groups for d in group]
+    first_health = await claimed() if claimed is not None else None
+    waited_s = 0.0
+    while True:
+        if first_health is not None and all(d.key in first_health.deployments for d in deployments):
+            health, first_health = first_health, None
+        else:  # later rankings, or candidates the claim's read predates (models a listing added since)
+            first_health = None
+            health = await state.executor.snapshot(deployments)
+        try:
+            return await attempt(health)
+        except NoneAvailable as exc:
+            wait_s = _availability_wait_s(exc, waited_s, state.settings.availability_wait_max_s, budget_s())
+            if wait_s is None:
+                raise
+            await asyncio.sleep(wait_s)
+            waited_s += wait_s
+
+
+async def _embed(job: ChatJob, state: WorkerState, run: RunState, budget_s: Callable[[], float],
+                 claimed: Callable[[], Awaitable[HealthSnapshot | None]] | None) -> DoneEvent:
+    """Route and run one embeddings job inside its vector space (router/embeddings.py)."""
+    body = job.body
+    groups = embedding_groups(state.catalog, job.requested_model)
+    expected = input_count(body)
+
+    async def attempt(health: HealthSnapshot) -> DoneEvent:
+        # Every candidate shares one space and has no chat scores: the band spreads them all.
+        ranking = rank(groups, "general", health, longest_input_tokens(body), features=embedding_needs(body),
+                       band=state.settings.spread_score_band, inflight=state.executor.inflight)
+        (vectors, counted), served = await state.executor.embed(
+            ranking.candidates, body, run, health, budget_s, lambda answer: parse_answer(answer, expected))
+        tokens = counted if counted is not None else estimated_prompt_tokens(body)
+        route = _Router(run, ranking, "general", "").info(served).model_copy(update={"intent": None,
+                                                                                     "intent_reason": None})
+        return DoneEvent(route=route, usage={"prompt_tokens": tokens, "completion_tokens": 0, "total_tokens": tokens},
+                         completion=encode_answer(vectors, served.model.id, tokens, body.get("encoding_format")))
+
+    return await _until_available(state, groups, claimed, budget_s, attempt)
 
 
 def _ask_for_usage(body: dict[str, Any], stream: bool) -> bool:
@@ -416,8 +463,9 @@ def error_event(exc: BaseException, run: RunState) -> ErrorEvent:
                       "whose models have it (GET /v1/models lists each one's capabilities).", "unsupported_capability",
                       run, param=param)
     if isinstance(exc, NothingFits):
-        return _error(400, f"The conversation (about {exc.needed_tokens} tokens with max_tokens) is too long for "
-                      "every eligible model.", "context_length_exceeded", run)
+        return _error(400, f"The request (about {exc.needed_tokens} tokens: the conversation with max_tokens, or "
+                      "the longest embeddings input) is too long for every eligible model.", "context_length_exceeded",
+                      run)
     if isinstance(exc, NoneAvailable):
         return _error(503, "Every eligible model is cooling down or unavailable right now.", "no_models_available",
                       run, retry_after_s=exc.retry_after_s)

@@ -188,6 +188,9 @@ class ChatJob(_Model):
     fallback_models: list[str] = Field(default_factory=list)
     intent_hint: Literal["code", "reasoning", "general"] | None = None
     key_id: str
+    # "embeddings": a /v1/embeddings request (body: its input and options; never streamed).
+    # Left out of a chat job's JSON, so a worker of an earlier release still reads chat jobs.
+    endpoint: Literal["chat", "embeddings"] = Field(default="chat", exclude_if=lambda value: value == "chat")
     # None when the job was queued by the admission script, before the API read the key's
     # record (api/intake.py). Workers do not route by tier: the API enforced it already.
     tier: Tier | None = None
@@ -247,7 +250,8 @@ class WorkerTimings(_Model):
 class DoneEvent(_Model):
     route: RouteInfo
     usage: dict[str, Any] | None = None
-    # Whole chat.completion for non-streaming requests; None for streams.
+    # Whole chat.completion for non-streaming requests (the embeddings list for an embeddings
+    # job); None for streams.
     completion: dict[str, Any] | None = None
     # Optional, for /metrics (an older worker sends neither).
     failures: list[AttemptFailure] = Field(default_factory=list)

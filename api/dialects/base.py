@@ -37,17 +37,21 @@ class DialectStream(Protocol):
         """A failure after the first event: in-band, and never the dialect's success ending."""
 
 
-class Dialect(Protocol):
-    """One request in one wire format: created per request, it keeps what its answer needs."""
-
-    async def translate(self, raw: bytes, key_id: str) -> tuple[ChatCompletionRequest, dict[str, Any]]:
-        """The chat request for this body (400 OpenAIError when it is invalid in this dialect)."""
+class Answer(Protocol):
+    """How one request's answer is written: created per request, it keeps what the answer needs."""
 
     def completion(self, done: DoneEvent) -> bytes:
         """The whole (non-streaming) answer's JSON body."""
 
     def stream(self) -> DialectStream:
         """A fresh translator for a streamed answer."""
+
+
+class Dialect(Answer, Protocol):
+    """One request in one wire format translated onto a chat request, and its answer."""
+
+    async def translate(self, raw: bytes, key_id: str) -> tuple[ChatCompletionRequest, dict[str, Any]]:
+        """The chat request for this body (400 OpenAIError when it is invalid in this dialect)."""
 
 
 class ChatStream:

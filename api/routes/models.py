@@ -26,7 +26,7 @@ from api.deps import CatalogDep, CurrentKey, RedisDep, SettingsDep
 from api.errors import OpenAIError
 from api.keys import KeyRecord
 from settings import Settings
-from settings.catalog import CatalogFile, ModelConfig
+from settings.catalog import CatalogFile, ModelConfig, embedding_capability_space
 from workers.protocol import LIVE_DEPLOYMENTS_KEY, DeploymentHealth, LiveDeployment, deployment_health_key
 
 router = APIRouter()
@@ -80,8 +80,12 @@ async def routable_deployments(redis: Redis, settings: Settings, catalog: Catalo
 def _candidates(catalog: CatalogFile, by_model: dict[str, list[Routable]], capability: str) -> list[Routable]:
     """The routable deployments of a capability id (every intent for `auto`), best score first."""
     if capability == AUTO:
-        found = [r for deployments in by_model.values() for r in deployments]
+        found = [r for deployments in by_model.values() for r in deployments if not r.model.embeds]
         return sorted(found, key=lambda r: -max(r.model.scores.values(), default=0.0))
+    if catalog.embedding_capability(capability):  # one vector space, as the workers route it
+        space = embedding_capability_space(catalog.models, by_model)
+        return [r for deployments in by_model.values() for r in deployments
+                if r.model.embeds and r.model.space == space]
     intent = catalog.capabilities[capability].intent
     found = [r for deployments in by_model.values() for r in deployments if intent in r.model.scores]
     return sorted(found, key=lambda r: -r.model.scores[intent])
@@ -128,7 +132,8 @@ async def random_model(request: Request, key: CurrentKey, redis: RedisDep, setti
     limit_headers = await charge_random_model(request, key, settings.models_random_per_hour)
     by_model = await routable_deployments(redis, settings, catalog)
     now_ms = int(time.time() * 1000)
-    healthy = {model_id: [r for r in deployments if r.health.state(now_ms) == "closed"]
+    # A chat model: an embedding model is no answer to "which model can I chat with".
+    healthy = {model_id: [r for r in deployments if r.health.state(now_ms) == "closed" and not r.model.embeds]
                for model_id, deployments in by_model.items()}
     healthy = {model_id: deployments for model_id, deployments in healthy.items() if deployments}
     if not healthy:
@@ -144,7 +149,7 @@ async def random_model(request: Request, key: CurrentKey, redis: RedisDep, setti
                 "capabilityMapping": _best_capability(catalog, model), "contextWindow": model.context_window,
                 "providerId": serving.provider}
     else:
-        offered = {capability: candidates for capability in catalog.capabilities
+        offered = {capability: candidates for capability in catalog.chat_capabilities()
                    if (candidates := _candidates(catalog, healthy, capability))}
         capability = random.choice(sorted(offered))
         serving = offered[capability][0]  # the best healthy candidate is what serves it now
@@ -156,7 +161,8 @@ async def random_model(request: Request, key: CurrentKey, redis: RedisDep, setti
 
 def _best_capability(catalog: CatalogFile, model: ModelConfig) -> str:
     """The capability id whose intent the model scores best in."""
-    ranked = sorted(((model.scores.get(cap.intent, -1.0), cap_id) for cap_id, cap in catalog.capabilities.items()),
+    chat = catalog.chat_capabilities()
+    ranked = sorted(((model.scores.get(cap.intent, -1.0), cap_id) for cap_id, cap in chat.items()),
                     key=lambda pair: -pair[0])
     return ranked[0][1] if ranked and ranked[0][0] >= 0 else AUTO
 

@@ -22,7 +22,7 @@ _MAX_ANSWER_DEPTH = 64
 
 
 class OpenAICompatProvider:
-    """POST {base_url}/chat/completions with the provider's key, extra headers and profile."""
+    """POST {base_url}/chat/completions (and /embeddings) with the provider's key, extra headers and profile."""
 
     def __init__(self, client: httpx.AsyncClient, caps: BodyCaps | None = None) -> None:
         self._client = client
@@ -61,19 +61,7 @@ class OpenAICompatProvider:
         request = self._client.build_request("POST", self._url(deployment), content=orjson.dumps(body),
                                              headers=self._headers(deployment, api_key),
                                              timeout=self._timeout(deployment, budget_s))
-        try:
-            async with asyncio.timeout_at(headers_by):
-                response = await self._client.send(request, stream=True)
-        except TimeoutError:
-            raise UpstreamTimeout("no response headers in time", phase="first_token") from None
-        except httpx.ConnectTimeout:
-            raise UpstreamTimeout("connect timeout", phase="connect") from None
-        except httpx.ConnectError:
-            raise UpstreamConnectError("connection refused or unreachable") from None
-        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError, httpx.TimeoutException):
-            raise UpstreamServerError("connection reset by upstream") from None
-        except httpx.HTTPError as exc:  # e.g. a base URL without a scheme: this route cannot work
-            raise UpstreamConnectError(f"cannot reach the provider ({type(exc).__name__})") from None
+        response = await self._send(request, headers_by)
         profile = deployment.provider.config.profile
         try:
             if response.status_code >= 300:
@@ -93,6 +81,45 @@ class OpenAICompatProvider:
         finally:
             await response.aclose()
 
+    async def embed(self, deployment: Deployment, body: dict[str, Any], api_key: str | None,
+                    budget_s: float) -> tuple[Any, httpx.Headers]:
+        """POST {base_url}/embeddings with an already prepared body: (the parsed JSON answer, its
+        headers); raises the same typed errors as a chat call. An answer is read whole, up to the
+        stream cap (thousands of vectors are far larger than a chat answer)."""
+        t = deployment.provider.config.timeout
+        started = asyncio.get_running_loop().time()
+        end_by = started + min(t.total_s, budget_s)
+        headers_by = min(started + t.connect_s + t.first_token_s, end_by)
+        request = self._client.build_request("POST", f"{deployment.provider.base_url}/embeddings",
+                                             content=orjson.dumps(body), headers=self._headers(deployment, api_key),
+                                             timeout=self._timeout(deployment, budget_s))
+        response = await self._send(request, headers_by)
+        try:
+            if response.status_code >= 300:
+                raise await self._error(deployment, response, headers_by)
+            raw, data = await self._read_json(response, self._caps.stream_bytes, end_by)
+            if isinstance(data, dict) and isinstance(data.get("error"), dict):  # an error with a 200 status
+                raise error_for_status(502, raw, response.headers, deployment.provider.config.profile)
+            return data, response.headers
+        finally:
+            await response.aclose()
+
+    async def _send(self, request: httpx.Request, headers_by: float) -> httpx.Response:
+        """Send `request` and wait for its headers until `headers_by`; transport failures typed."""
+        try:
+            async with asyncio.timeout_at(headers_by):
+                return await self._client.send(request, stream=True)
+        except TimeoutError:
+            raise UpstreamTimeout("no response headers in time", phase="first_token") from None
+        except httpx.ConnectTimeout:
+            raise UpstreamTimeout("connect timeout", phase="connect") from None
+        except httpx.ConnectError:
+            raise UpstreamConnectError("connection refused or unreachable") from None
+        except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError, httpx.TimeoutException):
+            raise UpstreamServerError("connection reset by upstream") from None
+        except httpx.HTTPError as exc:  # e.g. a base URL without a scheme: this route cannot work
+            raise UpstreamConnectError(f"cannot reach the provider ({type(exc).__name__})") from None
+
     async def _error(self, deployment: Deployment, response: httpx.Response, read_by: float) -> Exception:
         """The typed failure of a non-2xx answer, its body read up to the error cap."""
         profile = deployment.provider.config.profile
@@ -109,22 +136,27 @@ class OpenAICompatProvider:
             body = b""  # the status alone decides
         return error_for_status(response.status_code, body, response.headers, profile)
 
-    async def _whole_answer(self, deployment: Deployment, response: httpx.Response, read_by: float,
-                            end_by: float) -> list[StreamItem]:
-        """A JSON answer to a streamed request: a whole completion, or an error with a 200 status."""
+    @staticmethod
+    async def _read_json(response: httpx.Response, cap_bytes: int, end_by: float) -> tuple[bytes, Any]:
+        """(the body, its parsed JSON), read whole by `end_by`, up to `cap_bytes`; failures typed."""
         try:
             async with asyncio.timeout_at(end_by):
-                body = await read_capped(response, self._caps.body_bytes)
+                raw = await read_capped(response, cap_bytes)
         except TooLarge:
-            raise StreamBroken(f"upstream answer over {self._caps.body_bytes} bytes") from None
+            raise StreamBroken(f"upstream answer over {cap_bytes} bytes") from None
         except TimeoutError:
             raise UpstreamTimeout("upstream answer stalled (total)", phase="total") from None
         except httpx.HTTPError:
             raise StreamBroken("upstream connection was cut mid-answer") from None
         try:
-            data = orjson.loads(body)
+            return raw, orjson.loads(raw)
         except orjson.JSONDecodeError:
             raise StreamBroken("upstream sent a JSON answer that does not parse") from None
+
+    async def _whole_answer(self, deployment: Deployment, response: httpx.Response, read_by: float,
+                            end_by: float) -> list[StreamItem]:
+        """A JSON answer to a streamed request: a whole completion, or an error with a 200 status."""
+        body, data = await self._read_json(response, self._caps.body_bytes, end_by)
         if isinstance(data, dict) and isinstance(data.get("error"), dict):
             # OpenRouter: an error found after the status was sent comes in a 200 body.
             code = data["error"].get("code")

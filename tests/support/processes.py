@@ -249,6 +249,8 @@ def catalog_yaml(upstream_url: str, models: list[dict[str, Any]] | None = None,
          "capabilities": ["chat", "code"], "scores": {"code": 0.9, "general": 0.6, "reasoning": 0.6}},
         {"id": "reasoner", "provider": "fake-b", "upstream_name": "reasoner", "context_window": 16384,
          "capabilities": ["chat", "reasoning"], "scores": {"reasoning": 0.9, "general": 0.6, "code": 0.6}},
+        {"id": "embedder", "provider": "fake-b", "upstream_name": "embedder", "context_window": 8192,
+         "capabilities": ["embeddings", "dimensions", "token_input"]},
     ]
     data = {
         "providers": providers,
@@ -257,6 +259,7 @@ def catalog_yaml(upstream_url: str, models: list[dict[str, Any]] | None = None,
             "text-basic": {"name": "General Chat Model", "intent": "general"},
             "code": {"name": "Code Model", "intent": "code"},
             "reasoning": {"name": "Reasoning Model", "intent": "reasoning"},
+            "embedding": {"name": "Embedding Model", "endpoint": "embeddings"},
         },
     }
     return yaml.safe_dump(data, sort_keys=False)
