@@ -5,6 +5,7 @@ FREEFERENCE_API_KEY), so it works against any deployment, not only a local one.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from workers.protocol import BATCH_TERMINAL as TERMINAL
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
+CHAT_COMPLETIONS = "/v1/chat/completions"
 
 
 class ApiError(Exception):
@@ -125,6 +127,20 @@ def _run(args: argparse.Namespace, action: Any) -> int:
         return 1
 
 
+def _endpoint_of(path: Path) -> str:
+    """The batch's endpoint: the `url` of the file's first line (validation checks every other
+    line names the same); chat completions when it has none."""
+    with path.open("rb") as handle:
+        for raw in handle:
+            if raw.strip():
+                try:
+                    url = json.loads(raw).get("url")
+                except (ValueError, AttributeError):
+                    break
+                return url if isinstance(url, str) and url else CHAT_COMPLETIONS
+    return CHAT_COMPLETIONS
+
+
 def _submit(args: argparse.Namespace) -> int:
     metadata = dict(item.split("=", 1) for item in args.metadata if "=" in item) or None
 
@@ -133,7 +149,7 @@ def _submit(args: argparse.Namespace) -> int:
             uploaded = _check(client.post("/files", data={"purpose": "batch"},
                                           files={"file": (args.file.name, handle, "application/jsonl")}))
         batch = _check(client.post("/batches", json={
-            "input_file_id": uploaded["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h",
+            "input_file_id": uploaded["id"], "endpoint": _endpoint_of(args.file), "completion_window": "24h",
             "metadata": metadata}))
         print(f"submitted {batch['id']} (input {uploaded['id']})")
         return _finish(client, batch, args.wait, args.output if args.wait else None)

@@ -1,7 +1,8 @@
 """Validation of a batch input file: every line checked like a live request, all errors reported.
 
-Runs the same admission code as POST /v1/chat/completions (parse_chat_request, model checks),
-so a line that would be refused live is refused here, before anything runs.
+Runs the same admission code as POST /v1/chat/completions (parse_chat_request, model checks) or
+POST /v1/embeddings (check_embeddings), so a line that would be refused live is refused here,
+before anything runs.
 """
 
 import time
@@ -11,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from api.dialects.embeddings import check_embeddings, embeddings_job_for
 from api.errors import OpenAIError
 from api.jsondepth import nesting_exceeds, too_deep
 from api.modelref import check_chat_request, fallbacks, resolve_model
@@ -19,7 +21,10 @@ from settings import Settings
 from settings.catalog import CatalogFile
 from workers.protocol import BatchLine, ChatJob, Tier
 
-BATCH_URL = "/v1/chat/completions"
+CHAT_URL = "/v1/chat/completions"
+EMBEDDINGS_URL = "/v1/embeddings"
+# The endpoints a batch may run; every line of a batch names its batch's.
+BATCH_URLS = (CHAT_URL, EMBEDDINGS_URL)
 # Listing every error of a 50,000-line file would make the batch object huge: keep the first ones.
 MAX_REPORTED_ERRORS = 100
 
@@ -50,7 +55,8 @@ class Owner:
     tier: Tier
 
 
-def validate_input(content: bytes, owner: Owner, catalog: CatalogFile, settings: Settings) -> Validated:
+def validate_input(content: bytes, owner: Owner, catalog: CatalogFile, settings: Settings,
+                   endpoint: str = CHAT_URL) -> Validated:
     """Parse and check every line; `lines` is only meaningful when `error_count` is 0."""
     result = Validated()
     seen: set[str] = set()
@@ -63,7 +69,7 @@ def validate_input(content: bytes, owner: Owner, catalog: CatalogFile, settings:
         if not raw.strip():
             continue
         try:
-            line = _check_line(raw, number, seen, owner, catalog, settings)
+            line = _check_line(raw, number, seen, owner, catalog, settings, endpoint)
         except _Invalid as exc:
             result.fail(exc.error)
             continue
@@ -80,7 +86,7 @@ class _Invalid(Exception):
 
 
 def _check_line(raw: bytes, number: int, seen: set[str], owner: Owner, catalog: CatalogFile,
-                settings: Settings) -> BatchLine:
+                settings: Settings, endpoint: str) -> BatchLine:
     def invalid(code: str, message: str, param: str | None = None) -> _Invalid:
         return _Invalid(LineError(code, message, number, param))
 
@@ -103,13 +109,18 @@ def _check_line(raw: bytes, number: int, seen: set[str], owner: Owner, catalog: 
     seen.add(custom_id)
     if data.get("method") != "POST":
         raise invalid("invalid_method", "'method' must be 'POST'.", "method")
-    if data.get("url") != BATCH_URL:
-        raise invalid("invalid_url", f"'url' must be '{BATCH_URL}', the batch's endpoint.", "url")
+    if data.get("url") != endpoint:
+        raise invalid("invalid_url", f"'url' must be '{endpoint}', the batch's endpoint.", "url")
     body = data.get("body")
     if not isinstance(body, dict):
         raise invalid("invalid_request", "'body' must be a JSON object.", "body")
     try:
-        job = _chat_job(body, owner, catalog, settings)
+        if endpoint == EMBEDDINGS_URL:
+            # job/request ids and the deadline are set again for every run of the line.
+            job = embeddings_job_for(check_embeddings(body, settings.max_embedding_inputs), owner.key_id, owner.tier,
+                                     catalog, uuid.uuid4().hex, "", "", 0)
+        else:
+            job = _chat_job(body, owner, catalog, settings)
     except OpenAIError as exc:
         param = f"body.{exc.body.param}" if exc.body.param else "body"
         raise invalid(exc.body.code or "invalid_request", exc.body.message, param) from None

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.batches import store
-from api.batches.validate import BATCH_URL, Owner, validate_input
+from api.batches.validate import BATCH_URLS, Owner, validate_input
 from api.deps import CatalogDep, CurrentKey, RedisDep, SettingsDep
 from api.errors import invalid_request
 from api.keys import effective_limits
@@ -33,7 +33,7 @@ class CreateBatchRequest(BaseModel):
 
     input_file_id: str = Field(min_length=1)
     # The enums only document what the checks below accept (their messages stay OpenAI's).
-    endpoint: str = Field(json_schema_extra={"enum": [BATCH_URL]})
+    endpoint: str = Field(json_schema_extra={"enum": list(BATCH_URLS)})
     completion_window: str = Field(json_schema_extra={"enum": [*COMPLETION_WINDOWS]})
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         default=None, max_length=16)
@@ -45,8 +45,8 @@ class CreateBatchRequest(BaseModel):
 async def create_batch(body: CreateBatchRequest, key: CurrentKey, redis: RedisDep, settings: SettingsDep,
                        catalog: CatalogDep) -> dict[str, Any]:
     """Create a batch from an uploaded file; every line is validated before any line runs."""
-    if body.endpoint != BATCH_URL:
-        raise invalid_request(f"Only the endpoint '{BATCH_URL}' is supported.", param="endpoint")
+    if body.endpoint not in BATCH_URLS:
+        raise invalid_request(f"The endpoint must be one of {', '.join(BATCH_URLS)}.", param="endpoint")
     if body.completion_window not in COMPLETION_WINDOWS:
         raise invalid_request("completion_window must be '24h'.", param="completion_window")
     record = await store.get_file(redis, key.id, body.input_file_id)
@@ -60,7 +60,8 @@ async def create_batch(body: CreateBatchRequest, key: CurrentKey, redis: RedisDe
                      output_expires_after_s=body.output_expires_after.seconds if body.output_expires_after else None)
     await store.create_batch(redis, spec)
     # A 200 MB file takes seconds to check: off the event loop, so live requests keep flowing.
-    checked = await asyncio.to_thread(validate_input, content, Owner(key.id, key.tier), catalog, settings)
+    checked = await asyncio.to_thread(validate_input, content, Owner(key.id, key.tier), catalog, settings,
+                                      body.endpoint)
     cap = effective_limits(key, settings).batch_lines
     queued = await store.queued_lines(redis, key.id)
     if checked.error_count:

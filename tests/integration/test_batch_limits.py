@@ -30,9 +30,9 @@ def test_limits_validation_and_expiry(gateway_factory: GatewayFactory, upstream:
     assert list(client.files.list()) == []
     with pytest.raises(openai.BadRequestError):
         client.files.create(file=("a.jsonl", io.BytesIO(batch_jsonl(1))), purpose="fine-tune")
-    # Only /v1/chat/completions lines can be batched.
+    # Only /v1/chat/completions and /v1/embeddings lines can be batched.
     response = httpx.post(gateway.base_url + "/v1/batches", headers={"Authorization": f"Bearer {key}"},
-                          json={"input_file_id": "file-x", "endpoint": "/v1/embeddings", "completion_window": "24h"})
+                          json={"input_file_id": "file-x", "endpoint": "/v1/completions", "completion_window": "24h"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "endpoint"
 
     # Over the line limit, and bad lines: the batch fails validation; not one line runs.
