@@ -30,7 +30,7 @@ from workers.batch_limits import BatchAccounting
 from workers.batch_pacing import LagGovernor
 from workers.batch_store import BatchStore, BatchView, Leased, output_line
 from workers.jobs import WorkerState, error_event, execute
-from workers.protocol import BatchSpec, ErrorBody, RouteInfo
+from workers.protocol import BatchSpec, ErrorBody, RouteInfo, fill_response
 
 log = logging.getLogger("freeference.batches")
 
@@ -211,7 +211,9 @@ class BatchRunner:
             result = output_line(line.custom_id, request_id, event.status, body)
             left = await self._store.record(spec, idx, line.custom_id, result, "failed")
         else:
-            result = output_line(line.custom_id, request_id, 200, done.completion)
+            answer = done.completion if line.response_echo is None else \
+                fill_response(line.response_echo, done.completion or {}, done.route.model)
+            result = output_line(line.custom_id, request_id, 200, answer)
             left, _ = await asyncio.gather(
                 self._store.record(spec, idx, line.custom_id, result, "completed", done.usage),
                 self._accounting.bill(spec.owner, leased, charged_at_s, done.route.model, usage=done.usage,

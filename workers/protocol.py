@@ -37,10 +37,26 @@ from router.keyspace import (
     upstream_key_state_key,
 )
 
+# Answer shapes the API and the batch runner both build (the Responses API's output items).
+from workers.response_shapes import (
+    call_item,
+    fill_response,
+    message_item,
+    new_id,
+    output_items,
+    reasoning_item,
+    reasoning_text,
+    status_of,
+    text_part,
+    usage_of,
+)
+
 __all__ = [
-    "LEARNED_CATALOG_KEY", "LIVE_DEPLOYMENTS_KEY", "LIVE_MODEL_CARDS_KEY", "MODEL_PARK_PREFIX", "PROVIDER_STATUS_KEY",
-    "DeploymentHealth", "KeyCheck", "LiveDeployment", "ModelCard", "ProviderStatus", "catalog_refresh_lock_key",
-    "deployment_health_key", "deployment_probe_key", "key_quota_view", "upstream_key_state_key",
+    "LEARNED_CATALOG_KEY", "LIVE_DEPLOYMENTS_KEY", "LIVE_MODEL_CARDS_KEY", "MODEL_PARK_PREFIX",
+    "PROVIDER_STATUS_KEY", "DeploymentHealth", "KeyCheck", "LiveDeployment", "ModelCard", "ProviderStatus",
+    "call_item", "catalog_refresh_lock_key", "deployment_health_key", "deployment_probe_key", "fill_response",
+    "key_quota_view", "message_item", "new_id", "output_items", "reasoning_item", "reasoning_text", "status_of",
+    "text_part", "upstream_key_state_key", "usage_of",
 ]
 
 PROTOCOL_VERSION = 1
@@ -371,6 +387,9 @@ class BatchLine(_Model):
 
     custom_id: str
     job: ChatJob
+    # A /v1/responses line: the `response` object its answer fills in (fill_response), echoing
+    # its request. Left out of other lines' JSON, which a worker of an earlier release reads.
+    response_echo: dict[str, Any] | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 def owner_queued_lines_key(owner: str) -> str:

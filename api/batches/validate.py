@@ -13,6 +13,8 @@ from typing import Any
 import orjson
 
 from api.dialects.embeddings import check_embeddings, embeddings_job_for
+from api.dialects.responses import response_object
+from api.dialects.responses_in import input_items, parse_responses_request, to_chat
 from api.errors import OpenAIError
 from api.jsondepth import nesting_exceeds, too_deep
 from api.modelref import check_chat_request, fallbacks, resolve_model
@@ -23,8 +25,9 @@ from workers.protocol import BatchLine, ChatJob, Tier
 
 CHAT_URL = "/v1/chat/completions"
 EMBEDDINGS_URL = "/v1/embeddings"
+RESPONSES_URL = "/v1/responses"
 # The endpoints a batch may run; every line of a batch names its batch's.
-BATCH_URLS = (CHAT_URL, EMBEDDINGS_URL)
+BATCH_URLS = (CHAT_URL, RESPONSES_URL, EMBEDDINGS_URL)
 # Listing every error of a 50,000-line file would make the batch object huge: keep the first ones.
 MAX_REPORTED_ERRORS = 100
 
@@ -115,16 +118,38 @@ def _check_line(raw: bytes, number: int, seen: set[str], owner: Owner, catalog: 
     if not isinstance(body, dict):
         raise invalid("invalid_request", "'body' must be a JSON object.", "body")
     try:
+        echo = None
         if endpoint == EMBEDDINGS_URL:
             # job/request ids and the deadline are set again for every run of the line.
             job = embeddings_job_for(check_embeddings(body, settings.max_embedding_inputs), owner.key_id, owner.tier,
                                      catalog, uuid.uuid4().hex, "", "", 0)
+        elif endpoint == RESPONSES_URL:
+            chat, echo = _responses_line(body, settings)
+            job = _chat_job(chat, owner, catalog, settings)
         else:
             job = _chat_job(body, owner, catalog, settings)
     except OpenAIError as exc:
         param = f"body.{exc.body.param}" if exc.body.param else "body"
         raise invalid(exc.body.code or "invalid_request", exc.body.message, param) from None
-    return BatchLine(custom_id=custom_id, job=job)
+    return BatchLine(custom_id=custom_id, job=job, response_echo=echo)
+
+
+def _responses_line(body: dict[str, Any], settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the chat body, the `response` object its answer fills in) of a /v1/responses line.
+
+    A line is answered in the output file and not stored (its echo says `store: false`), and
+    `previous_response_id` (which reads a stored response) is refused, so a line's meaning never
+    depends on when it runs.
+    """
+    request, data = parse_responses_request(orjson.dumps(body), settings.max_json_depth)
+    if request.previous_response_id is not None:
+        raise OpenAIError(400, "previous_response_id is not supported in batch lines: send the whole conversation "
+                          "as input.", code="invalid_request", param="previous_response_id")
+    if request.stream:
+        raise OpenAIError(400, "Streaming is not supported in batch requests.", code="invalid_request",
+                          param="stream")
+    echo = response_object(request.model_copy(update={"store": False}), "", 0, "completed", [], None, None, None)
+    return to_chat(request, input_items(data)), echo
 
 
 def _chat_job(raw: dict[str, Any], owner: Owner, catalog: CatalogFile, settings: Settings) -> ChatJob:

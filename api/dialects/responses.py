@@ -54,6 +54,30 @@ async def delete_response(redis: Redis, owner: str, response_id: str) -> None:
         raise response_not_found(response_id)
 
 
+def response_object(request: ResponsesRequest, response_id: str, created_at: int, status: str,
+                    output: list[dict[str, Any]], chat_usage: dict[str, Any] | None, model: str | None,
+                    incomplete_reason: str | None) -> dict[str, Any]:
+    """The `response` object of `request`, with what its answer says so far."""
+    fmt = request.text.format if request.text else None
+    text_format = fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}
+    tool_choice = request.tool_choice
+    choice = tool_choice.model_dump() if isinstance(tool_choice, BaseModel) else tool_choice or "auto"
+    return {
+        "id": response_id, "object": "response", "created_at": created_at, "status": status, "error": None,
+        "incomplete_details": {"reason": incomplete_reason} if incomplete_reason else None,
+        "instructions": request.instructions, "max_output_tokens": request.max_output_tokens,
+        "model": model or request.model or "auto", "output": list(output),
+        "parallel_tool_calls": request.parallel_tool_calls is not False,
+        "previous_response_id": request.previous_response_id,
+        "reasoning": {"effort": (request.reasoning or {}).get("effort"), "summary": None},
+        "store": request.store, "temperature": request.temperature, "text": {"format": text_format},
+        "tool_choice": choice, "tools": [t.model_dump(exclude_none=True) for t in request.tools or []],
+        "top_p": request.top_p,
+        "truncation": "disabled", "usage": usage_of(chat_usage), "user": request.user,
+        "metadata": request.metadata or {},
+    }
+
+
 class ResponsesDialect:
     """One /v1/responses request."""
 
@@ -96,26 +120,9 @@ class ResponsesDialect:
     def render(self, status: str, output: list[dict[str, Any]], chat_usage: dict[str, Any] | None,
                model: str | None, incomplete_reason: str | None) -> dict[str, Any]:
         """The `response` object as it stands."""
-        request = self._request
-        assert request is not None  # translate() ran before any event
-        fmt = request.text.format if request.text else None
-        text_format = fmt.model_dump(by_alias=True, exclude_none=True) if fmt else {"type": "text"}
-        tool_choice = request.tool_choice
-        choice = tool_choice.model_dump() if isinstance(tool_choice, BaseModel) else tool_choice or "auto"
-        return {
-            "id": self._id, "object": "response", "created_at": self._created_at, "status": status, "error": None,
-            "incomplete_details": {"reason": incomplete_reason} if incomplete_reason else None,
-            "instructions": request.instructions, "max_output_tokens": request.max_output_tokens,
-            "model": model or request.model or "auto", "output": list(output),
-            "parallel_tool_calls": request.parallel_tool_calls is not False,
-            "previous_response_id": request.previous_response_id,
-            "reasoning": {"effort": (request.reasoning or {}).get("effort"), "summary": None},
-            "store": request.store, "temperature": request.temperature, "text": {"format": text_format},
-            "tool_choice": choice, "tools": [t.model_dump(exclude_none=True) for t in request.tools or []],
-            "top_p": request.top_p,
-            "truncation": "disabled", "usage": usage_of(chat_usage), "user": request.user,
-            "metadata": request.metadata or {},
-        }
+        assert self._request is not None  # translate() ran before any event
+        return response_object(self._request, self._id, self._created_at, status, output, chat_usage, model,
+                               incomplete_reason)
 
     def _finished(self, response: dict[str, Any]) -> None:
         if self._request is None or not self._request.store:

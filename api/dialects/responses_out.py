@@ -11,85 +11,29 @@ when the answer hit max_output_tokens). A failure after the first event is an `e
 followed by `response.failed`, never `response.completed`.
 """
 
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 
-from workers.protocol import DoneEvent, ErrorBody
+from workers.protocol import (
+    DoneEvent,
+    ErrorBody,
+    call_item,
+    message_item,
+    new_id,
+    output_items,
+    reasoning_item,
+    reasoning_text,
+    status_of,
+    text_part,
+    usage_of,
+)
+
+__all__ = ["ResponsesStream", "new_id", "output_items", "status_of", "usage_of"]
 
 # Builds the whole response object: (status, output items, chat usage, served model, incomplete reason).
 Render = Callable[[str, list[dict[str, Any]], dict[str, Any] | None, str | None, str | None], dict[str, Any]]
-
-
-def new_id(prefix: str) -> str:
-    """An id in OpenAI's style: `resp_…`, `msg_…`, `fc_…`, `rs_…`."""
-    return f"{prefix}_{uuid.uuid4().hex}"
-
-
-def usage_of(chat_usage: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Chat usage in the Responses shape."""
-    if not chat_usage:
-        return None
-    prompt = int(chat_usage.get("prompt_tokens") or 0)
-    completion = int(chat_usage.get("completion_tokens") or 0)
-    cached = int((chat_usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-    reasoning = int((chat_usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0)
-    return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
-            "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": reasoning},
-            "total_tokens": prompt + completion}
-
-
-def status_of(finish_reason: str | None) -> tuple[str, str | None]:
-    """(status, incomplete reason) for a chat finish_reason."""
-    if finish_reason == "length":
-        return "incomplete", "max_output_tokens"
-    if finish_reason == "content_filter":
-        return "incomplete", "content_filter"
-    return "completed", None
-
-
-def _reasoning_text(holder: dict[str, Any]) -> str:
-    value = holder.get("reasoning_content") or holder.get("reasoning")
-    return value if isinstance(value, str) else ""
-
-
-def output_items(message: dict[str, Any]) -> list[dict[str, Any]]:
-    """The output items of one whole chat message."""
-    items: list[dict[str, Any]] = []
-    reasoning = _reasoning_text(message)
-    if reasoning:
-        items.append(_reasoning_item(new_id("rs"), reasoning))
-    parts: list[dict[str, Any]] = []
-    if isinstance(message.get("content"), str) and message["content"]:
-        parts.append(_text_part(message["content"]))
-    if isinstance(message.get("refusal"), str) and message["refusal"]:
-        parts.append({"type": "refusal", "refusal": message["refusal"]})
-    if parts:
-        items.append(_message_item(new_id("msg"), "completed", parts))
-    for call in message.get("tool_calls") or []:
-        function = call.get("function") or {}
-        items.append(_call_item(new_id("fc"), call.get("id") or new_id("call"), function.get("name", ""),
-                                function.get("arguments", ""), "completed"))
-    return items
-
-
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-def _message_item(item_id: str, status: str, content: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
-
-
-def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
-    return {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
-            "status": status}
-
-
-def _reasoning_item(item_id: str, text: str) -> dict[str, Any]:
-    return {"type": "reasoning", "id": item_id, "summary": [], "content": [{"type": "reasoning_text", "text": text}]}
 
 
 class ResponsesStream:
@@ -132,7 +76,7 @@ class ResponsesStream:
             if choice.get("index", 0) != 0:
                 continue  # n > 1 has no Responses form; the first choice is the answer
             delta = choice.get("delta") or {}
-            reasoning = _reasoning_text(delta)
+            reasoning = reasoning_text(delta)
             if reasoning:
                 out.append(self._reasoning(reasoning))
             if isinstance(delta.get("content"), str) and delta["content"]:
@@ -170,7 +114,7 @@ class ResponsesStream:
         out = b""
         if self._open_reasoning is None:
             out += self._close_text()
-            self._open_reasoning = _reasoning_item(new_id("rs"), "")
+            self._open_reasoning = reasoning_item(new_id("rs"), "")
             out += self._added(self._open_reasoning)
         item = self._open_reasoning
         item["content"][0]["text"] += text
@@ -180,11 +124,11 @@ class ResponsesStream:
     def _text(self, text: str) -> bytes:
         out = self._close_reasoning()
         if self._open_text is None:
-            self._open_text = _message_item(new_id("msg"), "in_progress", [])
+            self._open_text = message_item(new_id("msg"), "in_progress", [])
             out += self._added(self._open_text)
             out += self._event("response.content_part.added", item_id=self._open_text["id"],
-                               output_index=self._index(self._open_text), content_index=0, part=_text_part(""))
-            self._open_text["content"].append(_text_part(""))
+                               output_index=self._index(self._open_text), content_index=0, part=text_part(""))
+            self._open_text["content"].append(text_part(""))
         item = self._open_text
         item["content"][0]["text"] += text
         return out + self._event("response.output_text.delta", item_id=item["id"], output_index=self._index(item),
@@ -196,7 +140,7 @@ class ResponsesStream:
         function = call.get("function") or {}
         item = self._calls.get(index)
         if item is None:
-            item = _call_item(new_id("fc"), call.get("id") or new_id("call"), function.get("name") or "", "",
+            item = call_item(new_id("fc"), call.get("id") or new_id("call"), function.get("name") or "", "",
                               "in_progress")
             self._calls[index] = item
             out += self._added(item)  # serialized now: the event shows it empty, as it is

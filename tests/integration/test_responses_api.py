@@ -1,12 +1,14 @@
 """POST /v1/responses through real processes, with the official openai SDK as the client."""
 
+import io
+import json
 from collections.abc import Callable, Iterator
 
 import httpx
 import openai
 import pytest
 
-from tests.support.processes import FakeUpstream, Gateway
+from tests.support.processes import FakeUpstream, Gateway, wait_batch
 
 pytestmark = pytest.mark.integration
 
@@ -128,3 +130,36 @@ def test_limits_and_headers_apply_as_on_chat(gateway: Gateway, client: openai.Op
     raw = client.responses.with_raw_response.create(model="auto", input="Hi.")
     assert raw.headers["x-freeference-model"] == "general-best"
     assert "x-ratelimit-remaining-requests" in raw.headers
+
+
+def test_a_batch_of_responses_lines(client: openai.OpenAI, upstream: FakeUpstream) -> None:
+    def upload(lines: list[dict]) -> str:
+        content = b"\n".join(json.dumps(line).encode() for line in lines)
+        return client.files.create(file=("r.jsonl", io.BytesIO(content)), purpose="batch").id
+
+    hello = {"custom_id": "hello", "method": "POST", "url": "/v1/responses",
+             "body": {"model": "auto", "input": "Say hello.", "instructions": "Be brief.", "max_output_tokens": 6,
+                      "metadata": {"ticket": "42"}}}
+    weather = {"custom_id": "weather", "method": "POST", "url": "/v1/responses",
+               "body": {"input": [{"role": "user", "content": "What is the weather in Paris?"}], "tools": [WEATHER]}}
+    follow_up = {"custom_id": "follow-up", "method": "POST", "url": "/v1/responses",
+                 "body": {"input": "And tomorrow?", "previous_response_id": "resp_0123"}}
+    refused = client.batches.create(input_file_id=upload([hello, follow_up]), endpoint="/v1/responses",
+                                    completion_window="24h")
+    refused = wait_batch(client, refused.id, {"failed"}, timeout_s=10)
+    assert refused.errors is not None and refused.errors.data[0].param == "body.previous_response_id"
+    batch = client.batches.create(input_file_id=upload([hello, weather]), endpoint="/v1/responses",
+                                  completion_window="24h")
+    done = wait_batch(client, batch.id, {"completed", "failed"}, timeout_s=30)
+    assert done.status == "completed" and done.output_file_id is not None
+    results = {r["custom_id"]: r["response"]["body"]
+               for r in map(json.loads, client.files.content(done.output_file_id).text.splitlines())}
+    said = results["hello"]
+    assert said["object"] == "response" and said["id"].startswith("resp_") and said["status"] == "completed"
+    assert said["model"] == "general-best" and said["metadata"] == {"ticket": "42"} and said["store"] is False
+    assert said["instructions"] == "Be brief." and said["usage"]["output_tokens"] == 6
+    assert said["output"][0]["content"][0]["text"] == "[general-best] simulated reply: 1 2 3"
+    call = results["weather"]["output"][0]
+    assert call["type"] == "function_call" and call["name"] == "get_weather" and json.loads(call["arguments"])
+    with pytest.raises(openai.NotFoundError):  # a batch line's response is in the file, not stored
+        client.responses.retrieve(said["id"])
