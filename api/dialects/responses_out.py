@@ -141,7 +141,7 @@ class ResponsesStream:
         item = self._calls.get(index)
         if item is None:
             item = call_item(new_id("fc"), call.get("id") or new_id("call"), function.get("name") or "", "",
-                              "in_progress")
+                             "in_progress")
             self._calls[index] = item
             out += self._added(item)  # serialized now: the event shows it empty, as it is
         elif function.get("name"):
