@@ -20,6 +20,7 @@ from api.live_catalog import follow
 from api.metrics import Metrics, MetricsMiddleware
 from api.middleware import EdgeMiddleware
 from api.openapi_schema import install_openapi
+from api.pool_load import PoolLoad
 from api.relay import ReplyHub
 from api.routes import admin, batches, chat, embeddings, files, health, messages, models, responses
 from settings import Settings, get_settings
@@ -62,6 +63,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.key_gate = KeyGate(redis, conf)
         app.state.stream_limiter = StreamLimiter(redis, conf.max_streams_per_key)
         app.state.background = BackgroundWrites()
+        # The worker pool's published load: a request no worker can take soon is refused at once.
+        app.state.pool_load = PoolLoad(redis, conf.queue_name, conf.worker_load_publish_s, conf.pickup_timeout_s)
+        app.state.pool_load.start()
         # Models the workers' provider listings added become listed and pinnable here (api/live_catalog.py).
         follower = asyncio.create_task(follow(app, redis, app.state.catalog, conf.live_deployments_publish_s),
                                        name="live-catalog")
@@ -71,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             follower.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
+            await app.state.pool_load.stop()
             await app.state.background.drain(timeout_s=5)
             await hub.stop()
             await redis.aclose()

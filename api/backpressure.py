@@ -1,7 +1,8 @@
 """Limits that protect the service: in-flight requests per API process, open streams per key.
 
-A process that is full answers 503 with Retry-After at once, before reading the body, instead
-of queueing without bound (the caller or its load balancer retries elsewhere). The per-key
+A process that is full, or whose worker pool cannot take another job soon (api/pool_load.py),
+answers 503 with Retry-After at once, before reading the body, instead of queueing without
+bound (the caller or its load balancer retries elsewhere). The per-key
 stream limit is one Lua call in Redis, so it holds across every API replica; each open stream
 is a sorted-set member that expires with its request's deadline, so a crashed API process
 cannot leak a key's slots for longer than that.
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.errors import OpenAIError, error_response
 from api.metrics import LIMIT_HEADER
+from api.pool_load import PoolLoad
 from settings.logfields import STORE_DOWN
 from workers.protocol import ChatJob, key_streams_key
 
@@ -57,10 +59,14 @@ class InflightLimitMiddleware:
             await self.app(scope, receive, send)
             return
         guarded = scope["path"] in self.paths
-        if guarded and self.max_inflight and self.inflight >= self.max_inflight:
-            error = overloaded(self.max_inflight)
-            await error_response(error.status, error.body, error.headers, scope["path"])(scope, receive, send)
-            return
+        if guarded:
+            error = overloaded(self.max_inflight) if self.max_inflight and self.inflight >= self.max_inflight else None
+            pool: PoolLoad | None = getattr(scope["app"].state, "pool_load", None) if "app" in scope else None
+            if error is None and pool is not None:
+                error = pool.refusal()
+            if error is not None:
+                await error_response(error.status, error.body, error.headers, scope["path"])(scope, receive, send)
+                return
         callbacks: list[Callable[[], Awaitable[None]]] = []
         scope.setdefault("state", {})[_ON_FINISH] = callbacks
         if guarded:

@@ -24,7 +24,7 @@ from router.assemble import CompletionAssembler
 from router.attempt import AttemptLog, AttemptResult, HedgeLost, OnChunk, OnStart, RunState, stream_attempt
 from router.catalog import Deployment
 from router.embeddings import embedding_body
-from router.errors import ContextTooLong, NotServable, UpstreamError
+from router.errors import ContextTooLong, NotServable, UpstreamError, UpstreamTimeout
 from router.health import HealthSnapshot, HealthStore, now_ms
 from router.hedge import HedgePolicy, HedgeTuning
 from router.keys import KeyRotation, NoUsableKey
@@ -32,6 +32,7 @@ from router.learning import MODEL_GONE_COOLDOWN_S, HealthLearner
 from router.policy import POLICY, Tuning, classify, retry_wait_s
 from router.providers.openai_compat import OpenAICompatProvider
 from router.providers.profile import droppable
+from router.providers.slots import ProviderSlots
 from router.select import NoneAvailable, window
 
 __all__ = ["MODEL_GONE_COOLDOWN_S", "AllFailed", "AttemptLog", "FailoverExecutor", "MidStreamFailure", "RunState"]
@@ -120,7 +121,8 @@ class _Race:
 
 class FailoverExecutor:
     def __init__(self, provider: OpenAICompatProvider, rotation: KeyRotation, health: HealthStore | None,
-                 tuning: Tuning, sleep: Sleep = asyncio.sleep, hedging: HedgeTuning | None = None) -> None:
+                 tuning: Tuning, sleep: Sleep = asyncio.sleep, hedging: HedgeTuning | None = None,
+                 local_pressure: Callable[[], bool] = lambda: False) -> None:
         self._provider = provider
         self._rotation = rotation
         self._tuning = tuning
@@ -129,6 +131,11 @@ class FailoverExecutor:
         self.hedging = HedgePolicy(hedging or HedgeTuning(enabled=False))
         # Attempts in flight per deployment in this worker (spreading prefers the less busy).
         self.inflight: collections.Counter[str] = collections.Counter()
+        # Upstream requests per provider with a concurrency limit wait here, before their clocks start.
+        self.slots = ProviderSlots()
+        # True while this process itself is too slow (its event loop lags): a timeout or a late
+        # first token seen then says more about this worker than about the provider.
+        self._local_pressure = local_pressure
 
     async def snapshot(self, deployments: Sequence[Deployment]) -> HealthSnapshot:
         """Shared health of the candidates; an empty snapshot when Redis cannot tell."""
@@ -172,10 +179,12 @@ class FailoverExecutor:
                 current = None
                 continue
             d = current.deployment
-            started = asyncio.get_running_loop().time()
             try:
-                with self._in_flight(d):
-                    raw, headers = await self._provider.embed(d, current.body, current.api_key, budget_s())
+                # The provider's slot first (router/providers/slots.py): its wait is not the call's time.
+                async with self.slots.hold(d.provider):
+                    started = asyncio.get_running_loop().time()
+                    with self._in_flight(d):
+                        raw, headers = await self._provider.embed(d, current.body, current.api_key, budget_s())
                 answer = parse(raw)
             except UpstreamError as exc:
                 current = await self._failed(current, exc, req)
@@ -184,9 +193,10 @@ class FailoverExecutor:
                 if current.probe:
                     await asyncio.shield(self.learner.release_probe(d))
                 raise
-            took_ms = (asyncio.get_running_loop().time() - started) * 1000
+            took_ms: float | None = (asyncio.get_running_loop().time() - started) * 1000
             if current.probe:
                 self.learner.in_background(self.learner.probe_answered(d, None))
+            took_ms = None if self._local_pressure() else took_ms
             self.learner.in_background(self.learner.succeeded(d, current.api_key, took_ms, headers, req.health))
             return answer, d
 
@@ -210,8 +220,9 @@ class FailoverExecutor:
                     await self._failed(tried, failure, req, decide=False)
             if isinstance(outcome, AttemptResult):
                 # Recording success must not delay the answer: the caller's done event goes first.
+                first_chunk_ms = None if self._local_pressure() else outcome.first_chunk_ms
                 self.learner.in_background(self.learner.succeeded(
-                    counted.deployment, counted.api_key, outcome.first_chunk_ms, outcome.headers, req.health))
+                    counted.deployment, counted.api_key, first_chunk_ms, outcome.headers, req.health))
                 return counted.deployment
             current = await self._failed(counted, outcome, req) if outcome is not None else None
         raise self._exhausted(req)
@@ -284,6 +295,12 @@ class FailoverExecutor:
     async def _attempt(self, t: _Try, req: _Request) -> list[tuple[_Try, Outcome_]]:
         """Run one attempt, hedged if its first token is late: the attempts that finished, in
         order, the last being the one whose outcome counts."""
+        # The provider's slot first: waiting for it is this worker's queue, so no clock of the
+        # attempt (its timeouts, its first-token time, the hedge timer) runs meanwhile.
+        async with self.slots.hold(t.deployment.provider):
+            return await self._attempt_in_slot(t, req)
+
+    async def _attempt_in_slot(self, t: _Try, req: _Request) -> list[tuple[_Try, Outcome_]]:
         d = t.deployment
         self.hedging.started(d.key)
         threshold_s = self.hedging.threshold_s(req.health.of(d))
@@ -355,7 +372,8 @@ class FailoverExecutor:
         self.hedging.hedged(race.primary.deployment.key)
         log.info("first token of %s is late: hedging on %s", race.primary.deployment.key, hedge.deployment.key)
         try:
-            return hedge, await self._stream(hedge, req, self._gate(race, hedge, req))
+            async with self.slots.hold(hedge.deployment.provider):
+                return hedge, await self._stream(hedge, req, self._gate(race, hedge, req))
         except HedgeLost:
             return hedge, None
 
@@ -444,7 +462,15 @@ class FailoverExecutor:
             await self.learner.mark_unsupported(d, refused, req.health)
             t.body = self._prepare(d, req)
             return t if decide else None
-        await self.learner.learn(d, t.api_key, rule.health, outcome, exc, t.probe, req.health, req.ranked)
+        if isinstance(exc, UpstreamTimeout) and self._local_pressure():
+            # This worker's own event loop was late: the clock ran out here, maybe not there.
+            # Nothing is held against the deployment (its breaker, its latency); the request
+            # still moves on as it would after any timeout.
+            state.notes[-1] = (d.key, f"failed:{exc.reason}:local")
+            if t.probe:
+                await self.learner.release_probe(d)
+        else:
+            await self.learner.learn(d, t.api_key, rule.health, outcome, exc, t.probe, req.health, req.ranked)
         if rule.health == "unsupported" and refused is not None and refused not in _UNLEARNED:
             await self.learner.mark_unsupported(d, refused, req.health)
         await self._learn_window(d, exc, req)

@@ -45,6 +45,10 @@ class LimitsProfile(_Strict):
     scope: QuotaScope = "model"
     # When a daily cap says no reset time, it lapses at this midnight.
     daily_reset: DailyReset = "utc_midnight"
+    # Requests one worker sends it at once (free tiers often allow only a few per account);
+    # more wait in the worker, outside the provider's timeouts (router/providers/slots.py).
+    # None: no limit of the gateway's own.
+    concurrent_requests: int | None = Field(default=None, gt=0)
 
 
 class ModelsEndpoint(_Strict):

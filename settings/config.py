@@ -70,8 +70,10 @@ class Settings(BaseSettings):
     # middleware at all). "*" allows any origin.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Protective limits (api/backpressure.py); 0 disables one. Past the first, a process answers
-    # 503 + Retry-After at once instead of queueing without bound; past the second, 429.
-    max_inflight_requests: int = Field(default=1000, ge=0)  # chat requests in flight per API process
+    # 503 + Retry-After at once instead of queueing without bound; past the second, 429. The
+    # first is a safety ceiling far above normal: what refuses work under load is the worker
+    # pool's measured capacity (docs/scaling.md), not this count.
+    max_inflight_requests: int = Field(default=10_000, ge=0)  # chat requests in flight per API process
     max_streams_per_key: int = Field(default=128, ge=0)  # open streams per key, across all replicas
     default_capability: str = "text-basic"
     # Route model-less requests by the prompt's intent; off → always default_capability.
@@ -97,7 +99,21 @@ class Settings(BaseSettings):
     usage_retention_days: int = Field(default=90, gt=0)
 
     # Worker
-    worker_max_jobs: int = Field(default=256, gt=0)
+    # A safety ceiling on jobs one worker runs at once, far above what it takes normally: a worker
+    # takes new jobs while its measured capacity (event-loop lag, CPU, memory per open stream)
+    # allows (workers/capacity.py), and jobs wait on the queue meanwhile.
+    worker_max_jobs: int = Field(default=10_000, gt=0)
+    # A worker takes no new job while its event loop lags more than this (the median over the
+    # last half second): every stream it already runs would get its chunks later. Four times it
+    # makes a timeout this worker's fault, not the provider's (workers/capacity.py).
+    worker_loop_lag_max_ms: float = Field(default=100.0, gt=0)
+    # Share of one core a worker may use before it counts itself full (a Python process runs on one).
+    worker_cpu_max: float = Field(default=0.85, gt=0, le=1)
+    # Resident memory a worker may grow to before it takes no new job (0: no memory bound).
+    worker_memory_max_mb: int = Field(default=0, ge=0)
+    # How often a worker publishes its load record (what the API reads to refuse at once when no
+    # worker can take a job soon); records older than 3 of these are ignored.
+    worker_load_publish_s: float = Field(default=0.25, gt=0)
     # Workers are handed new jobs by a blocking pop of the ready list; this slow scan of arq's
     # queue only catches jobs whose pop was lost (docs/architecture.md, "Pickup").
     worker_fallback_poll_s: float = Field(default=0.5, gt=0)

@@ -30,11 +30,13 @@ from settings.catalog import load_catalog
 from settings.logfields import STORE_DOWN, STORE_UP
 from settings.redis_url import sentinel_target
 from workers.batches import run_batches
+from workers.capacity import CapacityMeter
 from workers.claim import Claimer, JobClaim
 from workers.events import EventPublisher
 from workers.jobs import JobCleanup, WorkerState, chat_completion, report_unrunnable
 from workers.protocol import (
     ARQ_JOB_FUNCTION,
+    POOL_LOAD_KEY,
     WAKE_CHANNEL,
     WORKERS_KEY,
     control_channel,
@@ -91,6 +93,9 @@ class FreeferenceWorker(Worker):
         self._popping = 0  # pickup tasks holding a slot for a pop in flight
         self._background: list[asyncio.Task[None]] = []
         self._bookkeeping: set[asyncio.Task[None]] = set()
+        # What this worker can still take on, measured; max_jobs is only the safety ceiling.
+        self.capacity = CapacityMeter(settings, lambda: self.job_counter)
+        self.ctx["capacity"] = self.capacity
 
     @property
     def claimer(self) -> Claimer:
@@ -113,6 +118,8 @@ class FreeferenceWorker(Worker):
         self._background = [*(asyncio.create_task(self._pickup(), name=f"pickup-{n}") for n in range(_PICKUP_TASKS)),
                             asyncio.create_task(self._listen(), name="wake-listener"),
                             asyncio.create_task(self._heartbeat(), name="heartbeat"),
+                            asyncio.create_task(self.capacity.watch(), name="capacity"),
+                            asyncio.create_task(self._publish_load(), name="load-record"),
                             asyncio.create_task(self._watch_callers(), name="caller-watch")]
         # Batch lines are leased from Redis by this task, never queued in arq (docs/batches.md).
         self._background.append(asyncio.create_task(
@@ -162,12 +169,16 @@ class FreeferenceWorker(Worker):
             if not self.allow_pick_jobs:  # draining for a SIGTERM
                 await asyncio.sleep(self.poll_delay_s)
                 continue
+            # Room by measured capacity first: while this worker is full or its loop is late,
+            # jobs wait on the ready list (for another worker, or for this one to catch up).
+            await self.capacity.wait_for_room()
             await self.sem.acquire()  # a free slot first: a popped job never waits for one
             held = 1
             self._popping += 1
             try:
                 # The free slots, less those the other pickup task holds for its own pop.
-                room = min(max(self.max_jobs - self.job_counter - (self._popping - 1), 1), _POP_BATCH_MAX)
+                room = min(max(self.max_jobs - self.job_counter - (self._popping - 1), 1), _POP_BATCH_MAX,
+                           max(self.capacity.room(), 1))
                 # [list name, [entries]] or None. redis-py types each key as a list: it is a name.
                 try:
                     popped = await cast(Awaitable[list[Any] | None], self.pool.blmpop(
@@ -227,7 +238,7 @@ class FreeferenceWorker(Worker):
         the API's withdrawal still apply). arq's scan passes no `due_by_ms`: it takes only jobs
         older than _SCAN_GRACE_MS, the ready list's pops being on their way with the younger ones.
         """
-        free = self.max_jobs - self.job_counter
+        free = min(self.max_jobs - self.job_counter, self.capacity.room())
         if free <= 0 or not job_ids:
             return
         due_by_ms = timestamp_ms() - _SCAN_GRACE_MS if due_by_ms is None else due_by_ms
@@ -245,8 +256,13 @@ class FreeferenceWorker(Worker):
     def _start(self, job_id: str, payload: bytes, claim: "asyncio.Future[JobClaim]") -> None:
         """Run a job in a slot already counted (sem and job_counter), freeing it when done."""
         task = self.loop.create_task(self._run_job(job_id, payload, claim))
-        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        task.add_done_callback(self._job_ended)
         self.tasks[job_id] = task
+        self.capacity.note_started()
+
+    def _job_ended(self, _: "asyncio.Task[None]") -> None:
+        self._release_sem_dec_counter_on_complete()
+        self.capacity.note_finished()
 
     async def _run_job(self, job_id: str, payload: bytes, claim: "asyncio.Future[JobClaim]") -> None:
         """arq's run_job for a chat job whose payload is in hand: run it, then clean up.
@@ -366,6 +382,16 @@ class FreeferenceWorker(Worker):
                 log.info("redis reachable again", extra=STORE_UP)
             await asyncio.sleep(self.settings.worker_heartbeat_s)
 
+    async def _publish_load(self) -> None:
+        # The API reads every worker's record in one HGETALL to tell whether the pool can take
+        # a job soon (api/pool_load.py); each record says how long it is good for.
+        every_s = self.settings.worker_load_publish_s
+        while True:
+            record = self.capacity.record(ttl_s=every_s * 3).model_dump_json()
+            with contextlib.suppress(*_REDIS_DOWN):  # the heartbeat logs outages
+                await cast(Awaitable[int], self.pool.hset(POOL_LOAD_KEY, self.worker_id, record))
+            await asyncio.sleep(every_s)
+
     async def _watch_callers(self) -> None:
         # A job learns that its API process died when a PUBLISH reaches nobody, but a job that
         # publishes nothing for a while (non-streaming, or waiting on a slow first token) would
@@ -404,6 +430,7 @@ class FreeferenceWorker(Worker):
         try:
             await self.pool.delete(worker_heartbeat_key(self.worker_id), self.health_check_key)
             await self.pool.zrem(WORKERS_KEY, self.worker_id)
+            await cast(Awaitable[int], self.pool.hdel(POOL_LOAD_KEY, self.worker_id))
         except _REDIS_DOWN as exc:
             log.warning("redis unavailable while stopping (%s); the heartbeat expires by itself", type(exc).__name__,
                         extra=STORE_DOWN)
@@ -445,14 +472,18 @@ async def _startup(ctx: dict[str, Any]) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     catalog = RuntimeCatalog.build(load_catalog(settings.catalog))
     catalog.log_summary()
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200, keepalive_expiry=30)
+    # No pool limit: a bounded pool made a worker's own wait for a connection look like the
+    # provider's connect timeout (router/providers/slots.py bounds providers that need it).
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=30)
     client = upstream_client(limits)
     ctx["http"] = client
     events = EventPublisher(ctx["redis"].connection_pool)
     events.start()
+    capacity: CapacityMeter = ctx["capacity"]
     ctx["state"] = WorkerState(
         worker_id=ctx["worker_id"], settings=settings, catalog=catalog,
-        executor=build_executor(ctx["redis"], client, settings, sink=events), events=events,
+        executor=build_executor(ctx["redis"], client, settings, sink=events,
+                                local_pressure=lambda: capacity.overwhelmed), events=events,
     )
     ctx["refresher"] = start_refresher(ctx["redis"], catalog, client, settings)
 

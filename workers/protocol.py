@@ -75,6 +75,10 @@ WORKER_HEARTBEAT_PREFIX = "ff:worker:"
 # Sorted set worker id → heartbeat expiry (unix ms), beside the heartbeat keys, so readiness
 # and metrics find the live workers without scanning the whole keyspace.
 WORKERS_KEY = "ff:workers"
+# Hash worker id → its load record (WorkerLoad as JSON), rewritten a few times a second: one
+# HGETALL tells an API process whether the pool can take another job soon (api/pool_load.py).
+# Records carry their own expiry; a stopping worker deletes its field.
+POOL_LOAD_KEY = "ff:pool:load"
 ARQ_JOB_FUNCTION = "chat_completion"
 
 
@@ -211,6 +215,24 @@ class ChatJob(_Model):
     # record (api/intake.py). Workers do not route by tier: the API enforced it already.
     tier: Tier | None = None
     deadline_unix_ms: int
+
+
+class WorkerLoad(_Model):
+    """One worker's load as it publishes it (workers/capacity.py); the API decides admission by it."""
+
+    model_config = ConfigDict(extra="ignore")  # a newer worker's extra fields do not break an older API
+
+    running: int
+    # Jobs it could take on by its measured capacity (0: full). A late event loop does not count:
+    # it delays pickup by moments, it does not make the pool full.
+    room: int
+    # Jobs it started and finished per second, recently: how fast its queue moves.
+    started_per_s: float
+    finished_per_s: float
+    lag_ms: float
+    cpu: float  # share of one core
+    rss_kb: int
+    expires_unix_ms: int
 
 
 # --- Events (payloads of reply messages)

@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 
 import httpx
 from redis.asyncio import Redis
@@ -25,14 +26,17 @@ def breaker_tuning(settings: Settings) -> BreakerTuning:
                          feature_mark_s=settings.feature_mark_s, learned_window_s=settings.learned_window_s)
 
 
-def build_executor(redis: Redis, client: httpx.AsyncClient, settings: Settings,
-                   sink: CommandSink | None = None) -> FailoverExecutor:
-    """The failover executor of one worker process, sharing health through `redis` (successes via `sink`)."""
+def build_executor(redis: Redis, client: httpx.AsyncClient, settings: Settings, sink: CommandSink | None = None,
+                   local_pressure: Callable[[], bool] = lambda: False) -> FailoverExecutor:
+    """The failover executor of one worker process, sharing health through `redis` (successes via `sink`).
+
+    `local_pressure` says when this process itself is too slow to blame a provider for a timeout.
+    """
     health = HealthStore(redis, breaker_tuning(settings), sink)
     caps = BodyCaps(error_bytes=settings.upstream_error_body_max_bytes, body_bytes=settings.upstream_body_max_bytes,
                     stream_bytes=settings.upstream_stream_max_bytes)
     return FailoverExecutor(OpenAICompatProvider(client, caps), KeyRotation(), health, Tuning.from_settings(settings),
-                            hedging=hedge_tuning(settings))
+                            hedging=hedge_tuning(settings), local_pressure=local_pressure)
 
 
 def hedge_tuning(settings: Settings) -> HedgeTuning:

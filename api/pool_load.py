@@ -1,0 +1,123 @@
+"""Whether the worker pool can take another job soon, from the load records the workers publish.
+
+Each worker writes a small record a few times a second (workers/capacity.py): the jobs it could
+start now by its measured capacity, how fast it finishes jobs, when the record expires. This
+process reads all of them and the length of the ready list in one pipelined round trip per
+interval, in the background, so the decision per request costs no Redis call:
+
+    free = Σ room − queued − admitted here since the last read + Σ finished/s × horizon
+
+where the horizon is half the pickup deadline: a job admitted now should be picked up well
+within it. While `free` is positive the request is queued; otherwise it is answered 503 with
+Retry-After at once (before its body is read) instead of after a pickup deadline spent waiting.
+With no fresh record at all (no worker, or workers of an earlier release that publish none) it
+decides nothing: the pickup deadline answers, as before.
+"""
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable
+from typing import cast
+
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from api.errors import OpenAIError
+from api.metrics import LIMIT_HEADER
+from workers.protocol import POOL_LOAD_KEY, WorkerLoad, ready_list_key
+
+log = logging.getLogger("freeference.pool")
+
+# A record this long past its expiry belongs to a worker that died without deleting it.
+_STALE_DROP_S = 60.0
+_RETRY_AFTER_MAX_S = 30
+
+
+class PoolLoad:
+    """The pool's load as last read; `refusal()` decides one request."""
+
+    def __init__(self, redis: Redis, queue_name: str, every_s: float, pickup_timeout_s: float) -> None:
+        self._redis = redis
+        self._ready = ready_list_key(queue_name)
+        self._every_s = every_s
+        self._horizon_s = pickup_timeout_s / 2
+        self._known = False
+        self._room = 0
+        self._queued = 0
+        self._finished_per_s = 0.0
+        self._admitted = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._follow(), name="pool-load")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def refusal(self) -> OpenAIError | None:
+        """None to admit one more job (counted until the next read), else the 503 to answer."""
+        if not self._known:
+            return None
+        free = self._room - self._queued - self._admitted + self._finished_per_s * self._horizon_s
+        if free >= 1:
+            self._admitted += 1
+            return None
+        return pool_full(self._retry_after_s())
+
+    def _retry_after_s(self) -> int:
+        # When the jobs ahead would be picked up at the pool's current finishing rate.
+        if self._finished_per_s <= 0:
+            return 2
+        ahead = self._queued + self._admitted - self._room + 1
+        return min(max(math.ceil(ahead / self._finished_per_s), 1), _RETRY_AFTER_MAX_S)
+
+    def observe(self, records: dict[bytes, bytes], queued: int, now_unix_s: float) -> list[bytes]:
+        """Take one read of the records and the queue; returns the fields of long-dead workers."""
+        now_ms = now_unix_s * 1000
+        fresh: list[WorkerLoad] = []
+        dead: list[bytes] = []
+        for worker, raw in records.items():
+            try:
+                load = WorkerLoad.model_validate_json(raw)
+            except ValidationError:
+                continue
+            if load.expires_unix_ms >= now_ms:
+                fresh.append(load)
+            elif load.expires_unix_ms < now_ms - _STALE_DROP_S * 1000:
+                dead.append(worker)
+        self._known = bool(fresh)
+        self._room = sum(load.room for load in fresh)
+        self._finished_per_s = sum(load.finished_per_s for load in fresh)
+        self._queued = queued
+        self._admitted = 0
+        return dead
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.hgetall(POOL_LOAD_KEY)
+                    pipe.llen(self._ready)
+                    records, queued = await pipe.execute()
+                dead = self.observe(records, int(queued), time.time())
+                if dead:
+                    await cast(Awaitable[int], self._redis.hdel(POOL_LOAD_KEY, *dead))  # type: ignore[arg-type]
+            except (RedisError, OSError) as exc:
+                # Unknown load: admit, and let the pickup deadline answer (the enqueue fails anyway
+                # while Redis is down).
+                self._known = False
+                log.debug("pool load not read (%s)", type(exc).__name__)
+            await asyncio.sleep(self._every_s)
+
+
+def pool_full(retry_after_s: int) -> OpenAIError:
+    """503 for a request no worker can take soon."""
+    return OpenAIError(503, "Every worker of the gateway is at its capacity; retry shortly.", code="overloaded",
+                       headers={"Retry-After": str(retry_after_s), LIMIT_HEADER: "worker_pool"})

@@ -1,0 +1,108 @@
+"""Capacity from measurement: the worker's meter, the API's reading of the pool, per-provider slots."""
+
+import asyncio
+import time
+
+import orjson
+import pytest
+
+from api.pool_load import PoolLoad
+from router.catalog import ProviderRuntime
+from router.providers.slots import ProviderSlots
+from settings import Settings
+from settings.catalog import ProviderConfig
+from workers.capacity import CapacityMeter
+from workers.protocol import WorkerLoad
+
+
+def _meter(running: list[int], **settings: float) -> CapacityMeter:
+    return CapacityMeter(Settings(**settings), lambda: running[0])
+
+
+def test_capacity_follows_the_cpu_a_steady_job_costs() -> None:
+    running = [0]
+    meter = _meter(running, worker_cpu_max=0.8)
+    meter.observe(cpu_s=0.0125, wall_s=0.25, rss_kb=50_000)  # idle: 5 % of a core is not the jobs'
+    assert meter.room() == Settings().worker_max_jobs  # nothing measured yet: only the ceiling
+    running[0] = 100
+    meter.note_started(100)
+    meter.observe(cpu_s=0.1, wall_s=0.25, rss_kb=60_000)  # a burst's start-up: not a running cost
+    assert meter.cpu_per_job is None
+    meter.observe(cpu_s=0.0625, wall_s=0.25, rss_kb=60_000)  # steady: 25 % - 5 % idle for 100 jobs
+    assert meter.cpu_per_job == pytest.approx(0.002)
+    assert meter.capacity() == 375  # (0.8 - 0.05) / 0.002
+    assert meter.room() == 275
+    assert meter.record(ttl_s=1).room == 275
+
+
+def test_a_late_loop_stops_pickup_but_not_the_published_room() -> None:
+    meter = _meter([10], worker_loop_lag_max_ms=100)
+    meter.lag_s = 0.2
+    assert meter.lagging and not meter.overwhelmed
+    assert meter.room() == 0
+    assert meter.free() > 0 and meter.record(ttl_s=1).room == meter.free()
+    meter.lag_s = 0.5
+    assert meter.overwhelmed  # a timeout now is this process's, not the provider's
+
+
+def test_memory_bounds_the_room_when_set() -> None:
+    running = [0]
+    meter = _meter(running, worker_memory_max_mb=100)
+    meter.observe(cpu_s=0.0, wall_s=0.25, rss_kb=40_000)
+    running[0] = 100
+    meter.observe(cpu_s=0.0, wall_s=0.25, rss_kb=45_000)  # 50 KB per job
+    assert meter.kb_per_job == pytest.approx(50)
+    assert meter.capacity() == (100 * 1024 - 40_000) // 50
+
+
+def _record(room: int, finished_per_s: float = 0.0, expires_in_s: float = 1.0) -> bytes:
+    return WorkerLoad(running=0, room=room, started_per_s=0, finished_per_s=finished_per_s, lag_ms=0, cpu=0,
+                      rss_kb=0, expires_unix_ms=int((time.time() + expires_in_s) * 1000)).model_dump_json().encode()
+
+
+def test_the_api_admits_while_the_pool_has_room_and_refuses_at_once_after() -> None:
+    pool = PoolLoad(None, "ff:queue", every_s=0.25, pickup_timeout_s=4)
+    assert pool.refusal() is None  # nothing read yet: the pickup deadline decides, as before
+    pool.observe({b"w1": _record(room=2), b"w2": _record(room=1)}, queued=1, now_unix_s=time.time())
+    assert pool.refusal() is None and pool.refusal() is None  # room 3, one queued: two more
+    refused = pool.refusal()
+    assert refused is not None and refused.status == 503 and refused.body.code == "overloaded"
+    assert refused.headers["Retry-After"] == "2"
+    # Jobs that finish within half the pickup deadline count as room.
+    pool.observe({b"w1": _record(room=0, finished_per_s=10)}, queued=5, now_unix_s=time.time())
+    assert pool.refusal() is None
+
+
+def test_stale_records_decide_nothing_and_long_dead_ones_are_dropped() -> None:
+    pool = PoolLoad(None, "ff:queue", every_s=0.25, pickup_timeout_s=4)
+    dead = pool.observe({b"gone": _record(room=0, expires_in_s=-120), b"late": _record(room=0, expires_in_s=-1),
+                         b"junk": b"{"}, queued=9, now_unix_s=time.time())
+    assert dead == [b"gone"]
+    assert pool.refusal() is None
+
+
+async def test_a_provider_limit_queues_attempts_in_the_worker() -> None:
+    def provider(limit: int | None) -> ProviderRuntime:
+        config = ProviderConfig.model_validate({"id": f"p{limit}", "base_url": "http://x",
+                                                "profile": {"limits": {"concurrent_requests": limit}}})
+        return ProviderRuntime(config=config, base_url="http://x", api_keys=())
+
+    slots = ProviderSlots()
+    limited, free = provider(2), provider(None)
+    peak = {"limited": 0, "free": 0}
+    now = {"limited": 0, "free": 0}
+
+    async def attempt(which: str) -> None:
+        async with slots.hold(limited if which == "limited" else free):
+            now[which] += 1
+            peak[which] = max(peak[which], now[which])
+            await asyncio.sleep(0.01)
+            now[which] -= 1
+
+    await asyncio.gather(*(attempt(w) for w in ("limited", "free") for _ in range(6)))
+    assert peak == {"limited": 2, "free": 6}
+
+
+def test_load_records_are_small() -> None:
+    assert len(_record(room=1234)) < 200
+    assert orjson.loads(_record(room=1))["room"] == 1
