@@ -220,12 +220,12 @@ async def _sse(stream: DialectStream, first_chunk: bytes, events: AsyncGenerator
                dispatcher: Dispatcher, usage: UsageRecorder) -> AsyncIterator[bytes]:
     keepalive_s = stream.keepalive_s
     try:
-        yield stream.start() + stream.chunk(first_chunk)
+        yield stream.start() + _chunks(stream, first_chunk)
         async for event_type, payload in (events if keepalive_s is None else _with_quiet(events, keepalive_s)):
             if event_type == _QUIET:
                 yield stream.keepalive()
             elif event_type == "chunk":
-                yield stream.chunk(payload)
+                yield _chunks(stream, payload)
             elif event_type == "done":
                 yield stream.done(usage.done or DoneEvent.model_validate_json(payload))
                 return
@@ -244,6 +244,13 @@ async def _sse(stream: DialectStream, first_chunk: bytes, events: AsyncGenerator
     finally:
         with anyio.CancelScope(shield=True):
             await dispatcher.release(handle)
+
+
+def _chunks(stream: DialectStream, payload: bytes) -> bytes:
+    """The SSE bytes of a chunk event, which may hold several chunks, one per line (api/dispatch.py)."""
+    if b"\n" not in payload:
+        return stream.chunk(payload)
+    return b"".join(stream.chunk(part) for part in payload.split(b"\n"))
 
 
 _QUIET = "quiet"

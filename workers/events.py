@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import ConnectionPool
@@ -15,13 +16,32 @@ from settings.logfields import STORE_DOWN
 
 log = logging.getLogger("freeference.worker")
 
-# A command (PUBLISH channel message, or any other) and the future of its reply.
-_Pending = tuple[tuple[str | bytes, ...], "asyncio.Future[Any]"]
+Command = tuple[str | bytes, ...]
+# A command (PUBLISH channel message, or any other), or what builds it when its batch is written
+# (a chunk that later text may still join: workers/coalesce.py), and the future of its reply.
+_Pending = tuple[Command | Callable[[], Command], "asyncio.Future[Any]"]
 # A connection unused this long is checked (one non-blocking read) before the next batch.
 _IDLE_CHECK_S = 0.25
 # A batch (one write, then its replies) that takes longer than this fails, and the connection
 # is dropped and re-made for the next one.
 _BATCH_TIMEOUT_S = 5.0
+
+
+def resp_commands(commands: list[Command]) -> bytes:
+    """Commands in Redis's wire format, packed in one buffer.
+
+    redis-py's pack_commands builds a list of pieces per argument through its encoder, in
+    Python, for every chunk of every stream; a PUBLISH needs only its three arguments' lengths.
+    """
+    out = bytearray()
+    for command in commands:
+        out += b"*%d\r\n" % len(command)
+        for arg in command:
+            data = arg if isinstance(arg, bytes) else arg.encode()
+            out += b"$%d\r\n" % len(data)
+            out += data
+            out += b"\r\n"
+    return bytes(out)
 
 
 class EventPublisher:
@@ -56,6 +76,10 @@ class EventPublisher:
         Bookkeeping writes of a job (its health, its arq keys) ride this way in the same write
         as the job's last event, instead of a round trip each after it.
         """
+        return self.submit_built(command)
+
+    def submit_built(self, command: Command | Callable[[], Command]) -> "asyncio.Future[Any]":
+        """Queue a command, or a callable that builds it the moment its batch is written."""
         if self._task is None or self._task.done():
             raise RedisConnectionError("the event publisher is not running")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -87,8 +111,9 @@ class EventPublisher:
         while True:
             await self._queued.wait()
             self._queued.clear()
-            batch, self._queue = self._queue, []
-            if batch:
+            taken, self._queue = self._queue, []
+            if taken:
+                batch = [(command if isinstance(command, tuple) else command(), future) for command, future in taken]
                 try:
                     await self._send(batch)
                 except Exception as exc:  # a bug here must fail these callers, not strand every later one
@@ -97,7 +122,7 @@ class EventPublisher:
                         if not future.done():
                             future.set_exception(exc)
 
-    async def _send(self, batch: list[_Pending]) -> None:
+    async def _send(self, batch: list[tuple[Command, "asyncio.Future[Any]"]]) -> None:
         try:
             if self._connection is None:
                 self._connection = await self._pool.get_connection()
@@ -111,8 +136,7 @@ class EventPublisher:
             # matters: every job of this worker waits on this one connection, so a half-open
             # socket (a partition, an isolated old master) must fail a batch, not stall them all.
             async with asyncio.timeout(_BATCH_TIMEOUT_S):
-                await connection.send_packed_command(connection.pack_commands([c for c, _ in batch]),
-                                                     check_health=False)
+                await connection.send_packed_command(resp_commands([c for c, _ in batch]), check_health=False)
                 for command, future in batch:
                     try:
                         reply = await connection.read_response()

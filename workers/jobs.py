@@ -10,7 +10,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
@@ -43,6 +42,7 @@ from settings import Settings
 from settings.catalog import Intent
 from settings.logfields import STORE_DOWN
 from workers.claim import JobClaim
+from workers.coalesce import QueuedChunk
 from workers.events import EventPublisher
 from workers.protocol import (
     REQUEST_ID,
@@ -118,23 +118,41 @@ class Publisher:
         self._cleanup = cleanup
         self._held: bytes | None = None
         self._unconfirmed: collections.deque[asyncio.Future[int]] = collections.deque()
+        self._waiting: QueuedChunk | None = None  # the last chunk queued, while later text may join it
 
     def hold(self, event_type: EventType, payload: bytes) -> None:
         """Queue an event to go out with the next one (the route goes with the first chunk)."""
         self._held = encode_event(self._job.job_id, event_type, payload)
 
-    async def send(self, event_type: EventType, payload: bytes) -> None:
-        channel = self._job.reply_channel
+    async def send_chunk(self, chunk: dict[str, Any]) -> None:
+        """Queue a chunk; plain text joins the previous chunk instead while that one still waits
+        for the publisher (workers/coalesce.py)."""
+        if self._waiting is not None and self._waiting.join(chunk):
+            return  # rides with a PUBLISH already queued: nothing more to send or wait for
+        self._release_held()
+        queued = QueuedChunk(self._job.reply_channel, self._job.job_id, chunk)
+        self._waiting = queued
+        self._queue(self._events.submit_built(queued.command))
+        await self._sent_one()
+
+    async def _sent_one(self) -> None:
+        # One loop pass, so the publisher writes this chunk now: with an upstream read already
+        # buffered, this job would otherwise not yield until the whole answer was parsed.
+        await asyncio.sleep(0)
+        while self._unconfirmed and (self._unconfirmed[0].done() or len(self._unconfirmed) > self.MAX_UNCONFIRMED):
+            self._confirm(await self._unconfirmed.popleft())
+
+    def _release_held(self) -> None:
         if self._held is not None:
-            self._queue(self._events.submit(channel, self._held))  # leaves in the same write, first
+            self._queue(self._events.submit(self._job.reply_channel, self._held))  # in the same write, first
             self._held = None
-        self._queue(self._events.submit(channel, encode_event(self._job.job_id, event_type, payload)))
+
+    async def send(self, event_type: EventType, payload: bytes) -> None:
+        self._waiting = None
+        self._release_held()
+        self._queue(self._events.submit(self._job.reply_channel, encode_event(self._job.job_id, event_type, payload)))
         if event_type in ("start", "chunk"):
-            # One loop pass, so the publisher writes this chunk now: with an upstream read already
-            # buffered, this job would otherwise not yield until the whole answer was parsed.
-            await asyncio.sleep(0)
-            while self._unconfirmed and (self._unconfirmed[0].done() or len(self._unconfirmed) > self.MAX_UNCONFIRMED):
-                self._confirm(await self._unconfirmed.popleft())
+            await self._sent_one()
             return
         if self._cleanup is not None and not self._cleanup.sent:
             # The job's own keys go in the same write as its last event, not a round trip later.
@@ -281,7 +299,7 @@ async def _run(job: ChatJob, state: WorkerState, out: Publisher, confirmed: Conf
     async def on_chunk(chunk: dict[str, Any]) -> None:
         nonlocal first_output_s
         first_output_s = first_output_s or time.monotonic()
-        await out.send("chunk", orjson.dumps(chunk))
+        await out.send_chunk(chunk)
 
     try:
         done = await execute(job, state, run, on_start, on_chunk, confirmed)

@@ -46,9 +46,12 @@ class OpenAICompatProvider:
 
     @staticmethod
     def _timeout(deployment: Deployment, budget_s: float) -> httpx.Timeout:
+        # No read timeout of the client's: every read below runs under a deadline of its own
+        # (headers, first token, idle gap, total), and the client's would re-arm a timer for
+        # every network read of every stream.
         t = deployment.provider.config.timeout
-        return httpx.Timeout(connect=min(t.connect_s, budget_s), read=min(t.total_s, budget_s),
-                             write=min(t.connect_s, budget_s), pool=min(t.connect_s, budget_s))
+        return httpx.Timeout(connect=min(t.connect_s, budget_s), read=None, write=min(t.connect_s, budget_s),
+                             pool=min(t.connect_s, budget_s))
 
     async def stream(self, deployment: Deployment, body: dict[str, Any], api_key: str | None,
                      budget_s: float) -> AsyncIterator[StreamItem]:
