@@ -17,7 +17,7 @@ import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from router import capabilities
 from router.assemble import CompletionAssembler
@@ -119,10 +119,27 @@ class _Race:
     timer: asyncio.TimerHandle | None = None
 
 
+class LocalLoad(Protocol):
+    """How this worker process itself is doing (workers/capacity.py measures it)."""
+
+    @property
+    def lagging(self) -> bool:
+        """Its event loop runs late: a first token may be late here, not at the provider."""
+
+    @property
+    def overwhelmed(self) -> bool:
+        """So late that a timeout seen now is this process's, not the provider's."""
+
+
+class _NoLocalLoad:
+    lagging = False
+    overwhelmed = False
+
+
 class FailoverExecutor:
     def __init__(self, provider: OpenAICompatProvider, rotation: KeyRotation, health: HealthStore | None,
                  tuning: Tuning, sleep: Sleep = asyncio.sleep, hedging: HedgeTuning | None = None,
-                 local_pressure: Callable[[], bool] = lambda: False) -> None:
+                 local: LocalLoad | None = None) -> None:
         self._provider = provider
         self._rotation = rotation
         self._tuning = tuning
@@ -133,9 +150,9 @@ class FailoverExecutor:
         self.inflight: collections.Counter[str] = collections.Counter()
         # Upstream requests per provider with a concurrency limit wait here, before their clocks start.
         self.slots = ProviderSlots()
-        # True while this process itself is too slow (its event loop lags): a timeout or a late
-        # first token seen then says more about this worker than about the provider.
-        self._local_pressure = local_pressure
+        # How late this process's own event loop runs: a timeout or a late first token seen
+        # then says more about this worker than about the provider.
+        self._local = local or _NoLocalLoad()
 
     async def snapshot(self, deployments: Sequence[Deployment]) -> HealthSnapshot:
         """Shared health of the candidates; an empty snapshot when Redis cannot tell."""
@@ -196,7 +213,7 @@ class FailoverExecutor:
             took_ms: float | None = (asyncio.get_running_loop().time() - started) * 1000
             if current.probe:
                 self.learner.in_background(self.learner.probe_answered(d, None))
-            took_ms = None if self._local_pressure() else took_ms
+            took_ms = None if self._local.overwhelmed else took_ms
             self.learner.in_background(self.learner.succeeded(d, current.api_key, took_ms, headers, req.health))
             return answer, d
 
@@ -220,7 +237,7 @@ class FailoverExecutor:
                     await self._failed(tried, failure, req, decide=False)
             if isinstance(outcome, AttemptResult):
                 # Recording success must not delay the answer: the caller's done event goes first.
-                first_chunk_ms = None if self._local_pressure() else outcome.first_chunk_ms
+                first_chunk_ms = None if self._local.overwhelmed else outcome.first_chunk_ms
                 self.learner.in_background(self.learner.succeeded(
                     counted.deployment, counted.api_key, first_chunk_ms, outcome.headers, req.health))
                 return counted.deployment
@@ -356,8 +373,12 @@ class FailoverExecutor:
         return [*finished, hedged]
 
     def _start_hedge(self, race: _Race, req: _Request) -> None:
-        """The primary's first token is late: start the next candidate beside it."""
-        if race.winner is None and race.primary_running and req.pending:
+        """The primary's first token is late: start the next candidate beside it.
+
+        Not while this worker's own loop is late: then the first token is late here, not at the
+        provider, and a second attempt would only add to the load that made it late.
+        """
+        if race.winner is None and race.primary_running and req.pending and not self._local.lagging:
             race.hedge_task = asyncio.get_running_loop().create_task(self._run_hedge(race, req))
 
     async def _run_hedge(self, race: _Race, req: _Request) -> tuple[_Try, Outcome_] | None:
@@ -462,7 +483,7 @@ class FailoverExecutor:
             await self.learner.mark_unsupported(d, refused, req.health)
             t.body = self._prepare(d, req)
             return t if decide else None
-        if isinstance(exc, UpstreamTimeout) and self._local_pressure():
+        if isinstance(exc, UpstreamTimeout) and self._local.overwhelmed:
             # This worker's own event loop was late: the clock ran out here, maybe not there.
             # Nothing is held against the deployment (its breaker, its latency); the request
             # still moves on as it would after any timeout.

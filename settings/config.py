@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     # allows (workers/capacity.py), and jobs wait on the queue meanwhile.
     worker_max_jobs: int = Field(default=10_000, gt=0)
     # A worker takes no new job while its event loop lags more than this (the median over the
-    # last half second): every stream it already runs would get its chunks later. Four times it
+    # last 150 ms): every stream it already runs would get its chunks later. Four times it
     # makes a timeout this worker's fault, not the provider's (workers/capacity.py).
     worker_loop_lag_max_ms: float = Field(default=100.0, gt=0)
     # Share of one core a worker may use before it counts itself full (a Python process runs on one).

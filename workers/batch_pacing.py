@@ -9,7 +9,6 @@ on a CPU-starved one they back off to a trickle and live traffic keeps its laten
 """
 
 import asyncio
-from collections.abc import AsyncIterator
 
 SAMPLE_INTERVAL_S = 0.05
 _DECREASE = 0.7
@@ -37,14 +36,8 @@ class LagGovernor:
 
     async def watch(self) -> None:
         """Sample the loop's lag forever (run as a task next to the runner)."""
-        async for lag_s in loop_lag_samples():
-            self.observe(lag_s)
-
-
-async def loop_lag_samples(interval_s: float = SAMPLE_INTERVAL_S) -> AsyncIterator[float]:
-    """How late each of a series of short sleeps wakes up, in seconds: the event loop's lag."""
-    loop = asyncio.get_running_loop()
-    while True:
-        started = loop.time()
-        await asyncio.sleep(interval_s)
-        yield max(loop.time() - started - interval_s, 0.0)
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
+            self.observe(max(loop.time() - started - SAMPLE_INTERVAL_S, 0.0))

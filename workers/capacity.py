@@ -5,7 +5,7 @@ number lets a burst of heavy requests starve every stream the worker already run
 worker measures itself, and its job cap (FREEFERENCE_WORKER_MAX_JOBS) is only a safety ceiling:
 
 - **lag**: how late a short sleep wakes up (the batch runner's gauge, workers/batch_pacing.py),
-  the median over the last half second. While it is above FREEFERENCE_WORKER_LOOP_LAG_MAX_MS
+  the median over the last 150 ms. While it is above FREEFERENCE_WORKER_LOOP_LAG_MAX_MS
   the worker takes no new job: they wait on the queue, within their pickup deadline, for this
   or another worker.
 - **CPU and memory per open job**, learned while the number of running jobs holds steady (few
@@ -27,11 +27,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from settings import Settings
-from workers.batch_pacing import loop_lag_samples
+from workers.batch_pacing import SAMPLE_INTERVAL_S as LAG_SAMPLE_S
 from workers.protocol import WorkerLoad
 
-# Lag samples (50 ms apart) the lag is the median of: half a second.
-_LAG_WINDOW = 10
+# Lag samples (LAG_SAMPLE_S, 50 ms, apart) the lag is the median of: 150 ms, so one late sample (a garbage
+# collection, a burst's pop) does not stop pickup, and the pickup resumes soon after the loop
+# catches up (a longer window left the worker idle while a burst waited on the queue).
+_LAG_WINDOW = 3
 # How often CPU, memory and the start and finish rates are measured.
 MEASURE_EVERY_S = 0.25
 # Per-job costs are learned only with at least this many jobs running, in samples where at
@@ -39,6 +41,8 @@ MEASURE_EVERY_S = 0.25
 _STEADY_MIN_JOBS = 20
 _STEADY_MAX_STARTS = 0.02
 _EWMA = 0.3
+_DECREASE = 0.7
+_INCREASE = 1.05
 _PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
@@ -68,12 +72,17 @@ class CapacityMeter:
         self._idle_cpu: float | None = None
         # Learned running costs of one job: share of a core, resident KB. None until measured.
         self.cpu_per_job: float | None = None
+        # The most jobs it ran with its loop on time, learned AIMD-fashion from steady samples: a
+        # machine shared with other work gives a process less than the CPU it could use, and
+        # then only the lag says so. None until a steady sample ran late.
+        self.lag_cap: int | None = None
         self.kb_per_job: float | None = None
         self._started = 0
         self._finished = 0
         self.started_per_s = 0.0
         self.finished_per_s = 0.0
         self._changed = asyncio.Event()  # set when room may have opened
+        self._sample_due: float | None = None  # when the lag sampler's sleep should end (loop time)
 
     def note_started(self, jobs: int = 1) -> None:
         self._started += jobs
@@ -82,10 +91,20 @@ class CapacityMeter:
         self._finished += 1
         self._changed.set()
 
+    def current_lag_s(self) -> float:
+        """The measured lag, or more if the sampler's own wake-up is overdue right now.
+
+        A burst's jobs start all at once: the sampler's next wake-up can be late by far more
+        than its last sample said before it ever runs, and pickup must see that at once.
+        """
+        if self._sample_due is None:
+            return self.lag_s
+        return max(self.lag_s, asyncio.get_running_loop().time() - self._sample_due)
+
     @property
     def lagging(self) -> bool:
         """The event loop is late beyond the limit: no new job starts here meanwhile."""
-        return self.lag_s > self._lag_max_s
+        return self.current_lag_s() > self._lag_max_s
 
     @property
     def overwhelmed(self) -> bool:
@@ -94,13 +113,15 @@ class CapacityMeter:
         A few tens of milliseconds of lag cannot make a timeout of seconds expire; a loop that
         runs hundreds of milliseconds late can, and then the provider is not to blame.
         """
-        return self.lag_s > 4 * self._lag_max_s
+        return self.current_lag_s() > 4 * self._lag_max_s
 
     def capacity(self) -> int:
         """Jobs this worker can run at once by its measured costs (the job cap at most)."""
         jobs = self._max_jobs
         if self.cpu_per_job:
             jobs = min(jobs, int(max(self._cpu_max - (self._idle_cpu or 0.0), 0) / self.cpu_per_job))
+        if self.lag_cap is not None:
+            jobs = min(jobs, self.lag_cap)
         if self._memory_max_kb and self.kb_per_job:
             jobs = min(jobs, int((self._memory_max_kb - self._idle_rss_kb) / self.kb_per_job))
         return jobs
@@ -132,9 +153,12 @@ class CapacityMeter:
     async def watch(self) -> None:
         """Measure forever (a task of the worker)."""
         measuring = asyncio.create_task(self._measure(), name="capacity-measure")
+        loop = asyncio.get_running_loop()
         try:
-            async for lag_s in loop_lag_samples():
-                self._lags.append(lag_s)
+            while True:
+                self._sample_due = loop.time() + LAG_SAMPLE_S
+                await asyncio.sleep(LAG_SAMPLE_S)
+                self._lags.append(max(loop.time() - self._sample_due, 0.0))
                 self.lag_s = statistics.median(self._lags)
                 self._changed.set()
         finally:
@@ -147,6 +171,14 @@ class CapacityMeter:
             cpu, at = time.process_time(), time.monotonic()
             self.observe(cpu - last_cpu, at - last_at, resident_kb())
             last_cpu, last_at = cpu, at
+
+    def _follow_lag(self, running: int) -> None:
+        """A steady load that keeps the loop late is more than this process gets CPU for: cap
+        below it (30 % less); one on time near the cap earns 5 % more, like TCP's window."""
+        if self.lag_s > self._lag_max_s:
+            self.lag_cap = max(int(running * _DECREASE), 1)
+        elif self.lag_cap is not None and self.lag_s < self._lag_max_s / 2 and running >= self.lag_cap * 0.9:
+            self.lag_cap = min(int(self.lag_cap * _INCREASE) + 1, self._max_jobs)
 
     def observe(self, cpu_s: float, wall_s: float, rss_kb: int) -> None:
         """One measurement: CPU used and wall time elapsed since the last one, memory now."""
@@ -166,6 +198,7 @@ class CapacityMeter:
             return
         if running < _STEADY_MIN_JOBS or started > running * _STEADY_MAX_STARTS:
             return
+        self._follow_lag(running)
         per_job = max(self.cpu - (self._idle_cpu or 0.0), 0) / running
         self.cpu_per_job = per_job if self.cpu_per_job is None else self.cpu_per_job + _EWMA * (
             per_job - self.cpu_per_job)

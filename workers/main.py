@@ -364,8 +364,12 @@ class FreeferenceWorker(Worker):
 
     async def _heartbeat(self) -> None:
         key = worker_heartbeat_key(self.worker_id)
-        ttl_ms = int(self.settings.worker_heartbeat_ttl_s * 1000)
+        base_ttl_ms = int(self.settings.worker_heartbeat_ttl_s * 1000)
         while True:
+            # A loop running late is slow, not dead: the key outlives this beat by that lateness
+            # too (4x, at most 30 s more), so an overloaded worker's streams are not all failed
+            # as lost while it catches up. A killed worker's key still lapses after the base TTL.
+            ttl_ms = base_ttl_ms + min(int(self.capacity.current_lag_s() * 4000), 30_000)
             state: WorkerState = self.ctx["state"]
             # `deployments`: what this worker can route at all (0: no provider enabled), for /readyz.
             info = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(), "running": len(state.running),
@@ -479,11 +483,9 @@ async def _startup(ctx: dict[str, Any]) -> None:
     ctx["http"] = client
     events = EventPublisher(ctx["redis"].connection_pool)
     events.start()
-    capacity: CapacityMeter = ctx["capacity"]
     ctx["state"] = WorkerState(
         worker_id=ctx["worker_id"], settings=settings, catalog=catalog,
-        executor=build_executor(ctx["redis"], client, settings, sink=events,
-                                local_pressure=lambda: capacity.overwhelmed), events=events,
+        executor=build_executor(ctx["redis"], client, settings, sink=events, local=ctx["capacity"]), events=events,
     )
     ctx["refresher"] = start_refresher(ctx["redis"], catalog, client, settings)
 

@@ -2,13 +2,12 @@
 
 import asyncio
 import contextlib
-from collections.abc import Callable
 
 import httpx
 from redis.asyncio import Redis
 
 from router.catalog import RuntimeCatalog
-from router.failover import FailoverExecutor
+from router.failover import FailoverExecutor, LocalLoad
 from router.health import BreakerTuning, CommandSink, HealthStore
 from router.hedge import HedgeTuning
 from router.keys import KeyRotation
@@ -27,16 +26,16 @@ def breaker_tuning(settings: Settings) -> BreakerTuning:
 
 
 def build_executor(redis: Redis, client: httpx.AsyncClient, settings: Settings, sink: CommandSink | None = None,
-                   local_pressure: Callable[[], bool] = lambda: False) -> FailoverExecutor:
+                   local: LocalLoad | None = None) -> FailoverExecutor:
     """The failover executor of one worker process, sharing health through `redis` (successes via `sink`).
 
-    `local_pressure` says when this process itself is too slow to blame a provider for a timeout.
+    `local` says when this process itself is too slow to hedge, or to blame a provider for a timeout.
     """
     health = HealthStore(redis, breaker_tuning(settings), sink)
     caps = BodyCaps(error_bytes=settings.upstream_error_body_max_bytes, body_bytes=settings.upstream_body_max_bytes,
                     stream_bytes=settings.upstream_stream_max_bytes)
     return FailoverExecutor(OpenAICompatProvider(client, caps), KeyRotation(), health, Tuning.from_settings(settings),
-                            hedging=hedge_tuning(settings), local_pressure=local_pressure)
+                            hedging=hedge_tuning(settings), local=local)
 
 
 def hedge_tuning(settings: Settings) -> HedgeTuning:

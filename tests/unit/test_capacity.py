@@ -106,3 +106,16 @@ async def test_a_provider_limit_queues_attempts_in_the_worker() -> None:
 def test_load_records_are_small() -> None:
     assert len(_record(room=1234)) < 200
     assert orjson.loads(_record(room=1))["room"] == 1
+
+
+def test_a_steady_load_that_keeps_the_loop_late_caps_the_capacity_below_it() -> None:
+    running = [200]
+    meter = _meter(running, worker_loop_lag_max_ms=100)
+    meter.lag_s = 0.3  # a machine shared with other work: the CPU share looks low, the loop is late
+    meter.observe(cpu_s=0.05, wall_s=0.25, rss_kb=0)
+    assert meter.lag_cap == 140 and meter.capacity() == 140
+    assert meter.room() == 0 and meter.free() == 0  # full: nothing more until streams end
+    running[0] = 130
+    meter.lag_s = 0.01
+    meter.observe(cpu_s=0.05, wall_s=0.25, rss_kb=0)  # on time near the cap: a little more
+    assert meter.lag_cap == 148
