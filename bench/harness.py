@@ -80,8 +80,8 @@ def load_average() -> str:
 
 @contextmanager
 def running_stack(workers: int = 2, keep_logs: bool = False, repo: Path | None = None,
-                  catalog: Callable[[str], str] | None = None, **env: str) -> Iterator[Stack]:
-    """Start Valkey, the fake upstream (no added latency), one API and `workers` workers.
+                  catalog: Callable[[str], str] | None = None, apis: int = 1, **env: str) -> Iterator[Stack]:
+    """Start Valkey, the fake upstream (no added latency), `apis` API replicas and `workers` workers.
 
     `repo`: run the API and workers from another checkout (default: this one). `catalog`: the
     catalog YAML for the fake's URL (default: the tests' catalog).
@@ -105,7 +105,8 @@ def running_stack(workers: int = 2, keep_logs: bool = False, repo: Path | None =
                           **({"repo": repo} if repo is not None else {}))
         for _ in range(workers):
             gateway.start_worker()
-        gateway.start_api()
+        for _ in range(apis):
+            gateway.start_api()
         gateway.wait_ready(workers)
         key = gateway.create_key("pro", name="bench")
         yield Stack(redis_url=redis_url, redis_pid=server.pid, fake=fake, gateway=gateway, key=key,
