@@ -60,6 +60,9 @@ class Phase:
     outcomes: list[Outcome] = field(default_factory=list)
     cpu_s: float = 0.0  # API + workers + Redis
     cpu_by_role_s: dict[str, float] = field(default_factory=dict)  # "api", "worker", "redis"
+    # CPU per token while every open stream had its first token and none had ended: the cost of
+    # streaming alone, without the requests' start and end.
+    steady_ms_per_token: float | None = None
     rss_per_stream_kb: float | None = None  # API + workers
     rss_by_role_kb: dict[str, float] = field(default_factory=dict)  # per open stream: "api", "worker"
 
@@ -83,6 +86,8 @@ class Phase:
         if self.cpu_s and chunks:
             line += f"; CPU {self.cpu_s * 1000 / chunks:.3f} ms/chunk (" + " + ".join(
                 f"{role} {seconds * 1000 / chunks:.3f}" for role, seconds in self.cpu_by_role_s.items()) + ")"
+        if self.steady_ms_per_token is not None:
+            line += f", streaming only {self.steady_ms_per_token:.3f}"
         if self.rss_per_stream_kb is not None:
             line += f"; RSS {self.rss_per_stream_kb:.1f} KB/stream (" + " + ".join(
                 f"{role} {kb:.1f}" for role, kb in self.rss_by_role_kb.items()) + ")"
@@ -97,7 +102,7 @@ def rss_kb(pid: int) -> int:
 
 
 async def one_stream(session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: bytes,
-                     expected: list[str], first_tokens: list[float]) -> Outcome:
+                     expected: list[str], first_tokens: list[float], received: list[int]) -> Outcome:
     started = time.perf_counter()
     pieces: list[str] = []
     first: float | None = None
@@ -129,6 +134,7 @@ async def one_stream(session: aiohttp.ClientSession, url: str, headers: dict[str
                             first = time.perf_counter() - started
                             first_tokens.append(first)
                         pieces.append(content)
+                        received[0] += len(content)  # characters: events may carry several tokens
     except (aiohttp.ClientError, TimeoutError) as exc:
         return Outcome(False, type(exc).__name__, first, time.perf_counter() - started, len(pieces))
     text = "".join(pieces)
@@ -151,15 +157,26 @@ async def burst(urls: list[str], headers: dict[str, str], body: bytes, count: in
                 cpu_pids: dict[str, int], memory_pids: dict[str, int], rss_idle_kb: dict[str, int]) -> Phase:
     phase = Phase()
     first_tokens: list[float] = []
+    received = [0]  # characters of content received by all streams so far
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     timeout = aiohttp.ClientTimeout(total=600, sock_read=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         cpu_before = {name: cpu_seconds(pid) for name, pid in cpu_pids.items()}
-        tasks = [asyncio.create_task(one_stream(session, url, headers, body, expected, first_tokens))
+        tasks = [asyncio.create_task(one_stream(session, url, headers, body, expected, first_tokens, received))
                  for url, _ in zip(itertools.cycle(urls), range(count), strict=False)]
+        chars_per_token = len("".join(expected)) / len(expected)
+        steady: tuple[float, int, int] | None = None  # CPU, characters received, streams open at its start
         while not all(t.done() for t in tasks):
             await asyncio.sleep(0.1)
             open_now = sum(1 for t in tasks if not t.done())
+            if steady is None and cpu_pids and len(first_tokens) >= open_now > 0:
+                steady = (sum(cpu_seconds(pid) for pid in cpu_pids.values()), received[0], open_now)
+            elif steady is not None and phase.steady_ms_per_token is None and open_now < steady[2]:
+                # The first stream ended: the window in which every stream only streamed is over.
+                tokens = (received[0] - steady[1]) / chars_per_token
+                if tokens > 0:
+                    cpu_s = sum(cpu_seconds(pid) for pid in cpu_pids.values()) - steady[0]
+                    phase.steady_ms_per_token = cpu_s * 1000 / tokens
             if phase.rss_per_stream_kb is None and memory_pids and len(first_tokens) >= open_now > 0:
                 # Every stream still open has its first token: the per-stream state is all there.
                 for name, pid in memory_pids.items():
