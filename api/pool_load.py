@@ -8,7 +8,10 @@ interval, in the background, so the decision per request costs no Redis call:
     free = Σ room − queued − admitted here since the last read + Σ finished/s × horizon
 
 where the horizon is half the pickup deadline: a job admitted now should be picked up well
-within it. While `free` is positive the request is queued; otherwise it is answered 503 with
+within it. A worker whose loop is late takes nothing until it catches up, so its room counts
+only as far as its recent rate of starting jobs gets through within the horizon (with two
+workers sharing a loaded machine, counting their whole room admitted jobs that then waited
+out the pickup deadline). While `free` is positive the request is queued; otherwise it is answered 503 with
 Retry-After at once (before its body is read) instead of after a pickup deadline spent waiting.
 With no fresh record at all (no worker, or workers of an earlier release that publish none) it
 decides nothing: the pickup deadline answers, as before.
@@ -93,11 +96,16 @@ class PoolLoad:
             elif load.expires_unix_ms < now_ms - _STALE_DROP_S * 1000:
                 dead.append(worker)
         self._known = bool(fresh)
-        self._room = sum(load.room for load in fresh)
+        self._room = sum(self._room_soon(load) for load in fresh)
         self._finished_per_s = sum(load.finished_per_s for load in fresh)
         self._queued = queued
         self._admitted = 0
         return dead
+
+    def _room_soon(self, load: WorkerLoad) -> int:
+        if not load.lagging:
+            return load.room
+        return min(load.room, int(load.started_per_s * self._horizon_s))
 
     async def _follow(self) -> None:
         while True:

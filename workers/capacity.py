@@ -147,6 +147,7 @@ class CapacityMeter:
         """The load record to publish, valid for `ttl_s`."""
         return WorkerLoad(running=self._running(), room=self.free(), started_per_s=round(self.started_per_s, 2),
                           finished_per_s=round(self.finished_per_s, 2), lag_ms=round(self.lag_s * 1000, 1),
+                          lagging=self.lagging,
                           cpu=round(self.cpu, 3), rss_kb=self.rss_kb,
                           expires_unix_ms=int((time.time() + ttl_s) * 1000))
 

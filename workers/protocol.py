@@ -230,6 +230,9 @@ class WorkerLoad(_Model):
     started_per_s: float
     finished_per_s: float
     lag_ms: float
+    # Its loop is late beyond its limit: it takes no job now, and its room is only what it gets
+    # through at the rate it has been starting jobs.
+    lagging: bool = False
     cpu: float  # share of one core
     rss_kb: int
     expires_unix_ms: int

@@ -119,3 +119,11 @@ def test_a_steady_load_that_keeps_the_loop_late_caps_the_capacity_below_it() -> 
     meter.lag_s = 0.01
     meter.observe(cpu_s=0.05, wall_s=0.25, rss_kb=0)  # on time near the cap: a little more
     assert meter.lag_cap == 148
+
+
+def test_a_late_worker_counts_only_what_it_starts_within_the_horizon() -> None:
+    pool = PoolLoad(None, "ff:queue", every_s=0.25, pickup_timeout_s=4)
+    late = WorkerLoad(running=100, room=500, started_per_s=10, finished_per_s=0, lag_ms=300, lagging=True, cpu=0.9,
+                      rss_kb=0, expires_unix_ms=int((time.time() + 1) * 1000)).model_dump_json().encode()
+    pool.observe({b"w1": late}, queued=15, now_unix_s=time.time())
+    assert [pool.refusal() is None for _ in range(6)] == [True] * 5 + [False]  # 10/s × 2 s = 20, 15 queued
