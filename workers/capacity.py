@@ -43,6 +43,7 @@ _STEADY_MAX_STARTS = 0.02
 _EWMA = 0.3
 _DECREASE = 0.7
 _INCREASE = 1.05
+_IDLE_RELAX = 1.01
 _PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
@@ -192,6 +193,10 @@ class CapacityMeter:
         self.finished_per_s += _EWMA * (finished / wall_s - self.finished_per_s)
         running = self._running()
         if running == 0:
+            # A cap learned while other work crowded the machine need not hold for ever: idle, it
+            # is forgotten slowly (about 4 % a second), and the next load teaches it again.
+            if self.lag_cap is not None and not self.lagging:
+                self.lag_cap = min(int(self.lag_cap * _IDLE_RELAX) + 1, self._max_jobs)
             self._idle_rss_kb = min(self._idle_rss_kb, rss_kb) if self._idle_rss_kb else rss_kb
             if started == finished == 0:
                 self._idle_cpu = self.cpu if self._idle_cpu is None else self._idle_cpu + _EWMA * (

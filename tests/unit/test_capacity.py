@@ -119,6 +119,9 @@ def test_a_steady_load_that_keeps_the_loop_late_caps_the_capacity_below_it() -> 
     meter.lag_s = 0.01
     meter.observe(cpu_s=0.05, wall_s=0.25, rss_kb=0)  # on time near the cap: a little more
     assert meter.lag_cap == 148
+    running[0] = 0
+    meter.observe(cpu_s=0.0, wall_s=0.25, rss_kb=0)  # idle: the cap is forgotten slowly
+    assert meter.lag_cap == 150
 
 
 def test_a_late_worker_counts_only_what_it_starts_within_the_horizon() -> None:
