@@ -5,13 +5,16 @@ number lets a burst of heavy requests starve every stream the worker already run
 worker measures itself, and its job cap (FREEFERENCE_WORKER_MAX_JOBS) is only a safety ceiling:
 
 - **lag**: how late a short sleep wakes up (the batch runner's gauge, workers/batch_pacing.py),
-  the median over the last 150 ms. While it is above FREEFERENCE_WORKER_LOOP_LAG_MAX_MS
-  the worker takes no new job: they wait on the queue, within their pickup deadline, for this
-  or another worker.
+  the median over the last 150 ms, or more while the next sample is already overdue. While it
+  is above FREEFERENCE_WORKER_LOOP_LAG_MAX_MS the worker takes no new job: they wait on the
+  queue, within their pickup deadline, for this or another worker.
 - **CPU and memory per open job**, learned while the number of running jobs holds steady (few
   starts in a sample), so a burst's one-off start-up work does not count as the jobs' running
   cost. Capacity is FREEFERENCE_WORKER_CPU_MAX of one core (and FREEFERENCE_WORKER_MEMORY_MAX_MB,
   when set) divided by those costs.
+- **a steady load that runs late** caps capacity below it (AIMD): on a machine shared with
+  other work the process gets less CPU than its share says it could use, and only the lag
+  shows it.
 
 `room()` is what it may start now; `record()` is the load record it publishes a few times a
 second (workers/protocol.py WorkerLoad), from which the API decides to refuse at once when no
@@ -30,9 +33,9 @@ from settings import Settings
 from workers.batch_pacing import SAMPLE_INTERVAL_S as LAG_SAMPLE_S
 from workers.protocol import WorkerLoad
 
-# Lag samples (LAG_SAMPLE_S, 50 ms, apart) the lag is the median of: 150 ms, so one late sample (a garbage
-# collection, a burst's pop) does not stop pickup, and the pickup resumes soon after the loop
-# catches up (a longer window left the worker idle while a burst waited on the queue).
+# Lag samples (LAG_SAMPLE_S apart) the lag is the median of: 150 ms, so one late sample (a
+# garbage collection) does not stop pickup, and pickup resumes soon after the loop catches up
+# (a longer window left the worker idle while a burst waited on the queue).
 _LAG_WINDOW = 3
 # How often CPU, memory and the start and finish rates are measured.
 MEASURE_EVERY_S = 0.25
