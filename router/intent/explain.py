@@ -36,6 +36,7 @@ CUE_GROUPS = {
     "money": "money amounts",
     "choices": "multiple choice",
     "quantified": "quantified premises",
+    "kinship": "family relations",
     "premises_2plus": "logic premises",
     "premises_4plus": "logic premises",
     "mathword_1": "math/logic vocabulary",

@@ -20,15 +20,18 @@ TAIL_CHARS = 300
 TOKEN_HEAD_CHARS = 700
 TOKEN_TAIL_CHARS = 200
 MAX_TOKENS = 160
-MAX_CHARGRAM_WORDS = 25
+MAX_CHARGRAM_WORDS = 60
 # Past this many characters a prompt usually pastes material (an article, a log).
 LONG_CHARS = 600
 
 # Tokens: identifiers/words (any script), numbers, single CJK/kana/hangul characters
 # (those scripts put no spaces between words) and the operators that mark code or math.
+# A word stops where CJK text starts: in "用Python写一个函数" the token is "python",
+# not "python写一个函数", so the tech name is seen.
+_CJK = "\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af"
 _TOKEN_RE = re.compile(
-    r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]"
-    r"|[^\W\d]\w*"
+    rf"[{_CJK}]"
+    rf"|[^\W\d{_CJK}][^\W{_CJK}]*"
     r"|\d+(?:[.,]\d+)*"
     r"|==|!=|<=|>=|->|=>|::|\+\+|&&|\|\||\*\*"
     r"|[{}()\[\];=<>+\-*/^%$#@!?|&~`\\:\"']"
@@ -50,6 +53,15 @@ _PREMISE_RE = re.compile(
     r"(?:^|[.;:!?]\s+|\n\s*(?:[-*\d.)]+\s*)?)(?:all|no|some|every|each|any|none|if|either|neither|nobody|"
     r"no one|everyone|everybody|anyone|only|whenever|unless)\b",
     re.MULTILINE,
+)
+# Kinship terms: several of them in one prompt ("X is married to Y. They have a
+# child called Z ... what is Z to X?") make a family-relations puzzle; a request that
+# only mentions one's mother or sister has one or two.
+_KIN_NEEDLES = ("married", "husband", "wife", "son", "daughter", "child", "mother", "father", "parent", "brother",
+                "sister", "sibling", "uncle", "aunt", "nephew", "niece", "cousin")  # fmt: skip
+_KIN_RE = re.compile(
+    r"\b(?:married|husband|wife|sons?|daughters?|child|children|mother|father|parents?|brothers?|sisters?"
+    r"|siblings?|uncle|aunt|nephew|niece|cousins?|grand(?:father|mother|son|daughter|child|parent)s?|in-laws?)\b"
 )
 # Multiple-choice options "A) .. B) .." (MMLU, AQuA style exams).
 _CHOICE_RE = re.compile(r"([A-E])[).]\s")
@@ -236,6 +248,8 @@ def extract(text: str) -> Features:
         cues.append("premises_2plus")
         if n_premises >= 4:
             cues.append("premises_4plus")
+    if any(k in lowered for k in _KIN_NEEDLES) and len(_KIN_RE.findall(lowered, 0, 1000)) >= 3:
+        cues.append("kinship")
     if len(set(_CHOICE_RE.findall(text))) >= 3:
         cues.append("choices")
     n_nums = toks.count("<num>")
