@@ -47,6 +47,10 @@ class TrainConfig:
     # Weights this small change no decision; dropping them keeps the file small.
     prune_below: float = 0.005
     seed: int = 13
+    # Added to the trained bias, per label. On sources the model never saw, general
+    # prompts are the ones most often misread (as reasoning); +0.1 logit for general
+    # lifted its recall by 0.7 points at no cost in accuracy (docs/intent.md).
+    bias_shift: Vector = (0.0, 0.0, 0.1)
 
 
 def load_jsonl(path: Path) -> list[Example]:
@@ -120,7 +124,8 @@ def fit_features(featurised: Sequence[tuple[Features, int]], config: TrainConfig
     for name, w in weights.items():
         if max(abs(v) for v in w) >= cfg.prune_below:
             kept[name] = (w[0], w[1], w[2])
-    return Model(bias=(bias[0], bias[1], bias[2]), weights=kept)
+    shift = cfg.bias_shift
+    return Model(bias=(bias[0] + shift[0], bias[1] + shift[1], bias[2] + shift[2]), weights=kept)
 
 
 def training_files(extra: Iterable[Path] = ()) -> list[Path]:
