@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-from router.intent.model import LABELS, Scored
+from router.intent.model import LABELS, LEXICAL_GROUPS, Scored
 
 CUE_GROUPS = {
     "code_fence": "code block",
@@ -54,7 +54,6 @@ CUE_GROUPS = {
 _SHAPE_GROUPS = {"len": "prompt length", "nums": "number count", "numdens": "number density"}
 # Lexical features are grouped by kind only; the word lists they may belong to have
 # cues of their own (tech names, code vocabulary, math/logic vocabulary).
-LEXICAL_GROUPS = ("opening words", "wording", "word pieces")
 NOTES = ("conversation context", "tools", "json output", "no user text")
 FALLBACK = "no strong cue (default)"
 # Every phrase `reason` may contain; a test holds the reason to this closed set.
@@ -100,10 +99,7 @@ def reason(scored: Scored, best: int, notes: Sequence[str] = ()) -> str:
     # only, and no Evidence objects.
     logits = scored.logits
     runner = max((i for i in range(len(LABELS)) if i != best), key=lambda i: logits[i])
-    totals: dict[str, float] = {"word pieces": 0.0, "opening words": 0.0, "wording": 0.0}
-    for name, w in scored.lexical:
-        group = "word pieces" if name[1:2] == ":" else "opening words" if name[0] == "^" else "wording"
-        totals[group] += (w[best] - w[runner]) * scored.scale
+    totals = {group: w[best] - w[runner] for group, w in zip(LEXICAL_GROUPS, scored.groups, strict=True)}
     for name, w in scored.cues:
         group = group_of(name)
         totals[group] = totals.get(group, 0.0) + w[best] - w[runner]

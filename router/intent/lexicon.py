@@ -105,6 +105,17 @@ MATH_PHRASES = (
     "how many ways",
 )  # fmt: skip
 
+# Kinship terms: three or more in one prompt ("X is married to Y. They have a child
+# called Z ... what is Z to X?") make a family-relations puzzle; a request that only
+# mentions one's mother or sister has one or two.
+KIN_WORDS = words(
+    """
+    married husband wife son sons daughter daughters child children mother father parent parents
+    brother brothers sister sisters sibling siblings uncle aunt nephew niece cousin cousins
+    grandfather grandmother grandson granddaughter grandchild grandchildren grandparent grandparents
+    """
+)
+
 # Words too common to explain a decision; skipped when writing a reason.
 REASON_STOPWORDS = words(
     """
