@@ -20,7 +20,7 @@ TAIL_CHARS = 300
 TOKEN_HEAD_CHARS = 700
 TOKEN_TAIL_CHARS = 200
 MAX_TOKENS = 160
-MAX_CHARGRAM_WORDS = 25
+MAX_CHARGRAM_WORDS = 40
 # Past this many characters a prompt usually pastes material (an article, a log).
 LONG_CHARS = 600
 
