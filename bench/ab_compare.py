@@ -20,7 +20,7 @@ import contextlib
 import statistics
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -41,6 +41,20 @@ def worktree(rev: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(path)], cwd=REPO, check=False)
+
+
+@contextlib.contextmanager
+def this_and_base(base: str | None, repo: Path | None, workers: int,
+                  catalog: Callable[[str], str]) -> Iterator[dict[str, Stack]]:
+    """Running stacks of this checkout ("this", or `repo`) and, when `base` names a revision,
+    of that revision too ("base", started first), both on `catalog`; stopped afterwards."""
+    with contextlib.ExitStack() as stack:
+        stacks: dict[str, Stack] = {}
+        if base:
+            checkout = stack.enter_context(worktree(base))
+            stacks["base"] = stack.enter_context(running_stack(workers=workers, repo=checkout, catalog=catalog))
+        stacks["this"] = stack.enter_context(running_stack(workers=workers, repo=repo, catalog=catalog))
+        yield stacks
 
 
 async def _block(client: httpx.AsyncClient, target: Target, stream: bool, n: int) -> list[float]:

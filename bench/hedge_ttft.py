@@ -17,7 +17,6 @@ Valkey and fake upstream), so the ratio compares like with like on this machine.
 
 import argparse
 import asyncio
-import contextlib
 import statistics
 from collections import Counter
 from collections.abc import Callable
@@ -28,8 +27,8 @@ import httpx
 import uvloop
 import yaml
 
-from bench.ab_compare import worktree
-from bench.harness import BadAnswer, Stack, Target, load_average, percentile, running_stack, timed_call
+from bench.ab_compare import this_and_base
+from bench.harness import BadAnswer, Stack, Target, load_average, percentile, timed_call
 
 MAX_TOKENS = 8
 
@@ -107,12 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"load average at start: {load_average()}")
     build = catalog(args.first_token_s)
-    with contextlib.ExitStack() as stack:
-        stacks: dict[str, Stack] = {}
-        if args.base:
-            base = stack.enter_context(worktree(args.base))
-            stacks["base"] = stack.enter_context(running_stack(workers=args.workers, repo=base, catalog=build))
-        stacks["this"] = stack.enter_context(running_stack(workers=args.workers, repo=args.repo, catalog=build))
+    with this_and_base(args.base, args.repo, args.workers, build) as stacks:
         results = uvloop.run(run(stacks, args))
     print(f"bench.hedge_ttft: {args.trials} trials of {args.fast} usual requests then one whose first token the "
           f"primary holds back {args.slow_s:g} s; first-token timeout {args.first_token_s:g} s; streaming")

@@ -20,7 +20,6 @@ With `--base REV` the same scenario runs at the same time against a build of REV
 
 import argparse
 import asyncio
-import contextlib
 import statistics
 import time
 from collections import Counter
@@ -32,8 +31,8 @@ import httpx
 import uvloop
 import yaml
 
-from bench.ab_compare import worktree
-from bench.harness import Stack, load_average, percentile, running_stack
+from bench.ab_compare import this_and_base
+from bench.harness import Stack, load_average, percentile
 
 MODELS = "eq-{}"
 
@@ -156,12 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"load average at start: {load_average()}")
     build = catalog(args.deployments, args.signals)
-    with contextlib.ExitStack() as stack:
-        stacks: dict[str, Stack] = {}
-        if args.base:
-            base = stack.enter_context(worktree(args.base))
-            stacks["base"] = stack.enter_context(running_stack(workers=args.workers, repo=base, catalog=build))
-        stacks["this"] = stack.enter_context(running_stack(workers=args.workers, repo=args.repo, catalog=build))
+    with this_and_base(args.base, args.repo, args.workers, build) as stacks:
         results = uvloop.run(scenario(stacks, args))
     report(results, args)
     print(f"load average at end: {load_average()}")
