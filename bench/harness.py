@@ -182,6 +182,20 @@ def stream_contents(raw: bytes) -> tuple[list[str], bool]:
     return pieces, done
 
 
+def check_stream(raw: bytes, expected: Sequence[str]) -> None:
+    """BadAnswer unless the SSE body carries exactly the `expected` tokens, in order, then [DONE].
+
+    The text is compared whole, not delta by delta: a worker whose publishing falls behind joins
+    a stream's queued text deltas into one (workers/coalesce.py), which keeps every character
+    and its order but not where one delta ended.
+    """
+    pieces, done = stream_contents(raw)
+    text, wanted = "".join(pieces), "".join(expected)
+    if text != wanted or not done:
+        raise BadAnswer(f"stream incomplete or out of order ({len(text)}/{len(wanted)} characters in "
+                        f"{len(pieces)} deltas, done={done})")
+
+
 def _error_code(body: bytes) -> str:
     """The OpenAI error code of an error body, for failure reports (never the message text)."""
     try:
@@ -194,7 +208,7 @@ async def timed_call(client: httpx.AsyncClient, target: Target, stream: bool, ma
     """Seconds to the whole answer (non-streaming) or to the first SSE event (streaming).
 
     The whole answer is always read and checked against the fake's numbered tokens: a stream
-    counts only if every token arrived, in order, followed by [DONE].
+    counts only if every token arrived, in order, followed by [DONE] (check_stream).
     """
     expected = reply_tokens(target.upstream_model, max_tokens)
     body = target.body(stream, max_tokens)
@@ -217,9 +231,9 @@ async def timed_call(client: httpx.AsyncClient, target: Target, stream: bool, ma
             if first_event_s is None and b"data:" in raw:
                 first_event_s = time.perf_counter() - started
             received += raw
-    pieces, done = stream_contents(bytes(received))
-    if pieces != expected or not done or first_event_s is None:
-        raise BadAnswer(f"stream incomplete or out of order ({len(pieces)}/{len(expected)} tokens, done={done})")
+    check_stream(bytes(received), expected)
+    if first_event_s is None:
+        raise BadAnswer("stream without a data event")
     return first_event_s
 
 

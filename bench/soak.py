@@ -33,11 +33,11 @@ from bench.fake_upstream import reply_tokens
 from bench.harness import (
     AUTO_MODEL,
     BadAnswer,
+    check_stream,
     cpu_seconds,
     load_average,
     percentile,
     running_stack,
-    stream_contents,
 )
 
 FAULTS = (
@@ -108,11 +108,7 @@ async def one_request(client: httpx.AsyncClient, url: str, key: str, stream: boo
                 if first_s is None and b"data:" in raw:
                     first_s = time.perf_counter() - started
                 received += raw
-        pieces, done = stream_contents(bytes(received))
-        expected = reply_tokens(served, max_tokens)
-        if pieces != expected or not done:
-            lost = len(expected) - len(pieces)
-            raise BadAnswer(f"stream differs: {len(pieces)}/{len(expected)} tokens (lost {lost}), done={done}")
+        check_stream(bytes(received), reply_tokens(served, max_tokens))
         results.first_token_s.append(first_s or 0.0)
         results.stream_s.append(time.perf_counter() - started)
     results.tokens += max_tokens
