@@ -151,18 +151,22 @@ async def test_a_non_streaming_answer_is_the_hedge_winner_whole(executor: Callab
     assert completion["choices"][0]["message"]["content"] == "hi from b"
 
 
-async def test_the_caller_leaving_stops_both_attempts(executor: Callable[..., FailoverExecutor]) -> None:
-    upstream = Upstream({"a": None, "b": None})
-    ex = executor(upstream)
-    task = asyncio.create_task(stream(ex))
-    for _ in range(100):  # until both attempts are running
+async def _cancel_once(task: "asyncio.Task[object]", ready: Callable[[], bool], polls: int = 100) -> None:
+    """Cancel `task` (the caller leaving) once `ready()` holds or after `polls` waits of 10 ms."""
+    for _ in range(polls):
         await asyncio.sleep(0.01)
-        if len(upstream.calls) == 2:
+        if ready():
             break
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     await asyncio.sleep(0)
+
+
+async def test_the_caller_leaving_stops_both_attempts(executor: Callable[..., FailoverExecutor]) -> None:
+    upstream = Upstream({"a": None, "b": None})
+    ex = executor(upstream)
+    await _cancel_once(asyncio.create_task(stream(ex)), lambda: len(upstream.calls) == 2)  # both attempts running
     assert sorted(upstream.closed_early) == ["a", "b"]
     assert not ex.inflight
 
@@ -171,15 +175,8 @@ async def test_the_caller_leaving_while_the_hedge_answers_stops_the_hedge(
         executor: Callable[..., FailoverExecutor]) -> None:
     upstream = Upstream({"a": None, "b": 0.0}, pause_after_first={"b": 3600})
     ex = executor(upstream)
-    task = asyncio.create_task(stream(ex))
-    for _ in range(200):  # until the hedge's first token is the caller's
-        await asyncio.sleep(0.01)
-        if "a" in upstream.closed_early:
-            break
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    await asyncio.sleep(0)
+    # Once the hedge's first token is the caller's.
+    await _cancel_once(asyncio.create_task(stream(ex)), lambda: "a" in upstream.closed_early, polls=200)
     assert sorted(upstream.closed_early) == ["a", "b"]
     assert not ex.inflight
 
