@@ -5,13 +5,20 @@ start now by its measured capacity, how fast it finishes jobs, when the record e
 process reads all of them and the length of the ready list in one pipelined round trip per
 interval, in the background, so the decision per request costs no Redis call:
 
-    free = Σ room − queued − admitted here since the last read + Σ finished/s × horizon
+    free = ⌈(Σ room − queued + Σ finished/s × horizon) / API replicas⌉ − admitted here since the last read
 
 where the horizon is half the pickup deadline: a job admitted now should be picked up well
-within it. A worker whose loop is late takes nothing until it catches up, so its room counts
-only as far as its recent rate of starting jobs gets through within the horizon (with two
-workers sharing a loaded machine, counting their whole room admitted jobs that then waited
-out the pickup deadline). While `free` is positive the request is queued; otherwise it is answered 503 with
+within it. Every API replica reads the same records and counts only its own admissions between
+reads, so each takes an equal share of the room (replicas are the processes subscribed to a
+reply channel, counted in the same round trip): two replicas each admitting the whole room
+within one interval put twice the room on the queue, and the overflow waited out the pickup
+deadline as 503 `no_workers`. A share is small only near capacity, and for one interval: a
+replica that gets all the traffic still fills the pool within a few reads.
+
+A worker whose loop is late takes nothing until it catches up, so its room counts only as far
+as its recent rate of starting jobs gets through within the horizon (with two workers sharing a
+loaded machine, counting their whole room admitted jobs that then waited out the pickup
+deadline). While `free` is positive the request is queued; otherwise it is answered 503 with
 Retry-After at once (before its body is read) instead of after a pickup deadline spent waiting.
 With no fresh record at all (no worker, or workers of an earlier release that publish none) it
 decides nothing: the pickup deadline answers, as before.
@@ -31,7 +38,7 @@ from redis.exceptions import RedisError
 
 from api.errors import OpenAIError
 from api.metrics import LIMIT_HEADER
-from workers.protocol import POOL_LOAD_KEY, WorkerLoad, ready_list_key
+from workers.protocol import POOL_LOAD_KEY, REPLY_CHANNEL_PREFIX, WorkerLoad, ready_list_key
 
 log = logging.getLogger("freeference.pool")
 
@@ -53,6 +60,7 @@ class PoolLoad:
         self._queued = 0
         self._finished_per_s = 0.0
         self._admitted = 0
+        self._replicas = 1
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -68,8 +76,10 @@ class PoolLoad:
         """None to admit one more job (counted until the next read), else the 503 to answer."""
         if not self._known:
             return None
-        free = self._room - self._queued - self._admitted + self._finished_per_s * self._horizon_s
-        if free >= 1:
+        slots = math.floor(self._room - self._queued + self._finished_per_s * self._horizon_s)
+        # Rounded up, so that the last few slots are not refused by every replica: the replicas
+        # together overshoot by fewer jobs than there are replicas, not by the room.
+        if slots >= 1 and self._admitted < math.ceil(slots / self._replicas):
             self._admitted += 1
             return None
         return pool_full(self._retry_after_s())
@@ -78,11 +88,11 @@ class PoolLoad:
         # When the jobs ahead would be picked up at the pool's current finishing rate.
         if self._finished_per_s <= 0:
             return 2
-        ahead = self._queued + self._admitted - self._room + 1
+        ahead = self._queued + self._admitted * self._replicas - self._room + 1
         return min(max(math.ceil(ahead / self._finished_per_s), 1), _RETRY_AFTER_MAX_S)
 
-    def observe(self, records: dict[bytes, bytes], queued: int, now_unix_s: float) -> list[bytes]:
-        """Take one read of the records and the queue; returns the fields of long-dead workers."""
+    def observe(self, records: dict[bytes, bytes], queued: int, now_unix_s: float, replicas: int = 1) -> list[bytes]:
+        """Take one read of the records, the queue and the API replicas; returns long-dead workers' fields."""
         now_ms = now_unix_s * 1000
         fresh: list[WorkerLoad] = []
         dead: list[bytes] = []
@@ -100,6 +110,7 @@ class PoolLoad:
         self._finished_per_s = sum(load.finished_per_s for load in fresh)
         self._queued = queued
         self._admitted = 0
+        self._replicas = max(replicas, 1)  # this process is one, even if its subscription is down
         return dead
 
     def _room_soon(self, load: WorkerLoad) -> int:
@@ -113,8 +124,9 @@ class PoolLoad:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     pipe.hgetall(POOL_LOAD_KEY)
                     pipe.llen(self._ready)
-                    records, queued = await pipe.execute()
-                dead = self.observe(records, int(queued), time.time())
+                    pipe.pubsub_channels(f"{REPLY_CHANNEL_PREFIX}*")
+                    records, queued, replies = await pipe.execute()
+                dead = self.observe(records, int(queued), time.time(), replicas=len(replies))
                 if dead:
                     await cast(Awaitable[int], self._redis.hdel(POOL_LOAD_KEY, *dead))  # type: ignore[arg-type]
             except (RedisError, OSError) as exc:

@@ -73,6 +73,24 @@ def test_the_api_admits_while_the_pool_has_room_and_refuses_at_once_after() -> N
     assert pool.refusal() is None
 
 
+def test_api_replicas_share_the_room_between_reads() -> None:
+    # Both replicas read room 10 at the same moment; each counts only its own admissions until the
+    # next read, so each may take half, not all ten (twenty would wait out the pickup deadline).
+    replicas = [PoolLoad(None, "ff:queue", every_s=0.25, pickup_timeout_s=4) for _ in range(2)]
+    for pool in replicas:
+        pool.observe({b"w1": _record(room=10)}, queued=0, now_unix_s=time.time(), replicas=2)
+    admitted = [sum(pool.refusal() is None for _ in range(10)) for pool in replicas]
+    assert admitted == [5, 5]
+    # A replica alone (or whose subscription is down: it still counts itself) takes the whole room.
+    alone = PoolLoad(None, "ff:queue", every_s=0.25, pickup_timeout_s=4)
+    alone.observe({b"w1": _record(room=10)}, queued=4, now_unix_s=time.time(), replicas=0)
+    assert sum(alone.refusal() is None for _ in range(10)) == 6
+    # The last slot is not refused by every replica: each may take one (an overshoot of one per replica).
+    for pool in replicas:
+        pool.observe({b"w1": _record(room=1)}, queued=0, now_unix_s=time.time(), replicas=2)
+    assert [pool.refusal() is None for pool in replicas] == [True, True]
+
+
 def test_stale_records_decide_nothing_and_long_dead_ones_are_dropped() -> None:
     pool = PoolLoad(None, "ff:queue", every_s=0.25, pickup_timeout_s=4)
     dead = pool.observe({b"gone": _record(room=0, expires_in_s=-120), b"late": _record(room=0, expires_in_s=-1),
