@@ -50,7 +50,7 @@ def _run_api(args: argparse.Namespace) -> int:
     # header costs a client ~20 µs to parse on this machine (docs/performance.md).
     uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, log_level="warning",
                 access_log=False, http=http, loop="uvloop", timeout_graceful_shutdown=30, log_config=None,
-                timeout_keep_alive=settings.http_keepalive_s, server_header=False)
+                timeout_keep_alive=settings.http_keepalive_s, server_header=False, backlog=settings.http_backlog)
     return 0
 
 

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     # so the client side always closes first: a server that closes at the moment a client
     # reuses the connection makes that request fail with a read error before it reaches us.
     http_keepalive_s: int = Field(default=75, gt=0)
+    # Connections waiting to be accepted. uvicorn's default (2,048) is below a burst of a few
+    # thousand clients: the kernel drops the SYNs past it and each client resends its SYN only a
+    # second later (then three), so refusals that take microseconds arrived seconds late. The
+    # kernel caps it at net.core.somaxconn (4,096 on Linux 5.4+).
+    http_backlog: int = Field(default=8192, ge=64)
     # Hostile-input bounds (docs/security.md). A request head (request line and headers) larger
     # than this, or with more header lines, is answered 431 and the connection closed.
     http_max_header_bytes: int = Field(default=32 * 1024, ge=1024)
