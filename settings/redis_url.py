@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+import redis
+import redis.sentinel
 from redis.asyncio import Redis
 from redis.asyncio.sentinel import Sentinel
 
@@ -58,4 +60,17 @@ def redis_client(url: str, **kwargs: Any) -> Redis:
     sentinel = Sentinel(target.sentinels, socket_timeout=kwargs.get("socket_timeout", 2.0))  # type: ignore[no-untyped-call]
     client: Redis = sentinel.master_for(target.service, redis_class=Redis, db=target.db, username=target.username,
                                         password=target.password, **kwargs)
+    return client
+
+
+def blocking_redis_client(url: str, **kwargs: Any) -> redis.Redis:
+    """A blocking client for a plain or Sentinel URL, for a thread that must not wait on an event loop."""
+    target = sentinel_target(url)
+    if target is None:
+        plain: redis.Redis = redis.Redis.from_url(url, **kwargs)
+        return plain
+    sentinel = redis.sentinel.Sentinel(target.sentinels,  # type: ignore[no-untyped-call]
+                                       socket_timeout=kwargs.get("socket_timeout", 2.0))
+    client: redis.Redis = sentinel.master_for(  # type: ignore[no-untyped-call]
+        target.service, db=target.db, username=target.username, password=target.password, **kwargs)
     return client

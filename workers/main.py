@@ -27,12 +27,13 @@ from router.catalog import RuntimeCatalog
 from router.providers.transport import upstream_client
 from settings import Settings, get_settings
 from settings.catalog import load_catalog
-from settings.logfields import STORE_DOWN, STORE_UP
+from settings.logfields import STORE_DOWN
 from settings.redis_url import sentinel_target
 from workers.batches import run_batches
 from workers.capacity import CapacityMeter
 from workers.claim import Claimer, JobClaim
 from workers.events import EventPublisher
+from workers.heartbeat import HeartbeatThread
 from workers.jobs import JobCleanup, WorkerState, chat_completion, report_unrunnable
 from workers.protocol import (
     ARQ_JOB_FUNCTION,
@@ -363,28 +364,27 @@ class FreeferenceWorker(Worker):
             task.cancel()
 
     async def _heartbeat(self) -> None:
-        key = worker_heartbeat_key(self.worker_id)
-        base_ttl_ms = int(self.settings.worker_heartbeat_ttl_s * 1000)
-        while True:
-            # A loop running late is slow, not dead: the key outlives this beat by that lateness
-            # too (4x, at most 30 s more), so an overloaded worker's streams are not all failed
-            # as lost while it catches up. A killed worker's key still lapses after the base TTL.
-            ttl_ms = base_ttl_ms + min(int(self.capacity.current_lag_s() * 4000), 30_000)
-            state: WorkerState = self.ctx["state"]
-            # `deployments`: what this worker can route at all (0: no provider enabled), for /readyz.
-            info = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(), "running": len(state.running),
-                                 "deployments": len(state.catalog.deployments)})
-            try:
-                async with self.pool.pipeline(transaction=False) as pipe:
-                    pipe.set(key, info, px=ttl_ms)
-                    pipe.zadd(WORKERS_KEY, {self.worker_id: int(time.time() * 1000) + ttl_ms})
-                    await pipe.execute()
-            except _REDIS_DOWN as exc:
-                log.warning("heartbeat not written (%s)", type(exc).__name__, extra=STORE_DOWN)
-            else:
-                # Ends an outage the log is holding back (said once a beat, logged only after one).
-                log.info("redis reachable again", extra=STORE_UP)
-            await asyncio.sleep(self.settings.worker_heartbeat_s)
+        # The key is written by a thread (workers/heartbeat.py), so that a loop running seconds
+        # late on a crowded machine does not make its streams look lost; the loop only says here
+        # that it still runs, and the thread stops renewing the key when it no longer does.
+        beats = HeartbeatThread(self.settings.effective_redis_url, worker_heartbeat_key(self.worker_id), WORKERS_KEY,
+                                self.worker_id, every_s=self.settings.worker_heartbeat_s,
+                                ttl_s=self.settings.worker_heartbeat_ttl_s, info=self._heartbeat_info)
+        beats.start()
+        try:
+            while True:
+                beats.loop_alive()
+                await asyncio.sleep(self.settings.worker_heartbeat_s)
+        finally:
+            # Stopped before close() deletes the key, so that no late beat brings it back.
+            await asyncio.to_thread(beats.stop)
+
+    def _heartbeat_info(self) -> bytes:
+        # Read from the heartbeat thread: len() of a dict and an attribute read are atomic.
+        state: WorkerState = self.ctx["state"]
+        # `deployments`: what this worker can route at all (0: no provider enabled), for /readyz.
+        return orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(), "running": len(state.running),
+                             "deployments": len(state.catalog.deployments)})
 
     async def _publish_load(self) -> None:
         # The API reads every worker's record in one HGETALL to tell whether the pool can take
