@@ -134,10 +134,14 @@ class CapacityMeter:
         """Jobs it may start now: 0 while its loop lags or it runs all it can."""
         return 0 if self.lagging else self.free()
 
+    def memory_full(self) -> bool:
+        """At the memory limit (when one is set): nothing more starts here, however long it waited."""
+        return bool(self._memory_max_kb) and self.rss_kb >= self._memory_max_kb
+
     def free(self) -> int:
         """Jobs it can take on by its capacity, lag aside: a late loop catches up within moments,
         so the pool's published load (what the API refuses by) does not count it."""
-        if self._memory_max_kb and self.rss_kb >= self._memory_max_kb:
+        if self.memory_full():
             return 0
         return max(self.capacity() - self._running(), 0)
 

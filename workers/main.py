@@ -19,6 +19,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_pref
 from arq.jobs import SerializationError, deserialize_job_raw
 from arq.utils import ms_to_datetime, timestamp_ms
 from arq.worker import Worker
+from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -41,6 +42,7 @@ from workers.protocol import (
     WAKE_CHANNEL,
     WORKERS_KEY,
     control_channel,
+    ready_entry_enqueued_ms,
     ready_list_key,
     split_ready_entry,
     worker_heartbeat_key,
@@ -65,6 +67,8 @@ _POP_BATCH_MAX = 32
 # next pop this long after its last one returned (a job's routing takes about that long).
 _PICKUP_TASKS = 2
 _POP_REISSUE_DELAY_S = 0.003
+# While full, how often a pickup task looks at the age of the oldest job waiting on the ready list.
+_PROMISED_LOOK_S = 0.25
 
 _REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, ConnectionError, OSError)
 
@@ -96,6 +100,7 @@ class FreeferenceWorker(Worker):
         self._bookkeeping: set[asyncio.Task[None]] = set()
         # What this worker can still take on, measured; max_jobs is only the safety ceiling.
         self.capacity = CapacityMeter(settings, lambda: self.job_counter)
+        self._promised_after_ms = settings.pickup_timeout_s * 500  # half the pickup deadline
         self.ctx["capacity"] = self.capacity
 
     @property
@@ -171,15 +176,16 @@ class FreeferenceWorker(Worker):
                 await asyncio.sleep(self.poll_delay_s)
                 continue
             # Room by measured capacity first: while this worker is full or its loop is late,
-            # jobs wait on the ready list (for another worker, or for this one to catch up).
-            await self.capacity.wait_for_room()
+            # jobs wait on the ready list (for another worker, or for this one to catch up),
+            # unless they have waited so long that the API's promise is at stake.
+            promised = await room_or_promised(self.capacity, self.pool, ready, self._promised_after_ms)
             await self.sem.acquire()  # a free slot first: a popped job never waits for one
             held = 1
             self._popping += 1
             try:
                 # The free slots, less those the other pickup task holds for its own pop.
                 room = min(max(self.max_jobs - self.job_counter - (self._popping - 1), 1), _POP_BATCH_MAX,
-                           max(self.capacity.room(), 1))
+                           _POP_BATCH_MAX if promised else max(self.capacity.room(), 1))
                 # [list name, [entries]] or None. redis-py types each key as a list: it is a name.
                 try:
                     popped = await cast(Awaitable[list[Any] | None], self.pool.blmpop(
@@ -499,6 +505,34 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
     client: httpx.AsyncClient | None = ctx.get("http")
     if client is not None:
         await client.aclose()
+
+
+async def room_or_promised(capacity: CapacityMeter, redis: Redis, ready: str, promised_after_ms: float) -> bool:
+    """Wait for room by measured capacity (False), or for a job that has waited `promised_after_ms` (True).
+
+    The API admitted every job on the ready list by the room the pool last published
+    (api/pool_load.py). A burst admitted within one reading of that room can turn out to be more
+    than the workers then measure they can carry, or their loops run late for seconds on a
+    crowded machine: left to wait for room, those jobs were answered 503 `no_workers` at their
+    pickup deadline, after the caller had waited for it. An admitted job is served: one that has
+    waited half its pickup deadline is taken past the measured capacity (the job cap and the
+    memory limit still hold), a slower stream rather than a late refusal.
+    """
+    while True:
+        try:
+            await asyncio.wait_for(capacity.wait_for_room(), _PROMISED_LOOK_S)
+            return False
+        except TimeoutError:
+            pass
+        if capacity.memory_full():
+            continue
+        try:
+            head = await cast(Awaitable[bytes | None], redis.lindex(ready, 0))
+        except _REDIS_DOWN:
+            continue  # the pop reports the outage once there is room
+        enqueued_ms = ready_entry_enqueued_ms(head) if head else None
+        if enqueued_ms is not None and time.time() * 1000 - enqueued_ms >= promised_after_ms:
+            return True
 
 
 def arq_redis_settings(url: str) -> RedisSettings:

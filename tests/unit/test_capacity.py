@@ -5,6 +5,7 @@ import time
 
 import orjson
 import pytest
+from fakeredis import FakeAsyncRedis
 
 from api.pool_load import PoolLoad
 from router.catalog import ProviderRuntime
@@ -12,7 +13,8 @@ from router.providers.slots import ProviderSlots
 from settings import Settings
 from settings.catalog import ProviderConfig
 from workers.capacity import CapacityMeter
-from workers.protocol import WorkerLoad
+from workers.main import room_or_promised
+from workers.protocol import WorkerLoad, ready_entry, ready_entry_enqueued_ms
 
 
 def _meter(running: list[int], **settings: float) -> CapacityMeter:
@@ -148,3 +150,31 @@ def test_a_late_worker_counts_only_what_it_starts_within_the_horizon() -> None:
                       rss_kb=0, expires_unix_ms=int((time.time() + 1) * 1000)).model_dump_json().encode()
     pool.observe({b"w1": late}, queued=15, now_unix_s=time.time())
     assert [pool.refusal() is None for _ in range(6)] == [True] * 5 + [False]  # 10/s × 2 s = 20, 15 queued
+
+
+async def test_a_full_worker_takes_a_job_that_waited_half_its_pickup_deadline() -> None:
+    # The API admitted it by the room last published; left waiting for room it would be a late
+    # 503 `no_workers`, so it is taken past the measured capacity instead.
+    meter = _meter([10], worker_loop_lag_max_ms=100)
+    meter.lag_s = 0.5  # late loop: no room by measurement
+    redis = FakeAsyncRedis()
+    ready = "ff:queue:ready"
+
+    async def entry(waited_s: float) -> None:
+        payload = orjson.dumps({"t": 1, "f": "chat", "a": [], "k": {}, "et": int((time.time() - waited_s) * 1000)})
+        await redis.delete(ready)
+        await redis.rpush(ready, ready_entry("api1.job", payload))  # type: ignore[misc]
+
+    await entry(waited_s=1.0)
+    with pytest.raises(TimeoutError):  # a young job waits for room
+        await asyncio.wait_for(room_or_promised(meter, redis, ready, promised_after_ms=2500), 0.6)
+    await entry(waited_s=3.0)
+    assert await asyncio.wait_for(room_or_promised(meter, redis, ready, promised_after_ms=2500), 2) is True
+    meter.lag_s = 0.0  # room again: the usual path
+    assert await asyncio.wait_for(room_or_promised(meter, redis, ready, promised_after_ms=2500), 2) is False
+
+
+def test_ready_entries_tell_when_their_job_was_enqueued() -> None:
+    assert ready_entry_enqueued_ms(ready_entry("a.b", orjson.dumps({"et": 1234}))) == 1234
+    assert ready_entry_enqueued_ms(ready_entry("a.b", b"not json")) is None
+    assert ready_entry_enqueued_ms(ready_entry("a.b", b"[1]")) is None
