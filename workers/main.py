@@ -101,6 +101,7 @@ class FreeferenceWorker(Worker):
         # What this worker can still take on, measured; max_jobs is only the safety ceiling.
         self.capacity = CapacityMeter(settings, lambda: self.job_counter)
         self._promised_after_ms = settings.pickup_timeout_s * 500  # half the pickup deadline
+        self._beats: HeartbeatThread | None = None
         self.ctx["capacity"] = self.capacity
 
     @property
@@ -373,17 +374,13 @@ class FreeferenceWorker(Worker):
         # The key is written by a thread (workers/heartbeat.py), so that a loop running seconds
         # late on a crowded machine does not make its streams look lost; the loop only says here
         # that it still runs, and the thread stops renewing the key when it no longer does.
-        beats = HeartbeatThread(self.settings.effective_redis_url, worker_heartbeat_key(self.worker_id), WORKERS_KEY,
-                                self.worker_id, every_s=self.settings.worker_heartbeat_s,
-                                ttl_s=self.settings.worker_heartbeat_ttl_s, info=self._heartbeat_info)
-        beats.start()
-        try:
-            while True:
-                beats.loop_alive()
-                await asyncio.sleep(self.settings.worker_heartbeat_s)
-        finally:
-            # Stopped before close() deletes the key, so that no late beat brings it back.
-            await asyncio.to_thread(beats.stop)
+        self._beats = HeartbeatThread(self.settings.effective_redis_url, worker_heartbeat_key(self.worker_id),
+                                      WORKERS_KEY, self.worker_id, every_s=self.settings.worker_heartbeat_s,
+                                      ttl_s=self.settings.worker_heartbeat_ttl_s, info=self._heartbeat_info)
+        self._beats.start()
+        while True:
+            self._beats.loop_alive()
+            await asyncio.sleep(self.settings.worker_heartbeat_s)
 
     def _heartbeat_info(self) -> bytes:
         # Read from the heartbeat thread: len() of a dict and an attribute read are atomic.
@@ -437,6 +434,9 @@ class FreeferenceWorker(Worker):
         if not self._handle_signals:
             self.handle_sig(signal.SIGUSR1)
         await asyncio.gather(*self.tasks.values())
+        if self._beats is not None:
+            # Stopped before the key is deleted, so that no late beat brings it back.
+            await asyncio.to_thread(self._beats.stop)
         try:
             await self.pool.delete(worker_heartbeat_key(self.worker_id), self.health_check_key)
             await self.pool.zrem(WORKERS_KEY, self.worker_id)
