@@ -64,7 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.stream_limiter = StreamLimiter(redis, conf.max_streams_per_key)
         app.state.background = BackgroundWrites()
         # The worker pool's published load: a request no worker can take soon is refused at once.
-        app.state.pool_load = PoolLoad(redis, conf.queue_name, conf.worker_load_publish_s, conf.pickup_timeout_s)
+        app.state.pool_load = PoolLoad(redis, conf.queue_name, conf.worker_load_publish_s, conf.pickup_timeout_s,
+                                       process_id=hub.process_id)
         app.state.pool_load.start()
         # Models the workers' provider listings added become listed and pinnable here (api/live_catalog.py).
         follower = asyncio.create_task(follow(app, redis, app.state.catalog, conf.live_deployments_publish_s),

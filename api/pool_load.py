@@ -9,8 +9,8 @@ interval, in the background, so the decision per request costs no Redis call:
 
 where the horizon is half the pickup deadline: a job admitted now should be picked up well
 within it. Every API replica reads the same records and counts only its own admissions between
-reads, so each takes an equal share of the room (replicas are the processes subscribed to a
-reply channel, counted in the same round trip): two replicas each admitting the whole room
+reads, so each takes an equal share of the room (replicas mark their presence in a sorted set,
+`ff:apis`, in the same round trip): two replicas each admitting the whole room
 within one interval put twice the room on the queue, and the overflow waited out the pickup
 deadline as 503 `no_workers`. A share is small only near capacity, and for one interval: a
 replica that gets all the traffic still fills the pool within a few reads.
@@ -20,8 +20,9 @@ as its recent rate of starting jobs gets through within the horizon (with two wo
 loaded machine, counting their whole room admitted jobs that then waited out the pickup
 deadline). While `free` is positive the request is queued; otherwise it is answered 503 with
 Retry-After at once (before its body is read) instead of after a pickup deadline spent waiting.
-With no fresh record at all (no worker, or workers of an earlier release that publish none) it
-decides nothing: the pickup deadline answers, as before.
+A worker whose record expired within the last pickup deadline is late, and adds no room. With
+no record at all, or only older ones (no worker, a killed one, or workers of an earlier release
+that publish none) it decides nothing: the pickup deadline answers, as before.
 """
 
 import asyncio
@@ -38,7 +39,7 @@ from redis.exceptions import RedisError
 
 from api.errors import OpenAIError
 from api.metrics import LIMIT_HEADER
-from workers.protocol import POOL_LOAD_KEY, REPLY_CHANNEL_PREFIX, WorkerLoad, ready_list_key
+from workers.protocol import API_REPLICAS_KEY, POOL_LOAD_KEY, WorkerLoad, ready_list_key
 
 log = logging.getLogger("freeference.pool")
 
@@ -50,11 +51,15 @@ _RETRY_AFTER_MAX_S = 30
 class PoolLoad:
     """The pool's load as last read; `refusal()` decides one request."""
 
-    def __init__(self, redis: Redis, queue_name: str, every_s: float, pickup_timeout_s: float) -> None:
+    def __init__(self, redis: Redis, queue_name: str, every_s: float, pickup_timeout_s: float,
+                 process_id: str = "") -> None:
         self._redis = redis
+        self._process_id = process_id
         self._ready = ready_list_key(queue_name)
         self._every_s = every_s
         self._horizon_s = pickup_timeout_s / 2
+        # A record expired longer ago than a pickup deadline may be a killed worker's: unknown.
+        self._late_window_s = pickup_timeout_s
         self._known = False
         self._room = 0
         self._queued = 0
@@ -71,6 +76,8 @@ class PoolLoad:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        with contextlib.suppress(RedisError, OSError):  # else it lapses within a few reads
+            await cast(Awaitable[int], self._redis.zrem(API_REPLICAS_KEY, self._process_id))
 
     def refusal(self) -> OpenAIError | None:
         """None to admit one more job (counted until the next read), else the 503 to answer."""
@@ -95,6 +102,7 @@ class PoolLoad:
         """Take one read of the records, the queue and the API replicas; returns long-dead workers' fields."""
         now_ms = now_unix_s * 1000
         fresh: list[WorkerLoad] = []
+        late = False
         dead: list[bytes] = []
         for worker, raw in records.items():
             try:
@@ -103,14 +111,20 @@ class PoolLoad:
                 continue
             if load.expires_unix_ms >= now_ms:
                 fresh.append(load)
+            elif load.expires_unix_ms >= now_ms - self._late_window_s * 1000:
+                late = True
             elif load.expires_unix_ms < now_ms - _STALE_DROP_S * 1000:
                 dead.append(worker)
-        self._known = bool(fresh)
+        # A worker whose record lapsed moments ago is alive but too late to publish (its heartbeat,
+        # written by a thread, says whether it is alive): it takes nothing soon. With only such
+        # workers the pool is full, not unknown: admitted blindly, a burst on an overloaded machine
+        # waited out its pickup deadline as 503 `no_workers` instead of a 503 at once.
+        self._known = bool(fresh) or late
         self._room = sum(self._room_soon(load) for load in fresh)
         self._finished_per_s = sum(load.finished_per_s for load in fresh)
         self._queued = queued
         self._admitted = 0
-        self._replicas = max(replicas, 1)  # this process is one, even if its subscription is down
+        self._replicas = max(replicas, 1)  # this process is one, even before its presence is read back
         return dead
 
     def _room_soon(self, load: WorkerLoad) -> int:
@@ -121,12 +135,16 @@ class PoolLoad:
     async def _follow(self) -> None:
         while True:
             try:
+                now_ms = int(time.time() * 1000)
                 async with self._redis.pipeline(transaction=False) as pipe:
                     pipe.hgetall(POOL_LOAD_KEY)
                     pipe.llen(self._ready)
-                    pipe.pubsub_channels(f"{REPLY_CHANNEL_PREFIX}*")
-                    records, queued, replies = await pipe.execute()
-                dead = self.observe(records, int(queued), time.time(), replicas=len(replies))
+                    # This replica is present for a few reads more; replicas that stopped reading lapse.
+                    pipe.zadd(API_REPLICAS_KEY, {self._process_id: now_ms + int(self._every_s * 4000)})
+                    pipe.zremrangebyscore(API_REPLICAS_KEY, "-inf", now_ms)
+                    pipe.zcard(API_REPLICAS_KEY)
+                    records, queued, _, _, replicas = await pipe.execute()
+                dead = self.observe(records, int(queued), time.time(), replicas=int(replicas))
                 if dead:
                     await cast(Awaitable[int], self._redis.hdel(POOL_LOAD_KEY, *dead))  # type: ignore[arg-type]
             except (RedisError, OSError) as exc:

@@ -80,6 +80,9 @@ WORKERS_KEY = "ff:workers"
 # HGETALL tells an API process whether the pool can take another job soon (api/pool_load.py).
 # Records carry their own expiry; a stopping worker deletes its field.
 POOL_LOAD_KEY = "ff:pool:load"
+# Sorted set API process id → when its presence lapses (unix ms), renewed with every read of
+# the pool's load: how many API replicas share the room the workers publish.
+API_REPLICAS_KEY = "ff:apis"
 ARQ_JOB_FUNCTION = "chat_completion"
 
 

@@ -83,7 +83,7 @@ def test_api_replicas_share_the_room_between_reads() -> None:
         pool.observe({b"w1": _record(room=10)}, queued=0, now_unix_s=time.time(), replicas=2)
     admitted = [sum(pool.refusal() is None for _ in range(10)) for pool in replicas]
     assert admitted == [5, 5]
-    # A replica alone (or whose subscription is down: it still counts itself) takes the whole room.
+    # A replica alone (before its presence is read back, it still counts itself) takes the whole room.
     alone = PoolLoad(None, "ff:queue", every_s=0.25, pickup_timeout_s=4)
     alone.observe({b"w1": _record(room=10)}, queued=4, now_unix_s=time.time(), replicas=0)
     assert sum(alone.refusal() is None for _ in range(10)) == 6
@@ -95,10 +95,20 @@ def test_api_replicas_share_the_room_between_reads() -> None:
 
 def test_stale_records_decide_nothing_and_long_dead_ones_are_dropped() -> None:
     pool = PoolLoad(None, "ff:queue", every_s=0.25, pickup_timeout_s=4)
-    dead = pool.observe({b"gone": _record(room=0, expires_in_s=-120), b"late": _record(room=0, expires_in_s=-1),
+    dead = pool.observe({b"gone": _record(room=0, expires_in_s=-120), b"old": _record(room=5, expires_in_s=-10),
                          b"junk": b"{"}, queued=9, now_unix_s=time.time())
     assert dead == [b"gone"]
     assert pool.refusal() is None
+
+
+def test_a_record_that_lapsed_moments_ago_is_a_late_worker_with_no_room() -> None:
+    pool = PoolLoad(None, "ff:queue", every_s=0.25, pickup_timeout_s=4)
+    pool.observe({b"late": _record(room=50, expires_in_s=-1)}, queued=0, now_unix_s=time.time())
+    refused = pool.refusal()  # alive but too busy to publish: full now, not unknown
+    assert refused is not None and refused.body.code == "overloaded"
+    pool.observe({b"late": _record(room=50, expires_in_s=-1), b"w2": _record(room=1)}, queued=0,
+                 now_unix_s=time.time())
+    assert pool.refusal() is None and pool.refusal() is not None  # only the on-time worker's room
 
 
 async def test_a_provider_limit_queues_attempts_in_the_worker() -> None:
