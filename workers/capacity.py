@@ -15,6 +15,11 @@ worker measures itself, and its job cap (FREEFERENCE_WORKER_MAX_JOBS) is only a 
 - **a steady load that runs late** caps capacity below it (AIMD): on a machine shared with
   other work the process gets less CPU than its share says it could use, and only the lag
   shows it.
+- **what it has carried**: at most twice the most jobs it has run with its loop on time, and
+  FREEFERENCE_WORKER_START_CAPACITY before it has run any: a burst on a fresh worker comes
+  before any measurement, and with only the ceiling as its room the API admitted thousands of
+  jobs that the worker, once it measured them, could not start (they waited out their pickup
+  deadline). It doubles every measurement while the loop stays on time.
 
 `room()` is what it may start now; `record()` is the load record it publishes a few times a
 second (workers/protocol.py WorkerLoad), from which the API decides to refuse at once when no
@@ -64,6 +69,9 @@ class CapacityMeter:
     def __init__(self, settings: Settings, running: Callable[[], int]) -> None:
         self._running = running
         self._max_jobs = settings.worker_max_jobs
+        self._start_capacity = settings.worker_start_capacity
+        # The most jobs it has run with its loop on time: it may take on twice that.
+        self.carried = 0
         self._lag_max_s = settings.worker_loop_lag_max_ms / 1000
         self._cpu_max = settings.worker_cpu_max
         self._memory_max_kb = settings.worker_memory_max_mb * 1024
@@ -121,7 +129,7 @@ class CapacityMeter:
 
     def capacity(self) -> int:
         """Jobs this worker can run at once by its measured costs (the job cap at most)."""
-        jobs = self._max_jobs
+        jobs = min(self._max_jobs, max(self._start_capacity, 2 * self.carried))
         if self.cpu_per_job:
             jobs = min(jobs, int(max(self._cpu_max - (self._idle_cpu or 0.0), 0) / self.cpu_per_job))
         if self.lag_cap is not None:
@@ -199,6 +207,8 @@ class CapacityMeter:
         self.started_per_s += _EWMA * (started / wall_s - self.started_per_s)
         self.finished_per_s += _EWMA * (finished / wall_s - self.finished_per_s)
         running = self._running()
+        if self.lag_s <= self._lag_max_s:
+            self.carried = max(self.carried, running)
         if running == 0:
             # A cap learned while other work crowded the machine need not hold for ever: idle, it
             # is forgotten slowly (about 4 % a second), and the next load teaches it again.

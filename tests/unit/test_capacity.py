@@ -23,9 +23,9 @@ def _meter(running: list[int], **settings: float) -> CapacityMeter:
 
 def test_capacity_follows_the_cpu_a_steady_job_costs() -> None:
     running = [0]
-    meter = _meter(running, worker_cpu_max=0.8)
+    meter = _meter(running, worker_cpu_max=0.8, worker_start_capacity=5000)
     meter.observe(cpu_s=0.0125, wall_s=0.25, rss_kb=50_000)  # idle: 5 % of a core is not the jobs'
-    assert meter.room() == Settings().worker_max_jobs  # nothing measured yet: only the ceiling
+    assert meter.room() == 5000  # nothing measured yet: the start capacity
     running[0] = 100
     meter.note_started(100)
     meter.observe(cpu_s=0.1, wall_s=0.25, rss_kb=60_000)  # a burst's start-up: not a running cost
@@ -35,6 +35,20 @@ def test_capacity_follows_the_cpu_a_steady_job_costs() -> None:
     assert meter.capacity() == 375  # (0.8 - 0.05) / 0.002
     assert meter.room() == 275
     assert meter.record(ttl_s=1).room == 275
+
+
+def test_a_fresh_worker_takes_its_start_capacity_then_twice_what_it_carried_on_time() -> None:
+    running = [0]
+    meter = _meter(running, worker_start_capacity=256, worker_loop_lag_max_ms=100)
+    assert meter.capacity() == 256 and meter.record(ttl_s=1).room == 256  # not the 10,000 ceiling
+    running[0] = 256
+    meter.note_started(256)
+    meter.observe(cpu_s=0.01, wall_s=0.25, rss_kb=0)  # ran them on time
+    assert meter.capacity() == 512
+    running[0] = 512
+    meter.lag_s = 0.3  # too many: late
+    meter.observe(cpu_s=0.01, wall_s=0.25, rss_kb=0)
+    assert meter.carried == 256  # a late load proves nothing
 
 
 def test_a_late_loop_stops_pickup_but_not_the_published_room() -> None:
@@ -49,7 +63,7 @@ def test_a_late_loop_stops_pickup_but_not_the_published_room() -> None:
 
 def test_memory_bounds_the_room_when_set() -> None:
     running = [0]
-    meter = _meter(running, worker_memory_max_mb=100)
+    meter = _meter(running, worker_memory_max_mb=100, worker_start_capacity=5000)
     meter.observe(cpu_s=0.0, wall_s=0.25, rss_kb=40_000)
     running[0] = 100
     meter.observe(cpu_s=0.0, wall_s=0.25, rss_kb=45_000)  # 50 KB per job
