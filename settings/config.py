@@ -110,9 +110,9 @@ class Settings(BaseSettings):
     worker_max_jobs: int = Field(default=10_000, gt=0)
     # Jobs a worker may run before it has carried any load on time: a burst on a fresh worker
     # came before any measurement, and its room was then the safety ceiling, so the API admitted
-    # thousands that the worker, once it measured them, could not start. Beyond this it may run
-    # twice the most jobs it has run with its loop on time (doubling each quarter second while on
-    # time), and its measured CPU and memory per job bound it from then on.
+    # thousands that the worker, once it measured them, could not start. Until its CPU per job is
+    # measured it may run twice the most jobs it has run with its loop on time (doubling each
+    # quarter second while on time); its measured CPU and memory per job bound it from then on.
     worker_start_capacity: int = Field(default=256, gt=0)
     # A worker takes no new job while its event loop lags more than this (the median over the
     # last 150 ms): every stream it already runs would get its chunks later. Four times it

@@ -15,11 +15,12 @@ worker measures itself, and its job cap (FREEFERENCE_WORKER_MAX_JOBS) is only a 
 - **a steady load that runs late** caps capacity below it (AIMD): on a machine shared with
   other work the process gets less CPU than its share says it could use, and only the lag
   shows it.
-- **what it has carried**: at most twice the most jobs it has run with its loop on time, and
-  FREEFERENCE_WORKER_START_CAPACITY before it has run any: a burst on a fresh worker comes
-  before any measurement, and with only the ceiling as its room the API admitted thousands of
-  jobs that the worker, once it measured them, could not start (they waited out their pickup
-  deadline). It doubles every measurement while the loop stays on time.
+- **what it has carried**, until its CPU per job is measured: at most twice the most jobs it
+  has run with its loop on time, and FREEFERENCE_WORKER_START_CAPACITY before it has run any.
+  A burst on a fresh worker comes before any measurement, and with only the ceiling as its
+  room the API admitted thousands of jobs that the worker, once it measured them, could not
+  start (they waited out their pickup deadline). It doubles every measurement while the loop
+  stays on time.
 
 `room()` is what it may start now; `record()` is the load record it publishes a few times a
 second (workers/protocol.py WorkerLoad), from which the API decides to refuse at once when no
@@ -129,7 +130,11 @@ class CapacityMeter:
 
     def capacity(self) -> int:
         """Jobs this worker can run at once by its measured costs (the job cap at most)."""
-        jobs = min(self._max_jobs, max(self._start_capacity, 2 * self.carried))
+        jobs = self._max_jobs
+        if self.cpu_per_job is None:
+            # Nothing measured yet (a fresh worker, or none of its loads held steady): only
+            # what it has carried on time says what it can carry.
+            jobs = min(jobs, max(self._start_capacity, 2 * self.carried))
         if self.cpu_per_job:
             jobs = min(jobs, int(max(self._cpu_max - (self._idle_cpu or 0.0), 0) / self.cpu_per_job))
         if self.lag_cap is not None:

@@ -23,16 +23,16 @@ def _meter(running: list[int], **settings: float) -> CapacityMeter:
 
 def test_capacity_follows_the_cpu_a_steady_job_costs() -> None:
     running = [0]
-    meter = _meter(running, worker_cpu_max=0.8, worker_start_capacity=5000)
+    meter = _meter(running, worker_cpu_max=0.8)
     meter.observe(cpu_s=0.0125, wall_s=0.25, rss_kb=50_000)  # idle: 5 % of a core is not the jobs'
-    assert meter.room() == 5000  # nothing measured yet: the start capacity
+    assert meter.room() == Settings().worker_start_capacity  # nothing measured yet
     running[0] = 100
     meter.note_started(100)
     meter.observe(cpu_s=0.1, wall_s=0.25, rss_kb=60_000)  # a burst's start-up: not a running cost
     assert meter.cpu_per_job is None
     meter.observe(cpu_s=0.0625, wall_s=0.25, rss_kb=60_000)  # steady: 25 % - 5 % idle for 100 jobs
     assert meter.cpu_per_job == pytest.approx(0.002)
-    assert meter.capacity() == 375  # (0.8 - 0.05) / 0.002
+    assert meter.capacity() == 375  # (0.8 - 0.05) / 0.002, above twice the 100 carried: measured now
     assert meter.room() == 275
     assert meter.record(ttl_s=1).room == 275
 
