@@ -20,7 +20,7 @@ as its recent rate of starting jobs gets through within the horizon (with two wo
 loaded machine, counting their whole room admitted jobs that then waited out the pickup
 deadline). While `free` is positive the request is queued; otherwise it is answered 503 with
 Retry-After at once (before its body is read) instead of after a pickup deadline spent waiting.
-A worker whose record expired within the last pickup deadline is late, and adds no room. With
+A busy worker whose record expired within the last pickup deadline is late, and adds no room. With
 no record at all, or only older ones (no worker, a killed one, or workers of an earlier release
 that publish none) it decides nothing: the pickup deadline answers, as before.
 """
@@ -102,7 +102,7 @@ class PoolLoad:
         """Take one read of the records, the queue and the API replicas; returns long-dead workers' fields."""
         now_ms = now_unix_s * 1000
         fresh: list[WorkerLoad] = []
-        late = False
+        late: list[WorkerLoad] = []
         dead: list[bytes] = []
         for worker, raw in records.items():
             try:
@@ -112,15 +112,17 @@ class PoolLoad:
             if load.expires_unix_ms >= now_ms:
                 fresh.append(load)
             elif load.expires_unix_ms >= now_ms - self._late_window_s * 1000:
-                late = True
+                late.append(load)
             elif load.expires_unix_ms < now_ms - _STALE_DROP_S * 1000:
                 dead.append(worker)
         # A worker whose record lapsed moments ago is alive but too late to publish (its heartbeat,
-        # written by a thread, says whether it is alive): it takes nothing soon. With only such
-        # workers the pool is full, not unknown: admitted blindly, a burst on an overloaded machine
-        # waited out its pickup deadline as 503 `no_workers` instead of a 503 at once.
-        self._known = bool(fresh) or late
-        self._room = sum(self._room_soon(load) for load in fresh)
+        # written by a thread, says whether it is alive). Busy when it went quiet, it takes nothing
+        # soon: with only such workers the pool is full, not unknown (admitted blindly, a burst on
+        # an overloaded machine waited out its pickup deadline as 503 `no_workers`). Idle when it
+        # went quiet (starting, or a machine-wide stall), it catches up long before a pickup deadline.
+        self._known = bool(fresh or late)
+        self._room = (sum(self._room_soon(load) for load in fresh)
+                      + sum(load.room for load in late if load.running == 0))
         self._finished_per_s = sum(load.finished_per_s for load in fresh)
         self._queued = queued
         self._admitted = 0
@@ -128,7 +130,9 @@ class PoolLoad:
         return dead
 
     def _room_soon(self, load: WorkerLoad) -> int:
-        if not load.lagging:
+        # An idle worker's late loop is a moment's hiccup (its start-up, a stall of the whole
+        # machine), not a full worker: a fresh gateway refused its first requests with 503.
+        if not load.lagging or load.running == 0:
             return load.room
         return min(load.room, int(load.started_per_s * self._horizon_s))
 

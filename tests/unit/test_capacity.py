@@ -71,9 +71,11 @@ def test_memory_bounds_the_room_when_set() -> None:
     assert meter.capacity() == (100 * 1024 - 40_000) // 50
 
 
-def _record(room: int, finished_per_s: float = 0.0, expires_in_s: float = 1.0) -> bytes:
-    return WorkerLoad(running=0, room=room, started_per_s=0, finished_per_s=finished_per_s, lag_ms=0, cpu=0,
-                      rss_kb=0, expires_unix_ms=int((time.time() + expires_in_s) * 1000)).model_dump_json().encode()
+def _record(room: int, finished_per_s: float = 0.0, expires_in_s: float = 1.0, running: int = 0,
+            lagging: bool = False) -> bytes:
+    return WorkerLoad(running=running, room=room, lagging=lagging, started_per_s=0, finished_per_s=finished_per_s,
+                      lag_ms=0, cpu=0, rss_kb=0,
+                      expires_unix_ms=int((time.time() + expires_in_s) * 1000)).model_dump_json().encode()
 
 
 def test_the_api_admits_while_the_pool_has_room_and_refuses_at_once_after() -> None:
@@ -117,12 +119,18 @@ def test_stale_records_decide_nothing_and_long_dead_ones_are_dropped() -> None:
 
 def test_a_record_that_lapsed_moments_ago_is_a_late_worker_with_no_room() -> None:
     pool = PoolLoad(None, "ff:queue", every_s=0.25, pickup_timeout_s=4)
-    pool.observe({b"late": _record(room=50, expires_in_s=-1)}, queued=0, now_unix_s=time.time())
-    refused = pool.refusal()  # alive but too busy to publish: full now, not unknown
+    pool.observe({b"late": _record(room=50, expires_in_s=-1, running=9)}, queued=0, now_unix_s=time.time())
+    refused = pool.refusal()  # busy and too late to publish: full now, not unknown
     assert refused is not None and refused.body.code == "overloaded"
-    pool.observe({b"late": _record(room=50, expires_in_s=-1), b"w2": _record(room=1)}, queued=0,
+    pool.observe({b"late": _record(room=50, expires_in_s=-1, running=9), b"w2": _record(room=1)}, queued=0,
                  now_unix_s=time.time())
     assert pool.refusal() is None and pool.refusal() is not None  # only the on-time worker's room
+    # Idle when it went quiet (starting up on a crowded machine): its room still counts, and so
+    # does an idle worker's whose loop is late.
+    pool.observe({b"late": _record(room=50, expires_in_s=-1)}, queued=0, now_unix_s=time.time())
+    assert pool.refusal() is None
+    pool.observe({b"w1": _record(room=50, lagging=True)}, queued=0, now_unix_s=time.time())
+    assert pool.refusal() is None
 
 
 async def test_a_provider_limit_queues_attempts_in_the_worker() -> None:
