@@ -1,7 +1,7 @@
 """Reading an upstream answer: an OpenAI-style SSE stream, or a whole JSON completion, under caps."""
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -9,6 +9,8 @@ import httpx
 import orjson
 
 from router.errors import StreamBroken, UpstreamTimeout
+from router.providers.stall import StallTimer
+from router.providers.transport import BodyReads, body_reads
 from settings.json_depth import nesting_exceeds
 
 # How long the rest of a body after [DONE] may take to arrive. Normally it is already there (the
@@ -59,12 +61,12 @@ async def parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, s
                     error_text: Callable[[bytes], str]) -> AsyncGenerator[StreamItem, None]:
     """Server-sent events of an OpenAI-style stream, one item per `data:` line.
 
-    Lines are split from each network read here (not with httpx's aiter_lines), so the stall
-    deadline is armed once per read rather than once per line: a read usually holds several
-    lines, and the per-line timers were a measurable share of a worker's CPU.
+    Lines are split from each network read here (not with httpx's aiter_lines), and the stall
+    deadline (first token, idle gap, total) is one lazily moved timer per stream
+    (router/providers/stall.py), not a timer per read or per line.
     """
-    reads = cast(AsyncGenerator[bytes, None], response.aiter_bytes())  # httpx types it as an iterator
-    data_by = started + first_token_s  # keep-alive comments do not count as a first token
+    reads = body_reads(response)
+    stall = StallTimer(loop, min(started + first_token_s, end_by))  # keep-alive comments are no first token
     seen_data = False
     received = 0
     # Set once the answer is whole: [DONE] is in hand, or the usage-only chunk (the last one
@@ -75,23 +77,26 @@ async def parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, s
     pending = bytearray()  # the unfinished last line (a bytearray: an endless line grows it in place)
     try:
         while True:
-            block: bytes | None
+            stall.begin()
             try:
-                async with asyncio.timeout_at(min(data_by, end_by)):
-                    block = await anext(reads)
-            except StopAsyncIteration:
-                block = None  # the body ended; the caller decides whether the stream was complete
-            except TimeoutError:
+                block = await reads.read()  # b"": the body ended; the caller decides whether the stream was complete
+            except asyncio.CancelledError:
+                if not stall.timed_out():
+                    raise
                 phase = "total" if loop.time() >= end_by else ("idle" if seen_data else "first_token")
                 raise UpstreamTimeout(f"upstream stream stalled ({phase})", phase=phase) from None
-            except httpx.HTTPError:  # read error, protocol error, decoding error, read timeout
+            except httpx.HTTPError:  # read error, protocol error, decoding error
                 raise StreamBroken("upstream connection was cut mid-stream") from None
+            finally:
+                stall.end()
             # SSE lines end in \n, \r\n or a lone \r. A \r\n split across two reads becomes an
             # extra blank line, which only separates events.
-            if block is None:
+            ended = not block
+            if ended:
                 if not pending.strip():
                     return
-                lines, pending = [bytes(pending)], bytearray()  # a last line without a line break still counts
+                block, pending = bytes(pending), bytearray()  # a last line without a line break still counts
+                lines = [block]
             else:
                 received += len(block)
                 if received > caps.stream_bytes:
@@ -101,11 +106,19 @@ async def parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, s
                     if len(pending) > caps.body_bytes:
                         raise StreamBroken("upstream sent an endless line")
                     continue
-                lines = (bytes(pending) + block).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-                pending = bytearray(lines.pop())  # the unfinished last line, completed by the next read
-                if len(pending) > caps.body_bytes:
-                    raise StreamBroken("upstream sent an endless line")
-            whole = whole or any(line.startswith(b"data:") and line[5:].strip() == b"[DONE]" for line in lines)
+                if pending:
+                    block = bytes(pending) + block
+                    pending = bytearray()
+                if b"\r" in block:
+                    block = block.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+                lines = block.split(b"\n")
+                last = lines.pop()  # the unfinished last line, completed by the next read
+                if last:
+                    if len(last) > caps.body_bytes:
+                        raise StreamBroken("upstream sent an endless line")
+                    pending += last
+            whole = whole or (b"[DONE]" in block and any(line.startswith(b"data:") and line[5:].strip() == b"[DONE]"
+                                                          for line in lines))
             for line in lines:
                 if not line.startswith(b"data:"):
                     continue  # blank separators, ": keep-alive" comments, event: lines
@@ -114,16 +127,18 @@ async def parse_sse(response: httpx.Response, loop: asyncio.AbstractEventLoop, s
                     yield StreamItem(done=True)
                     return
                 seen_data = True
-                data_by = loop.time() + idle_s
+                stall.deadline = min(loop.time() + idle_s, end_by)
                 item = _parse_event(data)
-                if item.chunk is not None and "error" in item.chunk:
-                    raise StreamBroken(f"upstream reported an error mid-stream: {error_text(data)}")
-                whole = whole or (item.chunk is not None and not item.chunk.get("choices")
-                                  and bool(item.chunk.get("usage")))
+                chunk = item.chunk
+                if chunk is not None:
+                    if "error" in chunk:
+                        raise StreamBroken(f"upstream reported an error mid-stream: {error_text(data)}")
+                    whole = whole or (not chunk.get("choices") and bool(chunk.get("usage")))
                 yield item
-            if block is None:
+            if ended:
                 return
     finally:
+        stall.close()
         if whole:  # [DONE] and the body's end are in hand or in flight
             await _finish_body(reads, loop.time() + _DRAIN_S)
         await reads.aclose()  # explicitly: a generator left to the GC costs a loop wake-up to close
@@ -173,10 +188,10 @@ def _parse_event(data: bytes) -> StreamItem:
     return StreamItem(chunk=chunk) if "error" in chunk else _checked(chunk)
 
 
-async def _finish_body(reads: AsyncIterator[bytes], drain_by: float) -> None:
+async def _finish_body(reads: BodyReads, drain_by: float) -> None:
     try:
         async with asyncio.timeout_at(drain_by):
-            async for _ in reads:
+            while await reads.read():
                 pass
     except (TimeoutError, httpx.HTTPError):
         pass  # the answer is complete; only connection reuse is lost

@@ -3,6 +3,7 @@ connections go back to the pool after a whole answer."""
 
 import asyncio
 import contextlib
+import gzip
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from cli.embedded_redis import free_port
 from router.attempt import RunState, stream_attempt
 from router.catalog import RuntimeCatalog
 from router.providers.openai_compat import OpenAICompatProvider
-from router.providers.transport import upstream_client
+from router.providers.transport import body_reads, upstream_client
 from settings.catalog import CatalogFile
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -149,6 +150,52 @@ async def test_bytes_received_before_a_cut_are_handed_out_before_the_error(clien
                     async for block in response.aiter_bytes():
                         received += block
             assert received == events
+
+
+async def test_direct_reads_hand_out_received_bytes_before_the_cut_too(client: httpx.AsyncClient) -> None:
+    # The SSE reader reads this transport's bodies from aiohttp directly (body_reads): the same
+    # cut semantics as through httpx's iteration.
+    events = b"data: {\"n\": 1}\n\ndata: {\"n\": 2, \"finish_reason\": \"stop\"}\n\n"
+
+    async def answer_then_cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 1000\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.01)
+        writer.write(events)
+        writer.close()
+
+    server, url = await serve(answer_then_cut)
+    async with server, client.stream("POST", url) as response:
+        await asyncio.sleep(0.1)
+        reads = body_reads(response)
+        received = b""
+        with pytest.raises(httpx.ReadError):
+            while block := await reads.read():
+                received += block
+        assert received == events
+        with pytest.raises(httpx.ReadError):  # and the cut stays a cut
+            await reads.read()
+
+
+async def test_an_encoded_body_is_read_through_httpx_decoding(client: httpx.AsyncClient) -> None:
+    events = b"data: {\"n\": 1}\n\ndata: [DONE]\n\n"
+    packed = gzip.compress(events)
+
+    async def gzipped(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-encoding: gzip\r\n"
+                     b"content-length: %d\r\n\r\n" % len(packed) + packed)
+        await writer.drain()
+
+    server, url = await serve(gzipped)
+    async with server, client.stream("POST", url) as response:
+        reads = body_reads(response)
+        received = b""
+        while block := await reads.read():
+            received += block
+        await reads.aclose()
+    assert received == events
 
 
 async def test_proxies_from_the_environment_apply_and_no_proxy_hosts_go_direct(
