@@ -5,7 +5,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection
@@ -17,9 +17,21 @@ from settings.logfields import STORE_DOWN
 log = logging.getLogger("freeference.worker")
 
 Command = tuple[str | bytes, ...]
+
+
+class Reply(Protocol):
+    """Where a command's reply goes: an asyncio.Future, or anything that takes replies the same way."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
 # A command (PUBLISH channel message, or any other), or what builds it when its batch is written
-# (a chunk that later text may still join: workers/coalesce.py), and the future of its reply.
-_Pending = tuple[Command | Callable[[], Command], "asyncio.Future[Any]"]
+# (a chunk that later text may still join: workers/coalesce.py), and where its reply goes.
+_Pending = tuple[Command | Callable[[], Command], Reply]
 # A connection unused this long is checked (one non-blocking read) before the next batch.
 _IDLE_CHECK_S = 0.25
 # A batch (one write, then its replies) that takes longer than this fails, and the connection
@@ -80,12 +92,21 @@ class EventPublisher:
 
     def submit_built(self, command: Command | Callable[[], Command]) -> "asyncio.Future[Any]":
         """Queue a command, or a callable that builds it the moment its batch is written."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.submit_to(command, future)
+        return future
+
+    def submit_to(self, command: Command | Callable[[], Command], reply: Reply) -> None:
+        """Queue a command whose reply goes to `reply`, called in order as replies arrive.
+
+        A stream's chunks hand their replies to one object of their job's instead of a future
+        each: a future, its done-callback and its wake-up per chunk were a measurable share of
+        a worker's CPU at a thousand streams (docs/performance.md).
+        """
         if self._task is None or self._task.done():
             raise RedisConnectionError("the event publisher is not running")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((command, future))
+        self._queue.append((command, reply))
         self._queued.set()
-        return future
 
     async def publish(self, channel: str, message: bytes) -> int:
         """PUBLISH `message`; the number of subscribers that received it."""
@@ -122,7 +143,7 @@ class EventPublisher:
                         if not future.done():
                             future.set_exception(exc)
 
-    async def _send(self, batch: list[tuple[Command, "asyncio.Future[Any]"]]) -> None:
+    async def _send(self, batch: list[tuple[Command, Reply]]) -> None:
         try:
             if self._connection is None:
                 self._connection = await self._pool.get_connection()

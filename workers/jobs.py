@@ -98,6 +98,45 @@ def _retrieve(future: "asyncio.Future[Any]") -> None:
         future.exception()
 
 
+class _Receipts:
+    """The replies to one job's chunks, taken as they arrive (workers/events.py, submit_to).
+
+    Each PUBLISH answers how many subscribers got it; zero means the API process that waits for
+    this job is gone.
+    """
+
+    __slots__ = ("_room", "error", "gone", "unconfirmed")
+
+    def __init__(self) -> None:
+        self.unconfirmed = 0
+        self.gone = False
+        self.error: BaseException | None = None
+        self._room: asyncio.Future[None] | None = None  # waited on while too many are unconfirmed
+
+    def done(self) -> bool:
+        return False  # takes every reply of its job's chunks, however many
+
+    def set_result(self, receivers: int, /) -> None:
+        self.unconfirmed -= 1
+        self.gone = self.gone or receivers == 0
+        self._wake()
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        self.unconfirmed -= 1
+        self.error = self.error or exception
+        self._wake()
+
+    async def room(self, unconfirmed: int) -> None:
+        """Until no more than `unconfirmed` replies are outstanding."""
+        while self.unconfirmed > unconfirmed:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+
+    def _wake(self) -> None:
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+
+
 class Publisher:
     """One job's events, on its API process's reply channel, through the worker's publisher.
 
@@ -117,7 +156,8 @@ class Publisher:
         self._job = job
         self._cleanup = cleanup
         self._held: bytes | None = None
-        self._unconfirmed: collections.deque[asyncio.Future[int]] = collections.deque()
+        self._unconfirmed: collections.deque[asyncio.Future[int]] = collections.deque()  # of events other than chunks
+        self._chunks = _Receipts()
         self._waiting: QueuedChunk | None = None  # the last chunk queued, while later text may join it
 
     def hold(self, event_type: EventType, payload: bytes) -> None:
@@ -132,7 +172,8 @@ class Publisher:
         self._release_held()
         queued = QueuedChunk(self._job.reply_channel, self._job.job_id, chunk)
         self._waiting = queued
-        self._queue(self._events.submit_built(queued.command))
+        self._chunks.unconfirmed += 1
+        self._events.submit_to(queued.command, self._chunks)
         await self._sent_one()
 
     async def _sent_one(self) -> None:
@@ -141,6 +182,13 @@ class Publisher:
         await asyncio.sleep(0)
         while self._unconfirmed and (self._unconfirmed[0].done() or len(self._unconfirmed) > self.MAX_UNCONFIRMED):
             self._confirm(await self._unconfirmed.popleft())
+        chunks = self._chunks
+        if chunks.unconfirmed > self.MAX_UNCONFIRMED:
+            await chunks.room(self.MAX_UNCONFIRMED)
+        if chunks.error is not None:
+            raise chunks.error
+        if chunks.gone:
+            raise CallerGone(self._job.reply_channel)
 
     def _release_held(self) -> None:
         if self._held is not None:
@@ -159,9 +207,10 @@ class Publisher:
             self._cleanup.sent = True
             for command in self._cleanup.commands:
                 self._events.submit_command(*command).add_done_callback(_retrieve)
+        # Replies come in order, so once this last event's is in, every chunk's is too.
         pending, self._unconfirmed = list(self._unconfirmed), collections.deque()
         outcomes = await asyncio.gather(*pending, return_exceptions=True)  # every failure retrieved
-        failure = next((n for n in outcomes if isinstance(n, BaseException)), None)
+        failure = self._chunks.error or next((n for n in outcomes if isinstance(n, BaseException)), None)
         if failure is not None:
             raise failure
 
