@@ -63,7 +63,7 @@ class Phase:
     # CPU per token while every open stream had its first token and none had ended: the cost of
     # streaming alone, without the requests' start and end.
     steady_ms_per_token: float | None = None
-    steady_redis_ms_per_token: float | None = None  # Redis's part of it
+    steady_by_role_ms: dict[str, float] = field(default_factory=dict)  # per token: "api", "worker", "redis"
     rss_per_stream_kb: float | None = None  # API + workers
     rss_by_role_kb: dict[str, float] = field(default_factory=dict)  # per open stream: "api", "worker"
 
@@ -88,7 +88,8 @@ class Phase:
             line += f"; CPU {self.cpu_s * 1000 / chunks:.3f} ms/chunk (" + " + ".join(
                 f"{role} {seconds * 1000 / chunks:.3f}" for role, seconds in self.cpu_by_role_s.items()) + ")"
         if self.steady_ms_per_token is not None:
-            line += f", streaming only {self.steady_ms_per_token:.3f} (redis {self.steady_redis_ms_per_token:.3f})"
+            line += f", streaming only {self.steady_ms_per_token:.3f} (" + " + ".join(
+                f"{role} {ms:.3f}" for role, ms in self.steady_by_role_ms.items()) + ")"
         if self.rss_per_stream_kb is not None:
             line += f"; RSS {self.rss_per_stream_kb:.1f} KB/stream (" + " + ".join(
                 f"{role} {kb:.1f}" for role, kb in self.rss_by_role_kb.items()) + ")"
@@ -166,22 +167,22 @@ async def burst(urls: list[str], headers: dict[str, str], body: bytes, count: in
         tasks = [asyncio.create_task(one_stream(session, url, headers, body, expected, first_tokens, received))
                  for url, _ in zip(itertools.cycle(urls), range(count), strict=False)]
         chars_per_token = len("".join(expected)) / len(expected)
-        # At the window's start: CPU of all, of Redis, characters received, streams open.
-        steady: tuple[float, float, int, int] | None = None
-        redis_pid = cpu_pids.get("redis", 0)
+        # At the window's start: CPU of each process, characters received, streams open.
+        steady: tuple[dict[str, float], int, int] | None = None
         while not all(t.done() for t in tasks):
             await asyncio.sleep(0.1)
             open_now = sum(1 for t in tasks if not t.done())
             if steady is None and cpu_pids and len(first_tokens) >= open_now > 0:
-                steady = (sum(cpu_seconds(pid) for pid in cpu_pids.values()), cpu_seconds(redis_pid), received[0],
-                          open_now)
-            elif steady is not None and phase.steady_ms_per_token is None and open_now < steady[3]:
+                steady = ({name: cpu_seconds(pid) for name, pid in cpu_pids.items()}, received[0], open_now)
+            elif steady is not None and phase.steady_ms_per_token is None and open_now < steady[2]:
                 # The first stream ended: the window in which every stream only streamed is over.
-                tokens = (received[0] - steady[2]) / chars_per_token
+                tokens = (received[0] - steady[1]) / chars_per_token
                 if tokens > 0:
-                    cpu_s = sum(cpu_seconds(pid) for pid in cpu_pids.values()) - steady[0]
-                    phase.steady_ms_per_token = cpu_s * 1000 / tokens
-                    phase.steady_redis_ms_per_token = (cpu_seconds(redis_pid) - steady[1]) * 1000 / tokens
+                    for name, pid in cpu_pids.items():
+                        role = name.split("-")[0]
+                        ms = (cpu_seconds(pid) - steady[0][name]) * 1000 / tokens
+                        phase.steady_by_role_ms[role] = phase.steady_by_role_ms.get(role, 0.0) + ms
+                    phase.steady_ms_per_token = sum(phase.steady_by_role_ms.values())
             if phase.rss_per_stream_kb is None and memory_pids and len(first_tokens) >= open_now > 0:
                 # Every stream still open has its first token: the per-stream state is all there.
                 for name, pid in memory_pids.items():
