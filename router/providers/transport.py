@@ -20,8 +20,9 @@ them once a client is given its own transport, so `upstream_client` mounts httpx
 transports for them itself, and only direct calls go through this one.
 """
 
+import http.cookiejar
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import aiohttp
 import httpx
@@ -192,10 +193,19 @@ def _environment_proxies(limits: httpx.Limits) -> dict[str, httpx.AsyncBaseTrans
             for pattern, url in get_environment_proxies().items()}
 
 
+class _NoCookies(http.cookiejar.CookieJar):
+    """Keeps no cookie: providers never need one, and reading Set-Cookie off every answer cost
+    a worker a few percent of its CPU at a thousand streams (the transport's aiohttp session
+    keeps none either)."""
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
+
+
 def upstream_client(limits: httpx.Limits) -> httpx.AsyncClient:
     """The pooled client for provider calls (keep-alive, no redirects: a provider never needs one).
 
     The environment's proxies are read once, here (a change needs a worker restart).
     """
     return httpx.AsyncClient(transport=AiohttpTransport(limits), mounts=_environment_proxies(limits), limits=limits,
-                             follow_redirects=False)
+                             follow_redirects=False, cookies=_NoCookies())
