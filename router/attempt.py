@@ -122,12 +122,15 @@ async def stream_attempt(provider: OpenAICompatProvider, deployment: Deployment,
             if item.chunk is None:
                 continue  # a malformed line is skipped, the stream goes on
             chunk = item.chunk
-            choices = [c for c in chunk.get("choices") or [] if isinstance(c, dict)]
+            choices = [c for c in chunk.get("choices") or () if isinstance(c, dict)]
             # Whole only when every choice seen has finished ("error" is OpenRouter's in-band
-            # failure, not an ending).
-            seen_choices.update(c.get("index", 0) for c in choices)
-            finished_choices.update(c.get("index", 0) for c in choices
-                                    if c.get("finish_reason") and c.get("finish_reason") != "error")
+            # failure, not an ending). Per chunk, so a plain loop.
+            for choice in choices:
+                index = choice.get("index", 0)
+                seen_choices.add(index)
+                reason = choice.get("finish_reason")
+                if reason and reason != "error":
+                    finished_choices.add(index)
             finished = bool(seen_choices) and seen_choices <= finished_choices
             if _role_only(choices) and (continuing or state.chunks_sent == 0):
                 if not continuing:

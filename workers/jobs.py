@@ -174,12 +174,17 @@ class Publisher:
         self._waiting = queued
         self._chunks.unconfirmed += 1
         self._events.submit_to(queued.command, self._chunks)
-        await self._sent_one()
+        # No loop pass here: the job's next upstream read waits anyway unless data is already
+        # buffered, and text parsed from a buffer joins this chunk while it waits. A pass per
+        # chunk woke the job's whole await chain a second time for every chunk.
+        await self._check_sent()
 
     async def _sent_one(self) -> None:
-        # One loop pass, so the publisher writes this chunk now: with an upstream read already
-        # buffered, this job would otherwise not yield until the whole answer was parsed.
+        # One loop pass, so the publisher writes this event now.
         await asyncio.sleep(0)
+        await self._check_sent()
+
+    async def _check_sent(self) -> None:
         while self._unconfirmed and (self._unconfirmed[0].done() or len(self._unconfirmed) > self.MAX_UNCONFIRMED):
             self._confirm(await self._unconfirmed.popleft())
         chunks = self._chunks
