@@ -16,6 +16,7 @@ import orjson
 
 from workers.protocol import encode_event
 
+_SENT: dict[str, Any] = {}
 # Choice fields a joinable chunk may carry (with a null finish_reason and logprobs).
 _CHOICE_FIELDS = frozenset({"index", "delta", "finish_reason", "logprobs"})
 
@@ -68,4 +69,5 @@ class QueuedChunk:
     def command(self) -> tuple[str | bytes, ...]:
         """The PUBLISH to send; nothing joins it after this."""
         self.taken = True
-        return "PUBLISH", self._channel, encode_event(self._job_id, "chunk", orjson.dumps(self._chunk))
+        chunk, self._chunk = self._chunk, _SENT  # the job keeps its last QueuedChunk: not the chunk too
+        return "PUBLISH", self._channel, encode_event(self._job_id, "chunk", orjson.dumps(chunk))
