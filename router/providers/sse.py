@@ -28,7 +28,7 @@ class BodyCaps:
     stream_bytes: int = 64 * 1024 * 1024
 
 
-@dataclass
+@dataclass(slots=True)  # one per chunk of every stream
 class StreamItem:
     """Either the response headers (first item), a parsed chunk, or the end marker."""
 
