@@ -39,6 +39,8 @@ CUE_GROUPS = {
     "kinship": "family relations",
     "premises_2plus": "logic premises",
     "premises_4plus": "logic premises",
+    "statements_3plus": "statement list",
+    "statements_5plus": "statement list",
     "mathword_1": "math/logic vocabulary",
     "mathword_2plus": "math/logic vocabulary",
     "tech_1": "tech names",

@@ -54,6 +54,11 @@ _PREMISE_RE = re.compile(
     r"no one|everyone|everybody|anyone|only|whenever|unless)\b",
     re.MULTILINE,
 )
+# A statement: a short declarative clause on a line of its own or between semicolons
+# ("Drenthe is a Dutch province.", "Tintin was produced by Paramount"). A list of them
+# followed by a question is how premises are given, whatever they are about.
+_STATEMENT_SPLIT_RE = re.compile(r"\n|;\s")
+_STATEMENT_VERB_RE = re.compile(r"\b(?:is|are|was|were|has|have|had|can|cannot|does|do|did|will|must|should|may|not)\b")
 # Multiple-choice options "A) .. B) .." (MMLU, AQuA style exams).
 _CHOICE_RE = re.compile(r"([A-E])[).]\s")
 
@@ -248,6 +253,11 @@ def extract(text: str) -> Features:
     # up to 0.05 ms).
     if sum(1 for tok in toks if tok in KIN_WORDS) >= 3:
         cues.append("kinship")
+    n_statements = _statements(lowered[:HEAD_CHARS])
+    if n_statements >= 3:
+        cues.append("statements_3plus")
+        if n_statements >= 5:
+            cues.append("statements_5plus")
     if len(set(_CHOICE_RE.findall(text))) >= 3:
         cues.append("choices")
     n_nums = toks.count("<num>")
@@ -263,6 +273,18 @@ def extract(text: str) -> Features:
         cues.extend([c + "@long" for c in cues])
     cues.append(next((n for lim, n in _LEN_BINS if len(text) <= lim), "len_xl"))
     return Features(lexical=tuple(lexical), cues=tuple(cues), group_ends=(n_wording, n_opening))
+
+
+def _statements(head: str) -> int:
+    """How many lines or semicolon-separated clauses read as short statements."""
+    if head.count("\n") + head.count(";") < 2:
+        return 0
+    n = 0
+    for clause in _STATEMENT_SPLIT_RE.split(head):
+        clause = clause.strip()
+        if clause and not clause.endswith(("?", ":")) and 3 <= clause.count(" ") + 1 <= 30:
+            n += _STATEMENT_VERB_RE.search(clause) is not None
+    return n
 
 
 def _count_cue(name: str, n: int) -> list[str]:
