@@ -44,6 +44,18 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
         ("All poets are dreamers. No dreamers are accountants. Can a poet be an accountant?", "reasoning"),
         ("Prove that the sum of the first n odd numbers is n squared.", "reasoning"),
         ("What is the probability of drawing two aces from a deck without replacement?", "reasoning"),
+        # premises stated line by line are logic whatever they are about; a list of
+        # facts that asks for writing is not
+        (
+            "Mort is a stamp collector.\nMort lives in Oslo.\nEvery stamp collector in Oslo owns a magnifier.\n"
+            "Does Mort own a magnifier?",
+            "reasoning",
+        ),
+        (
+            "Our team is five people.\nWe meet on Mondays.\nThe office is in Leeds.\n"
+            "Write a friendly welcome email for a new hire.",
+            "general",
+        ),
         # STEM explanation without computation is general
         ("Explain what photosynthesis is in simple terms", "general"),
         # other languages
@@ -194,6 +206,17 @@ def test_huge_prompt_features_are_bounded() -> None:
     small = extract("word " * 2_000)
     huge = extract("word " * 200_000)
     assert len(huge.lexical) == len(small.lexical)
+
+
+def test_statement_lists_are_premises_in_any_vocabulary() -> None:
+    listed = "Brill is a town in Avon.\nAvon is a county.\nNo towns are cities.\nIs Brill a city?"
+    inline = (
+        "Given that Kora was filmed by Lux; Kora is a comedy; Lux does not make comedies; can we conclude anything?"
+    )
+    prose = "I bought this kettle last year. It is loud and the lid sticks, but it boils fast. Would you recommend it?"
+    assert "statements_3plus" in extract(listed).cues
+    assert "statements_3plus" in extract(inline).cues
+    assert "statements_3plus" not in extract(prose).cues
 
 
 def test_model_round_trips_through_json() -> None:
