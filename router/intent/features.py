@@ -55,7 +55,7 @@ _PREMISE_RE = re.compile(
     re.MULTILINE,
 )
 # A statement: a short declarative clause on a line of its own or between semicolons
-# ("Drenthe is a Dutch province.", "Tintin was produced by Paramount"). A list of them
+# ("Avon is a county.", "Kora was filmed by Lux"). A list of them
 # followed by a question is how premises are given, whatever they are about.
 _STATEMENT_SPLIT_RE = re.compile(r"\n|;\s")
 _STATEMENT_VERB_RE = re.compile(r"\b(?:is|are|was|were|has|have|had|can|cannot|does|do|did|will|must|should|may|not)\b")
