@@ -3,7 +3,6 @@
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import orjson
@@ -14,7 +13,7 @@ from redis.exceptions import RedisError
 
 from api.errors import OpenAIError
 from api.metrics import note_event, note_submitted
-from api.relay import CALLER_LEFT, Deadline, Event, ReplyHub
+from api.relay import CALLER_LEFT, LOST, Deadline, Event, Replies, ReplyHub
 from settings import Settings
 from settings.logfields import STORE_DOWN
 from workers.protocol import (
@@ -45,8 +44,10 @@ return 0
 """
 
 
-# Put into a job's queue by its silence timer (Dispatcher.events): look at the silence now.
+# Put into a job's replies by its silence timer (JobReplies): a silence is due to be looked at.
 _LOOK: Event = ("look", b"")
+# Handed out by JobReplies.take when a stream that asked for keepalives has been quiet long enough.
+QUIET: Event = ("quiet", b"")
 
 
 class WorkerLost(Exception):
@@ -55,6 +56,16 @@ class WorkerLost(Exception):
 
 class ReplyLost(WorkerLost):
     """The reply subscription dropped (Redis restart): this job's events may be lost."""
+
+
+def lost_error(lost: WorkerLost) -> OpenAIError:
+    """The error for a job whose events stopped: its worker died, or Redis (the reply path) went away."""
+    if isinstance(lost, ReplyLost):
+        # Nothing is wrong with the request or upstream: the gateway's store blinked. Retryable.
+        return OpenAIError(503, "The gateway lost its connection to its data store while answering; please retry.",
+                           code="service_unavailable", headers={"Retry-After": "2"})
+    return OpenAIError(502, "The worker handling this request stopped; please retry.", code="worker_lost",
+                       headers={"Retry-After": "1"})
 
 
 def no_workers() -> OpenAIError:
@@ -69,32 +80,14 @@ def no_workers() -> OpenAIError:
 @dataclass
 class JobHandle:
     job: ChatJob
-    queue: asyncio.Queue[Event]
-    payload: bytes = b""  # as queued (Dispatcher.serialize): names its ready-list entry
+    replies: Replies
+    payload: bytes = b""  # as queued (Dispatcher.serialize): names its ready-list entry until a worker takes it
     worker_id: str | None = None
     finished: bool = False
 
 
-def _join_waiting_chunks(payload: bytes, queue: "asyncio.Queue[Event]") -> tuple[bytes, Event | None]:
-    """A chunk and the chunks queued right behind it as one event, their payloads one per line.
-
-    When this process falls behind a stream, its chunks wait in the job's queue; relaying them
-    one by one costs a pass through every generator and middleware of the response per chunk.
-    Joined, they go out in one write (as separate SSE events: api/pipeline.py splits the lines).
-    A chunk's payload is one line of JSON (workers serialize with orjson), so a newline cannot
-    be part of one. Returns the joined payload and the first non-chunk event taken, if any.
-    """
-    parts = [payload]
-    while queue.qsize():
-        event = queue.get_nowait()
-        if event[0] != "chunk":
-            return b"\n".join(parts), event
-        parts.append(event[1])
-    return b"\n".join(parts), None
-
-
 class Dispatcher:
-    """Puts jobs on the arq queue and yields their reply events."""
+    """Puts jobs on the arq queue and follows their reply events."""
 
     def __init__(self, redis: Redis, hub: ReplyHub, settings: Settings) -> None:
         self._redis = redis
@@ -128,7 +121,7 @@ class Dispatcher:
         if not await self._hub.ready(timeout_s=2.0):
             raise OpenAIError(503, "The gateway lost its connection to Redis; please retry.",
                               code="store_unavailable", headers={"Retry-After": "1"})
-        return JobHandle(job=job, queue=self._hub.register(job.job_id), payload=payload)
+        return JobHandle(job=job, replies=self._hub.register(job.job_id), payload=payload)
 
     def serialize(self, job: ChatJob) -> tuple[bytes, int, int]:
         """(arq payload, job key TTL ms, enqueue time ms) for a job about to be queued."""
@@ -145,86 +138,18 @@ class Dispatcher:
         """A registered job that was never queued."""
         self._hub.unregister(handle.job.job_id)
 
-    async def events(self, handle: JobHandle) -> AsyncGenerator[Event, None]:
-        """Reply events until the job ends; raises 503 / WorkerLost / 504 as the job's fate says.
+    def follow(self, handle: JobHandle) -> "JobReplies":
+        """The job's reply events, with its silences watched; close() it when done with it."""
+        return JobReplies(handle, self, self._settings)
 
-        Silences are watched by one timer per job, not one per event: a paced stream's queue is
-        empty at every wait, and a timeout armed around each wait was ~11 % of the API's CPU with
-        100 streams in flight (docs/performance.md). The timer fires when the current silence is
-        due to be looked at and puts _LOOK in the queue; events that came since just move the
-        next look later.
-        """
-        settings = self._settings
-        deadline = Deadline(handle.job.deadline_unix_ms)
-        give_up_at = time.monotonic() + deadline.remaining_s() + 2.0  # the worker's own 504 comes first
-        pickup_by = time.monotonic() + settings.pickup_timeout_s
-        quiet_since = time.monotonic()  # the last event, or the last look at the silence
-        loop = asyncio.get_running_loop()
-        timer: asyncio.TimerHandle | None = None
-
-        def look_at() -> float:
-            # Before pickup: the pickup deadline; after: every liveness interval of silence.
-            due = pickup_by if handle.worker_id is None else quiet_since + settings.worker_liveness_check_s
-            return min(due, give_up_at)
-
-        def rearm() -> None:
-            nonlocal timer
-            if timer is not None:
-                timer.cancel()
-            timer = loop.call_later(max(look_at() - time.monotonic(), 0), handle.queue.put_nowait, _LOOK)
-
-        rearm()
-        carried: Event | None = None  # an event taken off the queue while joining chunks, next in line
+    async def worker_alive(self, worker_id: str) -> bool:
+        """Whether a worker still heart-beats; ReplyLost when Redis cannot tell."""
         try:
-            while True:
-                if carried is not None:
-                    (event_type, payload), carried = carried, None
-                else:
-                    event_type, payload = await handle.queue.get()
-                if event_type == "chunk" and handle.queue.qsize():
-                    payload, carried = _join_waiting_chunks(payload, handle.queue)
-                if event_type == _LOOK[0]:
-                    now = time.monotonic()
-                    if now < look_at():
-                        rearm()  # events came meanwhile: the silence is younger than the timer thought
-                        continue
-                    if now >= give_up_at:
-                        raise OpenAIError(504, "The request exceeded its deadline.", code="timeout")
-                    if handle.worker_id is None:
-                        if now >= pickup_by and await self._withdraw(handle):
-                            raise no_workers()
-                        pickup_by = max(pickup_by, time.monotonic() + settings.worker_liveness_check_s)
-                    else:
-                        try:
-                            alive = await self._redis.exists(worker_heartbeat_key(handle.worker_id))
-                        except (RedisError, OSError):
-                            raise ReplyLost(handle.worker_id) from None
-                        if not alive:
-                            raise WorkerLost(handle.worker_id)
-                    quiet_since = time.monotonic()
-                    rearm()
-                    continue
-                quiet_since = time.monotonic()
-                if event_type == "lost":
-                    raise ReplyLost(handle.worker_id or "")
-                if event_type == CALLER_LEFT[0]:
-                    yield event_type, payload
-                    return
-                note_event(event_type, payload)
-                if event_type == "accepted":
-                    handle.worker_id = AcceptedEvent.model_validate_json(payload).worker_id
-                    rearm()  # from the pickup deadline to the (shorter) liveness interval
-                    continue
-                if event_type in ("done", "error"):
-                    handle.finished = True
-                yield event_type, payload
-                if handle.finished:
-                    return
-        finally:
-            if timer is not None:
-                timer.cancel()
+            return bool(await self._redis.exists(worker_heartbeat_key(worker_id)))
+        except (RedisError, OSError):
+            raise ReplyLost(worker_id) from None
 
-    async def _withdraw(self, handle: JobHandle) -> bool:
+    async def withdraw(self, handle: JobHandle) -> bool:
         """Take a job that nobody started off the queue; False if a worker got it meanwhile.
 
         Workers claim with SET NX on arq's in-progress key (workers/main.py), so taking that key
@@ -254,6 +179,135 @@ class Dispatcher:
         if handle.worker_id is not None:
             await self._redis.publish(control_channel(handle.worker_id), cancel_message(handle.job.job_id))
             return
-        if not await self._withdraw(handle):
+        if not await self.withdraw(handle):
             # Picked up but the accepted event has not arrived: leave a flag the worker checks.
             await self._redis.set(cancelled_job_key(handle.job.job_id), b"1", ex=60)
+
+
+class JobReplies:
+    """A job's reply events, taken in batches in arrival order; raises 503 / WorkerLost / 504 as its fate says.
+
+    Before a worker takes the job, silence past the pickup timeout withdraws it (503 no_workers)
+    unless a worker holds it; after, every liveness interval of silence checks the worker's
+    heartbeat (WorkerLost when it is gone); past the deadline (+2 s of grace) the answer is 504.
+    Silences are watched by one timer per job, not one per wait: a paced stream's replies are
+    empty at every wait, and a timeout armed around each wait was ~11 % of the API's CPU with 100
+    streams in flight (docs/performance.md). The timer fires when the current silence is due to
+    be looked at; if events came meanwhile it only re-arms itself, so a streaming job's reader is
+    woken by its events alone.
+    """
+
+    def __init__(self, handle: JobHandle, dispatcher: Dispatcher, settings: Settings) -> None:
+        self._handle = handle
+        self._dispatcher = dispatcher
+        self._liveness_s = settings.worker_liveness_check_s
+        now = time.monotonic()
+        self._give_up_at = now + Deadline(handle.job.deadline_unix_ms).remaining_s() + 2.0  # the worker's 504 first
+        self._pickup_by = now + settings.pickup_timeout_s
+        self._quiet_since = now  # the last event, or the last look at the silence
+        self._keepalive_s: float | None = None
+        self._pinged_at = now  # the last event handed out, or the last QUIET
+        self._carried: list[Event] = []  # taken from the replies, to be handed out next (after a LOST)
+        self._timer: asyncio.TimerHandle | None = None
+        self._arm()
+
+    def keep_alive(self, every_s: float | None) -> None:
+        """From now on, hand out QUIET whenever nothing was handed out for `every_s` (None: never)."""
+        self._keepalive_s = every_s
+        self._pinged_at = time.monotonic()
+        self._arm()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _look_at(self) -> float:
+        due = self._pickup_by if self._handle.worker_id is None else self._quiet_since + self._liveness_s
+        if self._keepalive_s is not None:
+            due = min(due, self._pinged_at + self._keepalive_s)
+        return min(due, self._give_up_at)
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(max(self._look_at() - time.monotonic(), 0), self._due)
+
+    def _due(self) -> None:
+        if time.monotonic() < self._look_at():
+            self._arm()  # events came meanwhile: the silence is younger than the timer thought
+        else:
+            self._timer = None
+            self._handle.replies.put(_LOOK)
+
+    async def take(self) -> list[Event]:
+        """The events since the last take (at least one), in order: start, chunk, done, error, CALLER_LEFT, QUIET.
+
+        Nothing is handed out after a done, an error or CALLER_LEFT.
+        """
+        handle = self._handle
+        while True:
+            batch, self._carried = self._carried or await handle.replies.take(), []
+            out: list[Event] = []
+            came = looked = rearm = False
+            for i, event in enumerate(batch):
+                event_type = event[0]
+                if event_type == "chunk":
+                    out.append(event)
+                    continue
+                if event_type == _LOOK[0]:
+                    looked = True
+                    continue
+                came = True
+                if event_type == LOST[0]:
+                    if out:  # what came before the loss goes out first
+                        self._carried = batch[i:]
+                        break
+                    raise ReplyLost(handle.worker_id or "")
+                if event_type == CALLER_LEFT[0]:
+                    out.append(event)
+                    break
+                note_event(event_type, event[1])
+                if event_type == "accepted":
+                    handle.worker_id = AcceptedEvent.model_validate_json(event[1]).worker_id
+                    rearm = True  # from the pickup deadline to the (shorter) liveness interval
+                    continue
+                out.append(event)
+                if event_type in ("done", "error"):
+                    handle.finished = True
+                    break
+            now = time.monotonic()
+            if out or came:
+                self._quiet_since = now
+            if out:
+                self._pinged_at = now
+                if looked or rearm:
+                    self._arm()
+                return out
+            if looked:
+                if await self._look(now):
+                    return [QUIET]
+            elif rearm:
+                self._arm()
+
+    async def _look(self, now: float) -> bool:
+        """Look at a silence the timer found due; True when a keepalive is due."""
+        handle = self._handle
+        if now >= self._give_up_at:
+            raise OpenAIError(504, "The request exceeded its deadline.", code="timeout")
+        if handle.worker_id is None:
+            if now >= self._pickup_by:
+                if await self._dispatcher.withdraw(handle):
+                    raise no_workers()
+                # A worker holds the job but its accepted event is late: look again after a while.
+                self._pickup_by = max(self._pickup_by, time.monotonic() + self._liveness_s)
+                self._quiet_since = time.monotonic()
+        elif now >= self._quiet_since + self._liveness_s:
+            if not await self._dispatcher.worker_alive(handle.worker_id):
+                raise WorkerLost(handle.worker_id)
+            self._quiet_since = time.monotonic()
+        quiet = self._keepalive_s is not None and now >= self._pinged_at + self._keepalive_s
+        if quiet:
+            self._pinged_at = now
+        self._arm()
+        return quiet

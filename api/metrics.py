@@ -45,6 +45,12 @@ BREAKER_STATES = ("closed", "half_open", "open", "cooling", "gone")
 # (api/middleware.py): counted as status 499, the caller's doing, not the gateway's.
 CLIENT_LEFT_STATE = "ff_client_left"
 CLIENT_LEFT_STATUS = 499
+# Where a streamed response may send its body messages after the first (api/event_stream.py): the
+# send MetricsMiddleware was given. The middlewares inside it (metrics, the edge's request id and
+# bounded body) watch only a response's start and first body, so every later write of a long
+# stream skips their wrappers. A middleware added inside them that must see every body message
+# has to put its own send here.
+DIRECT_BODY_SEND = "ff.direct_body_send"
 # Request heads refused by the HTTP protocol (api/http_protocol.py), by reason. Process-wide, unlike
 # the rest: the protocol serves connections before and outside any app.
 HEAD_REFUSALS: Tally[str] = Tally()
@@ -181,6 +187,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, send)
             return
         m = self.metrics
+        scope[DIRECT_BODY_SEND] = send
         obs = RequestObservation(metrics=m, started_s=time.perf_counter())
         token = _CURRENT.set(obs)
         status = 500  # what the caller gets if the app raises before answering

@@ -8,20 +8,20 @@ by the request's dialect. Every answer carries admission's x-ratelimit-* headers
 
 import asyncio
 import functools
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-import anyio
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from api.admission import Admission, admit
-from api.dialects.base import Answer, Dialect, DialectStream
-from api.dispatch import Dispatcher, JobHandle, ReplyLost, WorkerLost
+from api.dialects.base import Answer, Dialect
+from api.dispatch import Dispatcher, JobHandle, WorkerLost, lost_error
 from api.errors import OpenAIError
+from api.event_stream import EventStreamResponse
 from api.intake import admit_and_enqueue, build_job
 from api.keys import KeyRecord
 from api.modelref import check_chat_request
-from api.relay import CALLER_LEFT, Event
+from api.relay import CALLER_LEFT
 from api.usage import UsageRecorder
 from settings import Settings
 from settings.catalog import CatalogFile
@@ -61,7 +61,7 @@ def _error_from_event(payload: bytes) -> OpenAIError:
 
 
 class _CallerWatch:
-    """Turns the caller's disconnect into a CALLER_LEFT event in the current job's queue.
+    """Turns the caller's disconnect into a CALLER_LEFT event in the current job's replies.
 
     One task per request instead of racing a task per event against the disconnect: every
     reply event then reaches the route with a plain await.
@@ -75,7 +75,7 @@ class _CallerWatch:
     def follow(self, handle: JobHandle) -> None:
         self._handle = handle
         if self._left:
-            handle.queue.put_nowait(CALLER_LEFT)
+            handle.replies.put(CALLER_LEFT)
 
     def stop(self) -> None:
         """From here on the streaming response listens for the disconnect itself."""
@@ -87,7 +87,7 @@ class _CallerWatch:
             pass
         self._left = True
         if self._handle is not None:
-            self._handle.queue.put_nowait(CALLER_LEFT)
+            self._handle.replies.put(CALLER_LEFT)
 
 
 # The job for an admitted request (raises the request's 400 / 403 / 404 / 429 before it is queued).
@@ -156,7 +156,7 @@ async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, disp
                 return await _respond(handle, dispatcher, caller, usage, dialect)
             except WorkerLost as lost:  # _respond already released the job
                 if attempt == MAX_WORKER_LOSS_RETRIES:
-                    raise _lost(lost) from None
+                    raise lost_error(lost) from None
                 job = job.model_copy(update={"job_id": new_job_id(request.app.state.hub.process_id)})
         raise AssertionError("unreachable")
     finally:
@@ -166,113 +166,49 @@ async def _complete(request: Request, key: KeyRecord, usage: UsageRecorder, disp
 async def _respond(handle: JobHandle, dispatcher: Dispatcher, caller: _CallerWatch, usage: UsageRecorder,
                    dialect: Answer) -> Response:
     """Hold the status until the first chunk, the completion or an error arrives."""
-    events = usage.watch(dispatcher.events(handle), handle.job.requested_model)
+    replies = dispatcher.follow(handle)
+    usage.begin(handle.job.requested_model)
     route: RouteInfo | None = None
     handed_over = False
     try:
         while True:
-            try:
-                event_type, payload = await anext(events)
-            except StopAsyncIteration:
-                raise OpenAIError(502, "The job ended without a result.", code="upstream_failed") from None
-            if event_type == CALLER_LEFT[0]:  # release() below cancels the job
-                return Response(status_code=499)
-            if event_type == "start":
-                route = usage.route
-            elif event_type == "error":
-                raise _error_from_event(payload)
-            elif event_type == "done":
-                done = usage.done or DoneEvent.model_validate_json(payload)  # usage.watch parsed it already
-                headers = _route_headers(handle.job.request_id, done.route)
-                if handle.job.stream:  # a stream with no chunk at all is still a stream
-                    stream = dialect.stream()
-                    return StreamingResponse(_single(stream.start() + stream.done(done)),
-                                             media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
-                return Response(dialect.completion(done), media_type="application/json", headers=headers)
-            elif event_type == "chunk":
-                caller.stop()
-                handed_over = True
-                return StreamingResponse(
-                    _sse(dialect.stream(), payload, events, handle, dispatcher, usage), media_type="text/event-stream",
-                    headers={**_SSE_HEADERS, **_route_headers(handle.job.request_id, route)},
-                )
+            events = await replies.take()
+            for i, (event_type, payload) in enumerate(events):
+                if event_type == "chunk":
+                    caller.stop()
+                    handed_over = True
+                    headers = {**_SSE_HEADERS, **_route_headers(handle.job.request_id, route)}
+                    return EventStreamResponse(dialect.stream(), events[i:], replies, handle, dispatcher, usage,
+                                               headers)
+                if event_type == CALLER_LEFT[0]:  # release() below cancels the job
+                    await usage.abandoned()
+                    return Response(status_code=499)
+                await usage.note(event_type, payload)
+                if event_type == "start":
+                    route = usage.route
+                elif event_type == "error":
+                    raise _error_from_event(payload)
+                elif event_type == "done":
+                    done = usage.done or DoneEvent.model_validate_json(payload)  # usage.note parsed it already
+                    headers = _route_headers(handle.job.request_id, done.route)
+                    if handle.job.stream:  # a stream with no chunk at all is still a stream
+                        stream = dialect.stream()
+                        return StreamingResponse(_single(stream.start() + stream.done(done)),
+                                                 media_type="text/event-stream", headers={**_SSE_HEADERS, **headers})
+                    return Response(dialect.completion(done), media_type="application/json", headers=headers)
+    except WorkerLost:
+        raise  # _complete runs the job again on another worker: not this request's outcome
+    except OpenAIError:
+        await usage.failed()  # a deadline, or no worker took the job
+        raise
+    except BaseException:
+        await usage.abandoned()  # cancelled
+        raise
     finally:
         if not handed_over:
-            await events.aclose()
+            replies.close()
             await dispatcher.release(handle)
-
-
-def _lost(lost: WorkerLost) -> OpenAIError:
-    """The error for a job whose events stopped: its worker died, or Redis (the reply path) went away."""
-    if isinstance(lost, ReplyLost):
-        # Nothing is wrong with the request or upstream: the gateway's store blinked. Retryable.
-        return OpenAIError(503, "The gateway lost its connection to its data store while answering; please retry.",
-                           code="service_unavailable", headers={"Retry-After": "2"})
-    return OpenAIError(502, "The worker handling this request stopped; please retry.", code="worker_lost",
-                       headers={"Retry-After": "1"})
 
 
 async def _single(data: bytes) -> AsyncIterator[bytes]:
     yield data
-
-
-async def _sse(stream: DialectStream, first_chunk: bytes, events: AsyncGenerator[Event, None], handle: JobHandle,
-               dispatcher: Dispatcher, usage: UsageRecorder) -> AsyncIterator[bytes]:
-    keepalive_s = stream.keepalive_s
-    try:
-        yield stream.start() + _chunks(stream, first_chunk)
-        async for event_type, payload in (events if keepalive_s is None else _with_quiet(events, keepalive_s)):
-            if event_type == _QUIET:
-                yield stream.keepalive()
-            elif event_type == "chunk":
-                yield _chunks(stream, payload)
-            elif event_type == "done":
-                yield stream.done(usage.done or DoneEvent.model_validate_json(payload))
-                return
-            elif event_type == CALLER_LEFT[0]:  # raced the hand-over; nobody is listening
-                return
-            elif event_type == "error":
-                # After the first byte the status is sent: the failure goes in-band.
-                error = ErrorEvent.model_validate_json(payload)
-                yield stream.error(error.error, error.status)
-                return
-    except WorkerLost as lost:
-        failure = _lost(lost)
-        yield stream.error(failure.body, failure.status)
-    except OpenAIError as exc:
-        yield stream.error(exc.body, exc.status)
-    finally:
-        with anyio.CancelScope(shield=True):
-            await dispatcher.release(handle)
-
-
-def _chunks(stream: DialectStream, payload: bytes) -> bytes:
-    """The SSE bytes of a chunk event, which may hold several chunks, one per line (api/dispatch.py)."""
-    if b"\n" not in payload:
-        return stream.chunk(payload)
-    return b"".join(stream.chunk(part) for part in payload.split(b"\n"))
-
-
-_QUIET = "quiet"
-
-
-async def _with_quiet(events: AsyncGenerator[Event, None], every_s: float) -> AsyncIterator[Event]:
-    """`events`, plus a ("quiet", b"") whenever none came for `every_s` (dialects that ping idle streams)."""
-    pending: asyncio.Task[Event] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(events))
-            done, _ = await asyncio.wait({pending}, timeout=every_s)
-            if not done:
-                yield _QUIET, b""
-                continue
-            try:
-                event = pending.result()
-            except StopAsyncIteration:
-                return
-            pending = None
-            yield event
-    finally:
-        if pending is not None:
-            pending.cancel()

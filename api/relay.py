@@ -17,10 +17,43 @@ from workers.protocol import reply_channel, split_event
 log = logging.getLogger("freeference.relay")
 
 Event = tuple[str, bytes]  # (event_type, payload)
-# Put into every waiting queue when the subscription drops: their events may be gone.
+# Put into every job's replies when the subscription drops: their events may be gone.
 LOST: Event = ("lost", b"")
-# Put into a job's queue by its route when the caller disconnects before the answer started.
+# Put into a job's replies by its route when the caller disconnects.
 CALLER_LEFT: Event = ("caller_left", b"")
+
+
+class Replies:
+    """One job's events as they arrive: a list the hub appends to, taken whole by the job's one reader.
+
+    Lighter than an asyncio.Queue (three deques, a lock-step get per event): the reader is woken
+    once for everything that came meanwhile, and a waiting future exists only while it waits.
+    """
+
+    __slots__ = ("_events", "_waiter")
+
+    def __init__(self) -> None:
+        self._events: list[Event] = []
+        self._waiter: asyncio.Future[None] | None = None
+
+    def put(self, event: Event) -> None:
+        self._events.append(event)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def take(self) -> list[Event]:
+        """Every event since the last take, in order; waits for one if there is none."""
+        if not self._events:
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        events, self._events = self._events, []
+        return events
 
 
 class ReplyHub:
@@ -30,7 +63,7 @@ class ReplyHub:
         self._redis = redis
         self.process_id = process_id
         self.channel = reply_channel(process_id)
-        self._queues: dict[str, asyncio.Queue[Event]] = {}
+        self._replies: dict[str, Replies] = {}
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self.connected = False
@@ -56,17 +89,16 @@ class ReplyHub:
             return False
         return self.connected
 
-    def register(self, job_id: str) -> asyncio.Queue[Event]:
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        self._queues[job_id] = queue
-        return queue
+    def register(self, job_id: str) -> Replies:
+        replies = self._replies[job_id] = Replies()
+        return replies
 
     def unregister(self, job_id: str) -> None:
-        self._queues.pop(job_id, None)
+        self._replies.pop(job_id, None)
 
     @property
     def in_flight(self) -> int:
-        return len(self._queues)
+        return len(self._replies)
 
     async def _subscribe(self) -> PubSub:
         pubsub = self._redis.pubsub()
@@ -93,8 +125,8 @@ class ReplyHub:
                 # gap are lost, so every waiter is told at once (LOST) instead of hanging.
                 self.connected = False
                 self._subscribed.clear()
-                for queue in self._queues.values():
-                    queue.put_nowait(LOST)
+                for replies in self._replies.values():
+                    replies.put(LOST)
                 log.warning("reply channel lost (%s); resubscribing", type(exc).__name__, extra=STORE_DOWN)
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, 2.0)
@@ -126,9 +158,9 @@ class ReplyHub:
         except ValueError:
             log.warning("dropping malformed reply message (%d bytes)", len(data))
             return
-        queue = self._queues.get(job_id)
-        if queue is not None:  # otherwise the caller already left
-            queue.put_nowait((event_type, payload))
+        replies = self._replies.get(job_id)
+        if replies is not None:  # otherwise the caller already left
+            replies.put((event_type, payload))
 
 
 class Deadline:

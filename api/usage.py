@@ -11,10 +11,9 @@ written beside the answer, not before it: the caller does not wait for a Redis r
 only bookkeeping needs.
 """
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import anyio
@@ -24,10 +23,7 @@ from redis.exceptions import RedisError
 
 from api.admission import Admission
 from api.background import BackgroundWrites
-from api.dispatch import WorkerLost
-from api.errors import OpenAIError
 from api.ratelimit import counter_ttl_ms
-from api.relay import Event
 from settings.logfields import STORE_DOWN
 from workers.protocol import (
     DAY_S,
@@ -89,53 +85,42 @@ class UsageRecorder:
         self._admission = admission
         self._model = "auto"
         self._retention_s = retention_days * _DAY_S
-        self._chunks_seen = False
         self._jobs = 0
         self.recorded = False
         # The parsed start route and done event, so the route relaying them does not parse again.
         self.route: RouteInfo | None = None
         self.done: DoneEvent | None = None
 
-    async def watch(self, events: AsyncGenerator[Event, None],
-                    requested_model: str | None) -> AsyncGenerator[Event, None]:
-        """Pass a job's events through unchanged, recording the outcome before it is relayed."""
+    def begin(self, requested_model: str | None) -> None:
+        """A job of this request starts (again, after its worker was lost before the first chunk)."""
         self._jobs += 1
         self._model = requested_model or "auto"  # until the worker names the model it started
-        try:
-            async for event_type, payload in events:
-                if event_type == "start":
-                    self.route = StartEvent.model_validate_json(payload).route
-                    self._model = self.route.model
-                elif event_type == "chunk":
-                    self._chunks_seen = True
-                elif event_type == "done":
-                    self.done = DoneEvent.model_validate_json(payload)
-                    if self._background is None:
-                        await self.succeeded(self.done)
-                    else:
-                        write = self._bill_success(self.done)
-                        if write is not None:
-                            self._background.spawn(write)
-                elif event_type == "error":
-                    await self.failed()
-                yield event_type, payload
-        except WorkerLost:
-            # Before the first chunk the route retries on another worker; after it, it is final.
-            if self._chunks_seen:
-                await self.failed()
-            raise
-        except OpenAIError:  # deadline, no worker
+
+    async def note(self, event_type: str, payload: bytes) -> None:
+        """Record what one of the job's events says, before it is relayed (chunks say nothing here)."""
+        if event_type == "start":
+            self.route = StartEvent.model_validate_json(payload).route
+            self._model = self.route.model
+        elif event_type == "done":
+            self.done = DoneEvent.model_validate_json(payload)
+            if self._background is None:
+                await self.succeeded(self.done)
+            else:
+                write = self._bill_success(self.done)
+                if write is not None:
+                    self._background.spawn(write)
+        elif event_type == "error":
             await self.failed()
-            raise
-        except (asyncio.CancelledError, GeneratorExit):
-            # The caller went away mid-answer. The request still happened; its real token count
-            # never arrives, so the admission estimate stands.
-            if not self.recorded:
-                with anyio.CancelScope(shield=True):
-                    await self._write(self._model, 0, 0, failure=False, tokens_delta=0)
-            raise
-        finally:
-            await events.aclose()
+
+    async def abandoned(self) -> None:
+        """The caller went away (or the request was cancelled) before an outcome was recorded.
+
+        The request still happened; its real token count never arrives, so the admission
+        estimate stands.
+        """
+        if not self.recorded:
+            with anyio.CancelScope(shield=True):
+                await self._write(self._model, 0, 0, failure=False, tokens_delta=0)
 
     async def succeeded(self, done: DoneEvent) -> None:
         """Bill the served model with the provider's usage; correct tokens-per-minute."""

@@ -1,4 +1,4 @@
-"""Dispatcher.events: a job's reply events, and what its silences mean.
+"""JobReplies: a job's reply events, taken in batches, and what its silences mean.
 
 Before a worker takes the job, silence past the pickup timeout withdraws it (503 no_workers)
 unless a worker holds it; after, every silence checks the worker's heartbeat (WorkerLost when
@@ -13,9 +13,9 @@ import pytest
 from arq.constants import in_progress_key_prefix
 from fakeredis import FakeAsyncRedis
 
-from api.dispatch import Dispatcher, JobHandle, WorkerLost
+from api.dispatch import QUIET, Dispatcher, JobHandle, JobReplies, ReplyLost, WorkerLost
 from api.errors import OpenAIError
-from api.relay import ReplyHub
+from api.relay import Event, Replies, ReplyHub
 from settings import Settings
 from workers.protocol import (
     ChatJob,
@@ -53,13 +53,20 @@ def _deliver(hub: ReplyHub, job: ChatJob, event_type: str, payload: bytes = b"{}
     hub._dispatch(encode_event(job.job_id, event_type, payload))
 
 
+async def _until_the_end(replies: JobReplies) -> list[Event]:
+    events: list[Event] = []
+    while not events or events[-1][0] not in ("done", "error"):
+        events += await replies.take()
+    return events
+
+
 async def test_nobody_picks_the_job_up_503_and_it_is_withdrawn(redis: FakeAsyncRedis) -> None:
     job = _job()
     dispatcher, handle, _ = await _follow(redis, job)
     ready = ready_list_key(SETTINGS.queue_name)
     await redis.rpush(ready, b"other.job\nits payload", ready_entry(job.job_id, b"payload"))  # type: ignore[misc]
     with pytest.raises(OpenAIError) as raised:
-        await anext(dispatcher.events(handle))
+        await dispatcher.follow(handle).take()
     assert (raised.value.status, raised.value.body.code) == (503, "no_workers")
     assert await redis.get(in_progress_key_prefix + job.job_id) == b"withdrawn"  # no worker may start it now
     assert await redis.lrange(ready, 0, -1) == [b"other.job\nits payload"]  # type: ignore[misc]  # its entry went
@@ -69,14 +76,14 @@ async def test_a_job_a_worker_holds_is_not_withdrawn_and_its_events_arrive_in_or
     job = _job()
     await redis.set(in_progress_key_prefix + job.job_id, b"1")  # claimed; its `accepted` is late
     dispatcher, handle, hub = await _follow(redis, job)
-    events = dispatcher.events(handle)
+    replies = dispatcher.follow(handle)
     asyncio.get_running_loop().call_later(0.5, _deliver, hub, job, "chunk", b"1")
-    assert await anext(events) == ("chunk", b"1")  # waited past the pickup timeout
+    assert await replies.take() == [("chunk", b"1")]  # waited past the pickup timeout
     for n in (b"2", b"3"):
         _deliver(hub, job, "chunk", n)
     _deliver(hub, job, "done")
-    # Chunks waiting together go on as one event, one per line, still before the done.
-    assert [e async for e in events] == [("chunk", b"2\n3"), ("done", b"{}")]
+    # Events waiting together are taken together (one write for the stream), in order.
+    assert await replies.take() == [("chunk", b"2"), ("chunk", b"3"), ("done", b"{}")]
 
 
 async def test_silence_from_a_live_worker_is_waited_out(redis: FakeAsyncRedis) -> None:
@@ -88,7 +95,7 @@ async def test_silence_from_a_live_worker_is_waited_out(redis: FakeAsyncRedis) -
     for i, at in enumerate((0.05, 0.45, 0.9)):  # silences of up to 0.45 s, liveness checked every 0.2 s
         loop.call_later(at, _deliver, hub, job, "chunk", str(i).encode())
     loop.call_later(1.0, _deliver, hub, job, "done")
-    assert [e async for e in dispatcher.events(handle)] == [
+    assert await _until_the_end(dispatcher.follow(handle)) == [
         ("chunk", b"0"), ("chunk", b"1"), ("chunk", b"2"), ("done", b"{}")]
 
 
@@ -98,11 +105,11 @@ async def test_a_worker_whose_heartbeat_stopped_is_lost(redis: FakeAsyncRedis) -
     dispatcher, handle, hub = await _follow(redis, job)
     _deliver(hub, job, "accepted", accepted_payload("w1"))
     _deliver(hub, job, "chunk", b"1")
-    events = dispatcher.events(handle)
-    assert await anext(events) == ("chunk", b"1")
+    replies = dispatcher.follow(handle)
+    assert await replies.take() == [("chunk", b"1")]
     await redis.delete(worker_heartbeat_key("w1"))  # the worker died
     with pytest.raises(WorkerLost):
-        await anext(events)
+        await replies.take()
 
 
 async def test_past_the_deadline_and_its_grace_the_answer_is_504(redis: FakeAsyncRedis) -> None:
@@ -111,5 +118,56 @@ async def test_past_the_deadline_and_its_grace_the_answer_is_504(redis: FakeAsyn
     dispatcher, handle, hub = await _follow(redis, job)
     _deliver(hub, job, "accepted", accepted_payload("w1"))
     with pytest.raises(OpenAIError) as raised:  # after the deadline and 2 s for the worker's own 504
-        await anext(dispatcher.events(handle))
+        await dispatcher.follow(handle).take()
     assert (raised.value.status, raised.value.body.code) == (504, "timeout")
+
+
+async def test_a_streaming_job_is_woken_by_its_events_alone(redis: FakeAsyncRedis,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    job = _job()
+    dispatcher, handle, hub = await _follow(redis, job)
+    put: list[str] = []
+    original = Replies.put
+
+    def spy(self: Replies, event: Event) -> None:
+        put.append(event[0])
+        original(self, event)
+
+    monkeypatch.setattr(Replies, "put", spy)
+    _deliver(hub, job, "accepted", accepted_payload("w1"))  # no heartbeat: a look at a silence would fail
+    replies = dispatcher.follow(handle)
+    loop = asyncio.get_running_loop()
+    for i in range(8):  # a chunk every 0.1 s, for four liveness intervals of 0.2 s
+        loop.call_later(0.05 + i * 0.1, _deliver, hub, job, "chunk", str(i).encode())
+    loop.call_later(0.85, _deliver, hub, job, "done")
+    assert await _until_the_end(replies) == [*(("chunk", str(i).encode()) for i in range(8)), ("done", b"{}")]
+    assert put == ["accepted", *["chunk"] * 8, "done"]  # the silence timer only re-armed itself
+
+
+async def test_a_quiet_stream_gets_keepalives_and_its_events_in_between(redis: FakeAsyncRedis) -> None:
+    job = _job()
+    await redis.set(worker_heartbeat_key("w1"), b"{}")
+    dispatcher, handle, hub = await _follow(redis, job)
+    _deliver(hub, job, "accepted", accepted_payload("w1"))
+    replies = dispatcher.follow(handle)
+    replies.keep_alive(0.15)
+    asyncio.get_running_loop().call_later(0.4, _deliver, hub, job, "chunk", b"late")
+    started = time.monotonic()
+    assert await replies.take() == [QUIET]
+    assert await replies.take() == [QUIET]
+    assert 0.25 < time.monotonic() - started < 0.4
+    assert await replies.take() == [("chunk", b"late")]
+    assert await replies.take() == [QUIET]  # counted again from the chunk
+    assert time.monotonic() - started >= 0.55
+
+
+async def test_events_before_a_lost_subscription_go_out_first(redis: FakeAsyncRedis) -> None:
+    job = _job()
+    dispatcher, handle, hub = await _follow(redis, job)
+    _deliver(hub, job, "accepted", accepted_payload("w1"))
+    _deliver(hub, job, "chunk", b"1")
+    handle.replies.put(("lost", b""))  # as the hub does for every job when its subscription drops
+    replies = dispatcher.follow(handle)
+    assert await replies.take() == [("chunk", b"1")]
+    with pytest.raises(ReplyLost):
+        await replies.take()

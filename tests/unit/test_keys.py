@@ -161,13 +161,11 @@ async def test_usage_success_bills_usage_and_corrects_tokens(redis: Redis, setti
     admission = await _admitted(redis, settings, 300)
     recorder = UsageRecorder(redis, admission, retention_days=1)
 
-    async def events():
-        route = RouteInfo(model="m1", provider="p", attempts=1)
-        yield "done", DoneEvent(route=route, usage={"prompt_tokens": 40, "completion_tokens": 10,
-                                                    "total_tokens": 50}).model_dump_json().encode()
-
-    seen = [event async for event in recorder.watch(events(), None)]
-    assert [t for t, _ in seen] == ["done"]
+    route = RouteInfo(model="m1", provider="p", attempts=1)
+    recorder.begin(None)
+    await recorder.note("done", DoneEvent(route=route, usage={"prompt_tokens": 40, "completion_tokens": 10,
+                                                              "total_tokens": 50}).model_dump_json().encode())
+    assert recorder.recorded
     tokens_limit = admission.tokens_limit
     assert tokens_limit is not None
     assert int(await redis.get(tokens_limit.redis_key(admission.admitted_at_s))) == 50  # 300 estimated → 50 real
@@ -180,12 +178,11 @@ async def test_usage_failure_counts_but_bills_no_tokens(redis: Redis, settings: 
     admission = await _admitted(redis, settings, 200)
     recorder = UsageRecorder(redis, admission, retention_days=1)
 
-    async def events():
-        yield "start", b'{"route": {"model": "m2", "provider": "p", "attempts": 1}}'
-        yield "error", b'{"status": 502, "error": {"message": "x", "type": "upstream_error"}}'
-
-    _ = [event async for event in recorder.watch(events(), "code")]
+    recorder.begin("code")
+    await recorder.note("start", b'{"route": {"model": "m2", "provider": "p", "attempts": 1}}')
+    await recorder.note("error", b'{"status": 502, "error": {"message": "x", "type": "upstream_error"}}')
     await recorder.failed()  # a second report of the same request is ignored
+    await recorder.abandoned()  # and so is the caller leaving afterwards
     tokens_limit = admission.tokens_limit
     assert tokens_limit is not None
     assert int(await redis.get(tokens_limit.redis_key(admission.admitted_at_s))) == 0  # estimate refunded
