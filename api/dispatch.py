@@ -270,6 +270,7 @@ class JobReplies:
                 note_event(event_type, event[1])
                 if event_type == "accepted":
                     handle.worker_id = AcceptedEvent.model_validate_json(event[1]).worker_id
+                    handle.payload = b""  # only a withdrawal needs it, and a job a worker took is not withdrawn
                     rearm = True  # from the pickup deadline to the (shorter) liveness interval
                     continue
                 out.append(event)

@@ -44,6 +44,7 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        self.raw_headers.clear()  # sent: a long stream need not keep them (nor the headers view over them)
         pump = asyncio.create_task(self._pump(send, scope.get(DIRECT_BODY_SEND, send)))
         try:
             # Answers http.disconnect when the caller leaves, and (the ASGI servers and test

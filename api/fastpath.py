@@ -43,6 +43,7 @@ class DirectRoute:
             if handler is None:
                 raise  # the server-error middleware answers 500 with the app's handler, as for any route
             response = await handler(request, exc)
+        del request  # a streamed answer may take minutes: it need not keep the request's body that long
         await response(scope, receive, send)
 
     def _handler_for(self, exc: Exception) -> Callable[[Request, Exception], Awaitable[Response]] | None:

@@ -177,6 +177,9 @@ async def _respond(handle: JobHandle, dispatcher: Dispatcher, caller: _CallerWat
                 if event_type == "chunk":
                     caller.stop()
                     handed_over = True
+                    # From the first chunk on, nothing retries the job: a long answer need not keep
+                    # the caller's messages (a long prompt) in memory while it streams.
+                    handle.job = handle.job.model_copy(update={"body": {}})
                     headers = {**_SSE_HEADERS, **_route_headers(handle.job.request_id, route)}
                     return EventStreamResponse(dialect.stream(), events[i:], replies, handle, dispatcher, usage,
                                                headers)

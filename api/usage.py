@@ -82,7 +82,12 @@ class UsageRecorder:
                  background: BackgroundWrites | None = None) -> None:
         self._redis = redis
         self._background = background
-        self._admission = admission
+        # What billing needs of the admission, not the admission itself (its key record and limit
+        # states): a stream holds this recorder for as long as it lasts.
+        self._key_id = admission.key.id
+        self._token_estimate = admission.token_estimate
+        self._tokens_limit = admission.tokens_limit
+        self._admitted_at_s = admission.admitted_at_s
         self._model = "auto"
         self._retention_s = retention_days * _DAY_S
         self._jobs = 0
@@ -134,12 +139,12 @@ class UsageRecorder:
         actual = _int(usage, "total_tokens") or prompt + completion
         # Without a usage block the estimate stands: better than refunding tokens that were spent.
         return self._bill(done.route.model, prompt, completion, failure=False,
-                          tokens_delta=actual - self._admission.token_estimate if usage else 0)
+                          tokens_delta=actual - self._token_estimate if usage else 0)
 
     async def failed(self) -> None:
         """Count a failed request (no tokens billed); refunds the admission estimate."""
         if self._jobs:
-            await self._write(self._model, 0, 0, failure=True, tokens_delta=-self._admission.token_estimate)
+            await self._write(self._model, 0, 0, failure=True, tokens_delta=-self._token_estimate)
 
     async def _write(self, model: str, prompt: int, completion: int, *, failure: bool, tokens_delta: int) -> None:
         write = self._bill(model, prompt, completion, failure=failure, tokens_delta=tokens_delta)
@@ -160,7 +165,7 @@ class UsageRecorder:
 
     async def _send(self, model: str, prompt: int, completion: int, *, failure: bool, tokens_delta: int) -> None:
         now = time.time()
-        key = usage_key(self._admission.key.id, utc_day(now))
+        key = usage_key(self._key_id, utc_day(now))
         counts = {"requests": 1, "prompt_tokens": prompt, "completion_tokens": completion, "failures": int(failure)}
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -168,9 +173,9 @@ class UsageRecorder:
                     if value:
                         pipe.hincrby(key, usage_field(model, metric), value)
                 pipe.expire(key, self._retention_s)
-                tokens = self._admission.tokens_limit
+                tokens = self._tokens_limit
                 if tokens is not None:
-                    counter = tokens_counter_to_correct(tokens.redis_key(self._admission.admitted_at_s),
+                    counter = tokens_counter_to_correct(tokens.redis_key(self._admitted_at_s),
                                                         tokens.redis_key(now), tokens_delta)
                     if counter is not None:
                         pipe.incrby(counter, tokens_delta)
@@ -178,7 +183,7 @@ class UsageRecorder:
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             # The answer already exists; losing one accounting line must not turn it into an error.
-            log.warning("usage for %s not recorded: %s", self._admission.key.id, type(exc).__name__,
+            log.warning("usage for %s not recorded: %s", self._key_id, type(exc).__name__,
                         extra=STORE_DOWN)
 
 
