@@ -94,6 +94,8 @@ class Dispatcher:
         self._hub = hub
         self._settings = settings
         self._withdraw_script = redis.register_script(_WITHDRAW_LUA)
+        self._alive_at: dict[str, float] = {}  # worker id → when its heartbeat was last seen (monotonic)
+        self._checks: dict[str, asyncio.Future[bool]] = {}  # worker id → its heartbeat check in flight
 
     async def submit(self, job: ChatJob) -> JobHandle:
         """Register for replies, then enqueue (arq's own job format) and hand it to a worker."""
@@ -143,11 +145,39 @@ class Dispatcher:
         return JobReplies(handle, self, self._settings)
 
     async def worker_alive(self, worker_id: str) -> bool:
-        """Whether a worker still heart-beats; ReplyLost when Redis cannot tell."""
+        """Whether a worker still heart-beats; ReplyLost when Redis cannot tell.
+
+        A worker that falls behind leaves all its streams silent at once, and each would check
+        the same heartbeat (1,000 EXISTS a second for 1,000 streams): the checks of one worker
+        share the one in flight, and a heartbeat seen within half a liveness interval answers.
+        """
+        seen = self._alive_at.get(worker_id)
+        if seen is not None and time.monotonic() - seen < self._settings.worker_liveness_check_s / 2:
+            return True
+        check = self._checks.get(worker_id)
+        if check is None:
+            check = self._checks[worker_id] = asyncio.ensure_future(self._heartbeat_exists(worker_id))
+            check.add_done_callback(lambda done: self._check_done(worker_id, done))
+        return await asyncio.shield(check)  # one waiter cancelled does not cancel the others' check
+
+    async def _heartbeat_exists(self, worker_id: str) -> bool:
+        now = time.monotonic()
         try:
-            return bool(await self._redis.exists(worker_heartbeat_key(worker_id)))
+            alive = bool(await self._redis.exists(worker_heartbeat_key(worker_id)))
         except (RedisError, OSError):
             raise ReplyLost(worker_id) from None
+        if alive:
+            if len(self._alive_at) > 256:  # workers come and go (each start has a new id)
+                self._alive_at = {w: at for w, at in self._alive_at.items() if now - at < 60}
+            self._alive_at[worker_id] = now
+        else:
+            self._alive_at.pop(worker_id, None)
+        return alive
+
+    def _check_done(self, worker_id: str, check: "asyncio.Future[bool]") -> None:
+        self._checks.pop(worker_id, None)
+        if not check.cancelled():
+            check.exception()  # retrieved here too: every waiter may have been cancelled
 
     async def withdraw(self, handle: JobHandle) -> bool:
         """Take a job that nobody started off the queue; False if a worker got it meanwhile.

@@ -36,8 +36,8 @@ async def redis() -> AsyncIterator[FakeAsyncRedis]:
     await client.aclose()
 
 
-def _job(deadline_s: float = 30.0) -> ChatJob:
-    return ChatJob(job_id="api1.job1", request_id="req", reply_channel="ff:reply:api1", body={"messages": []},
+def _job(deadline_s: float = 30.0, job_id: str = "api1.job1") -> ChatJob:
+    return ChatJob(job_id=job_id, request_id="req", reply_channel="ff:reply:api1", body={"messages": []},
                    stream=True, requested_model=None, key_id="key_a", tier="free",
                    deadline_unix_ms=int((time.time() + deadline_s) * 1000))
 
@@ -120,6 +120,30 @@ async def test_past_the_deadline_and_its_grace_the_answer_is_504(redis: FakeAsyn
     with pytest.raises(OpenAIError) as raised:  # after the deadline and 2 s for the worker's own 504
         await dispatcher.follow(handle).take()
     assert (raised.value.status, raised.value.body.code) == (504, "timeout")
+
+
+async def test_the_silent_streams_of_one_worker_share_its_heartbeat_check(redis: FakeAsyncRedis,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    await redis.set(worker_heartbeat_key("w1"), b"{}")
+    first, second = _job(job_id="api1.job1"), _job(job_id="api1.job2")
+    dispatcher, one, hub = await _follow(redis, first)
+    other = await dispatcher.register(second, b"payload")
+    checks: list[str] = []
+    exists = redis.exists
+
+    async def counted(*keys: str) -> int:
+        checks.extend(keys)
+        return await exists(*keys)
+
+    monkeypatch.setattr(redis, "exists", counted)
+    for job in (first, second):
+        _deliver(hub, job, "accepted", accepted_payload("w1"))
+    loop = asyncio.get_running_loop()
+    for job in (first, second):  # both silent for two liveness intervals (0.2 s), then they go on
+        loop.call_later(0.5, _deliver, hub, job, "done")
+    outcomes = await asyncio.gather(_until_the_end(dispatcher.follow(one)), _until_the_end(dispatcher.follow(other)))
+    assert list(outcomes) == [[("done", b"{}")]] * 2
+    assert checks == [worker_heartbeat_key("w1")] * 2  # one check per silence, not one per stream
 
 
 async def test_a_streaming_job_is_woken_by_its_events_alone(redis: FakeAsyncRedis,
