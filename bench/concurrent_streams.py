@@ -15,7 +15,8 @@ reports per N:
   code, or exception);
 - time to the first token, p50 / p99, and how fast refusals came (a refusal must be at once);
 - CPU of the gateway's processes (API, workers, Redis) per upstream chunk (a token of the fake;
-  under load the gateway joins queued text deltas, so the client may receive fewer events);
+  under load the gateway joins queued text deltas, so the client may receive fewer events), and
+  while every stream only streams, how many tokens an event carried then;
 - resident memory of API and workers per open stream (growth from before the first burst to
   the moment every stream has its first token, divided by the streams open then).
 
@@ -64,6 +65,9 @@ class Phase:
     # streaming alone, without the requests' start and end.
     steady_ms_per_token: float | None = None
     steady_by_role_ms: dict[str, float] = field(default_factory=dict)  # per token: "api", "worker", "redis"
+    # Tokens per SSE event in that window: above 1 when a process fell behind and joined text deltas,
+    # which makes a token cheaper. CPU per event (per token x this) compares builds at unequal lag.
+    steady_tokens_per_event: float | None = None
     rss_per_stream_kb: float | None = None  # API + workers
     rss_by_role_kb: dict[str, float] = field(default_factory=dict)  # per open stream: "api", "worker"
 
@@ -90,6 +94,8 @@ class Phase:
         if self.steady_ms_per_token is not None:
             line += f", streaming only {self.steady_ms_per_token:.3f} (" + " + ".join(
                 f"{role} {ms:.3f}" for role, ms in self.steady_by_role_ms.items()) + ")"
+        if self.steady_tokens_per_event is not None:
+            line += f" at {self.steady_tokens_per_event:.2f} tokens/event"
         if self.rss_per_stream_kb is not None:
             line += f"; RSS {self.rss_per_stream_kb:.1f} KB/stream (" + " + ".join(
                 f"{role} {kb:.1f}" for role, kb in self.rss_by_role_kb.items()) + ")"
@@ -137,6 +143,7 @@ async def one_stream(session: aiohttp.ClientSession, url: str, headers: dict[str
                             first_tokens.append(first)
                         pieces.append(content)
                         received[0] += len(content)  # characters: events may carry several tokens
+                        received[1] += 1
     except (aiohttp.ClientError, TimeoutError) as exc:
         return Outcome(False, type(exc).__name__, first, time.perf_counter() - started, len(pieces))
     text = "".join(pieces)
@@ -159,7 +166,7 @@ async def burst(urls: list[str], headers: dict[str, str], body: bytes, count: in
                 cpu_pids: dict[str, int], memory_pids: dict[str, int], rss_idle_kb: dict[str, int]) -> Phase:
     phase = Phase()
     first_tokens: list[float] = []
-    received = [0]  # characters of content received by all streams so far
+    received = [0, 0]  # characters of content, and the events that carried them, received by all streams so far
     connector = aiohttp.TCPConnector(limit=0, force_close=True)
     timeout = aiohttp.ClientTimeout(total=600, sock_read=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
@@ -167,17 +174,19 @@ async def burst(urls: list[str], headers: dict[str, str], body: bytes, count: in
         tasks = [asyncio.create_task(one_stream(session, url, headers, body, expected, first_tokens, received))
                  for url, _ in zip(itertools.cycle(urls), range(count), strict=False)]
         chars_per_token = len("".join(expected)) / len(expected)
-        # At the window's start: CPU of each process, characters received, streams open.
-        steady: tuple[dict[str, float], int, int] | None = None
+        # At the window's start: CPU of each process, characters and events received, streams open.
+        steady: tuple[dict[str, float], int, int, int] | None = None
         while not all(t.done() for t in tasks):
             await asyncio.sleep(0.1)
             open_now = sum(1 for t in tasks if not t.done())
             if steady is None and cpu_pids and len(first_tokens) >= open_now > 0:
-                steady = ({name: cpu_seconds(pid) for name, pid in cpu_pids.items()}, received[0], open_now)
-            elif steady is not None and phase.steady_ms_per_token is None and open_now < steady[2]:
+                steady = ({name: cpu_seconds(pid) for name, pid in cpu_pids.items()}, received[0], received[1],
+                          open_now)
+            elif steady is not None and phase.steady_ms_per_token is None and open_now < steady[3]:
                 # The first stream ended: the window in which every stream only streamed is over.
                 tokens = (received[0] - steady[1]) / chars_per_token
                 if tokens > 0:
+                    phase.steady_tokens_per_event = tokens / max(received[1] - steady[2], 1)
                     for name, pid in cpu_pids.items():
                         role = name.split("-")[0]
                         ms = (cpu_seconds(pid) - steady[0][name]) * 1000 / tokens
