@@ -133,8 +133,8 @@ class EventPublisher:
             await self._queued.wait()
             self._queued.clear()
             taken, self._queue = self._queue, []
-            if taken:
-                batch = [(command if isinstance(command, tuple) else command(), future) for command, future in taken]
+            batch = self._built(taken)
+            if batch:
                 try:
                     await self._send(batch)
                 except Exception as exc:  # a bug here must fail these callers, not strand every later one
@@ -142,6 +142,23 @@ class EventPublisher:
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(exc)
+
+    @staticmethod
+    def _built(taken: list[tuple[Command | Callable[[], Command], Reply]]) -> list[tuple[Command, Reply]]:
+        """The commands to write, built now; a builder that raises fails its own caller only.
+
+        Built outside the batch's error handling, one failing builder ended this task, and every
+        job of the worker then waited on a publisher that no longer ran.
+        """
+        batch: list[tuple[Command, Reply]] = []
+        for command, reply in taken:
+            try:
+                batch.append((command if isinstance(command, tuple) else command(), reply))
+            except Exception as exc:
+                log.exception("event not built")
+                if not reply.done():
+                    reply.set_exception(exc)
+        return batch
 
     async def _send(self, batch: list[tuple[Command, Reply]]) -> None:
         try:

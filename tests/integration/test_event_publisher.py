@@ -44,3 +44,21 @@ async def test_publishing_after_close_fails_clearly(redis: Redis) -> None:
     await events.close()
     with pytest.raises(RedisConnectionError):
         await events.publish("ff:reply:a", b"late")
+
+
+async def test_a_command_that_fails_to_build_fails_its_caller_only(redis: Redis) -> None:
+    events = EventPublisher(redis.connection_pool)
+    events.start()
+
+    def broken() -> tuple[str, str, bytes]:
+        raise ValueError("a bug in a builder")
+
+    try:
+        failed = events.submit_built(broken)
+        count = events.submit("ff:reply:nobody", b"beside it")  # queued now: in the same batch
+        with pytest.raises(ValueError):
+            await asyncio.wait_for(failed, 5)  # a publisher that died would leave it waiting
+        assert await asyncio.wait_for(count, 5) == 0  # the batch it was in was still written
+        assert await asyncio.wait_for(events.publish("ff:reply:nobody", b"later"), 5) == 0  # still running
+    finally:
+        await events.close()
