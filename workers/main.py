@@ -42,7 +42,6 @@ from workers.protocol import (
     WAKE_CHANNEL,
     WORKERS_KEY,
     control_channel,
-    ready_entry_enqueued_ms,
     ready_list_key,
     split_ready_entry,
     worker_heartbeat_key,
@@ -505,6 +504,14 @@ async def _shutdown(ctx: dict[str, Any]) -> None:
     client: httpx.AsyncClient | None = ctx.get("http")
     if client is not None:
         await client.aclose()
+
+
+def ready_entry_enqueued_ms(entry: bytes) -> int | None:
+    """When a ready-list entry's job was enqueued (arq's reading of its payload); None if unreadable."""
+    try:
+        return deserialize_job_raw(split_ready_entry(entry)[1], deserializer=orjson.loads)[4]
+    except SerializationError:
+        return None
 
 
 async def room_or_promised(capacity: CapacityMeter, redis: Redis, ready: str, promised_after_ms: float) -> bool:

@@ -15,7 +15,6 @@ import uuid
 from contextvars import ContextVar
 from typing import Any, Literal
 
-import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 # The routing layer's shared state is named by the router itself (workers → router: the layers'
@@ -129,15 +128,6 @@ def split_ready_entry(entry: bytes) -> tuple[str, bytes]:
     """(job id, arq payload) of a ready-list entry."""
     job_id, _, payload = entry.partition(b"\n")
     return job_id.decode(errors="replace"), payload
-
-
-def ready_entry_enqueued_ms(entry: bytes) -> int | None:
-    """When a ready-list entry's job was enqueued (arq's `et`, Unix ms); None if unreadable."""
-    try:
-        enqueued = orjson.loads(split_ready_entry(entry)[1]).get("et")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return enqueued if isinstance(enqueued, int) else None
 
 
 def control_channel(worker_id: str) -> str:

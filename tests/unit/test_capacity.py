@@ -5,6 +5,7 @@ import time
 
 import orjson
 import pytest
+from arq.jobs import serialize_job
 from fakeredis import FakeAsyncRedis
 
 from api.pool_load import PoolLoad
@@ -13,8 +14,8 @@ from router.providers.slots import ProviderSlots
 from settings import Settings
 from settings.catalog import ProviderConfig
 from workers.capacity import CapacityMeter
-from workers.main import room_or_promised
-from workers.protocol import WorkerLoad, ready_entry, ready_entry_enqueued_ms
+from workers.main import ready_entry_enqueued_ms, room_or_promised
+from workers.protocol import WorkerLoad, ready_entry
 
 
 def _meter(running: list[int], **settings: float) -> CapacityMeter:
@@ -207,6 +208,7 @@ async def test_a_full_worker_takes_a_job_that_waited_half_its_pickup_deadline() 
 
 
 def test_ready_entries_tell_when_their_job_was_enqueued() -> None:
-    assert ready_entry_enqueued_ms(ready_entry("a.b", orjson.dumps({"et": 1234}))) == 1234
+    payload = serialize_job("chat", (), {}, 1, 1234, serializer=orjson.dumps)  # as the API queues it
+    assert ready_entry_enqueued_ms(ready_entry("a.b", payload)) == 1234
     assert ready_entry_enqueued_ms(ready_entry("a.b", b"not json")) is None
     assert ready_entry_enqueued_ms(ready_entry("a.b", b"[1]")) is None
