@@ -127,20 +127,23 @@ async def test_an_answer_ended_by_its_usage_chunk_leaves_the_connection_for_the_
     assert connections == 1
 
 
+# An answer whose last events and the connection's end arrive together, 1,000 bytes short.
+_CUT_EVENTS = b"data: {\"n\": 1}\n\ndata: {\"n\": 2, \"finish_reason\": \"stop\"}\n\n"
+
+
+async def _answer_then_cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 1000\r\n\r\n")
+    await writer.drain()
+    await asyncio.sleep(0.01)
+    writer.write(_CUT_EVENTS)
+    writer.close()
+
+
 async def test_bytes_received_before_a_cut_are_handed_out_before_the_error(client: httpx.AsyncClient) -> None:
     # The last events and the connection's end both arrive while the reader is busy elsewhere:
     # the finish chunk must not be lost to the cut (it decides whether the answer was whole).
-    events = b"data: {\"n\": 1}\n\ndata: {\"n\": 2, \"finish_reason\": \"stop\"}\n\n"
-
-    async def answer_then_cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 1000\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(0.01)
-        writer.write(events)
-        writer.close()
-
-    server, url = await serve(answer_then_cut)
+    server, url = await serve(_answer_then_cut)
     async with server:
         for _ in range(3):
             received = b""
@@ -149,23 +152,13 @@ async def test_bytes_received_before_a_cut_are_handed_out_before_the_error(clien
                 with pytest.raises(httpx.ReadError):
                     async for block in response.aiter_bytes():
                         received += block
-            assert received == events
+            assert received == _CUT_EVENTS
 
 
 async def test_direct_reads_hand_out_received_bytes_before_the_cut_too(client: httpx.AsyncClient) -> None:
     # The SSE reader reads this transport's bodies from aiohttp directly (body_reads): the same
     # cut semantics as through httpx's iteration.
-    events = b"data: {\"n\": 1}\n\ndata: {\"n\": 2, \"finish_reason\": \"stop\"}\n\n"
-
-    async def answer_then_cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: 1000\r\n\r\n")
-        await writer.drain()
-        await asyncio.sleep(0.01)
-        writer.write(events)
-        writer.close()
-
-    server, url = await serve(answer_then_cut)
+    server, url = await serve(_answer_then_cut)
     async with server, client.stream("POST", url) as response:
         await asyncio.sleep(0.1)
         reads = body_reads(response)
@@ -173,7 +166,7 @@ async def test_direct_reads_hand_out_received_bytes_before_the_cut_too(client: h
         with pytest.raises(httpx.ReadError):
             while block := await reads.read():
                 received += block
-        assert received == events
+        assert received == _CUT_EVENTS
         with pytest.raises(httpx.ReadError):  # and the cut stays a cut
             await reads.read()
 
